@@ -1,0 +1,103 @@
+"""The `imgpipe` command: run | replay | status ID | submit FILE.csv."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from daemon import logs
+from daemon.config import ConfigError, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(Path(args.config) if args.config else None)
+    except ConfigError as exc:
+        print(f"imgpipe: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from daemon.app import build_app
+
+    settings = _settings(args)
+    logs.configure()
+    web.run_app(build_app(settings), host=settings.server.host, port=settings.server.port,
+                print=None, access_log=None, handle_signals=True)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from daemon.replay import replay
+
+    settings = _settings(args)
+    logs.configure()
+    count = asyncio.run(replay(settings))
+    print(json.dumps({"event": "replayed", "events": count}))
+    return 0
+
+
+def _http(settings: Settings, method: str, path: str, body: bytes | None = None,
+          content_type: str = "text/csv") -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(f"{settings.public_url}{path}", data=body, method=method)
+    if body is not None:
+        request.add_header("Content-Type", content_type)
+    for token in settings.server.tokens[:1]:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+    except urllib.error.URLError as exc:
+        print(f"imgpipe: cannot reach the daemon at {settings.public_url}: {exc.reason}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    code, body = _http(_settings(args), "GET", f"/status/{args.request_id}")
+    print(json.dumps(body, indent=2, ensure_ascii=False))
+    return 0 if code == 200 else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    code, body = _http(_settings(args), "POST", "/upload", Path(args.file).read_bytes())
+    if code == 202:
+        print(body["request_id"])
+        return 0
+    print(json.dumps(body, indent=2, ensure_ascii=False), file=sys.stderr)
+    return 1
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="imgpipe", description=__doc__)
+    top.add_argument("--config", help="config file (default: ./config.toml)")
+    sub = top.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="start the daemon in the foreground").set_defaults(func=cmd_run)
+    sub.add_parser("replay", help="drop the views and rebuild them from the event log (daemon stopped)"
+                   ).set_defaults(func=cmd_replay)
+    status = sub.add_parser("status", help="print a request's status from the running daemon")
+    status.add_argument("request_id")
+    status.set_defaults(func=cmd_status)
+    submit = sub.add_parser("submit", help="upload a CSV to the running daemon and print the request id")
+    submit.add_argument("file")
+    submit.set_defaults(func=cmd_submit)
+    for p in sub.choices.values():
+        p.add_argument("--config", default=argparse.SUPPRESS, help="config file (default: ./config.toml)")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""Settings: config.toml plus IMGPIPE_<SECTION>_<KEY> environment overrides, frozen.
+
+This module is the only place defaults live; config.toml documents the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+ENV_PREFIX = "IMGPIPE_"
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or of the wrong type; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    public_url: str = ""  # empty: http://host:port
+    tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    inbox: str = "inbox"
+    outbox: str = "outbox"
+    images: str = "compressed_images"
+    database: str = "sqlite:///imgpipe.db"
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_rows: int = 20_000
+    max_urls_per_row: int = 20
+    max_cell_bytes: int = 64 * 1024
+    max_url_length: int = 2048
+
+
+@dataclass(frozen=True)
+class InboxSettings:
+    settle_seconds: float = 1.0
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    concurrency: int = 16
+    connect_timeout: float = 5.0
+    total_timeout: float = 30.0
+    max_redirects: int = 5
+    max_bytes: int = 25 * 1024 * 1024
+    attempts: int = 4
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    quality: int = 50
+    target_ratio: float = 0.0
+    optimize: bool = False
+    progressive: bool = False
+    workers: int = 0  # 0: one per CPU
+    max_pixels: int = 50_000_000
+    batch_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    urls: tuple[str, ...] = ()
+    secret: str = ""
+    inbound_secret: str = ""
+    timeout: float = 15.0
+    retry_schedule: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    max_inbound_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    allow_private: bool = False
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    inbox: InboxSettings = field(default_factory=InboxSettings)
+    download: DownloadSettings = field(default_factory=DownloadSettings)
+    compress: CompressSettings = field(default_factory=CompressSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def public_url(self) -> str:
+        return (self.server.public_url or f"http://{self.server.host}:{self.server.port}").rstrip("/")
+
+    def path(self, name: str) -> Path:
+        """An absolute path from [paths]; relative ones are relative to the config file's folder."""
+        return (self.base_dir / getattr(self.paths, name)).resolve()
+
+    @property
+    def database_url(self) -> str:
+        url = self.paths.database
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+            return prefix + str((self.base_dir / url[len(prefix):]).resolve())
+        return url
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Settings) if f.name != "base_dir"}
+
+
+def _coerce(key: str, kind: Any, value: Any) -> Any:
+    """Turn a TOML or environment value into the setting's type, or say which key is wrong."""
+    from_env = isinstance(value, str)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if from_env and value.strip().lower() in {"1", "true", "yes", "on"}:
+                return True
+            if from_env and value.strip().lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if kind in (tuple[str, ...], tuple[float, ...]):
+            item = str if kind == tuple[str, ...] else float
+            items = [v.strip() for v in value.split(",") if v.strip()] if from_env else value
+            if not isinstance(items, list | tuple):
+                raise ValueError
+            return tuple(_coerce(key, item, v) for v in items)
+    except (TypeError, ValueError):
+        pass
+    expected = getattr(kind, "__name__", str(kind)).replace("tuple", "list")
+    raise ConfigError(f"config key {key}: expected {expected}, got {value!r}")
+
+
+def _section(name: str, cls: type, table: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"config key {name}.{key}: unknown setting")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        key = f"{name}.{f.name}"
+        env_name = f"{ENV_PREFIX}{name}_{f.name}".upper()
+        if env_name in env:
+            values[f.name] = _coerce(env_name, hints[f.name], env[env_name])
+        elif f.name in table:
+            values[f.name] = _coerce(key, hints[f.name], table[f.name])
+    settings = cls(**values)
+    _check(name, settings)
+    return settings
+
+
+def _check(name: str, section: Any) -> None:
+    """Range checks that a type alone cannot express."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"config key {name}.{f.name}: must not be negative, got {value!r}")
+    if name == "compress" and not 1 <= section.quality <= 95:
+        raise ConfigError(f"config key compress.quality: must be 1..95, got {section.quality}")
+    if name == "compress" and not 0 <= section.target_ratio < 1:
+        raise ConfigError(f"config key compress.target_ratio: must be 0 (off) or below 1, got {section.target_ratio}")
+    if name == "server" and not 0 <= section.port <= 65535:
+        raise ConfigError(f"config key server.port: must be 0..65535, got {section.port}")
+    if name == "download" and section.concurrency < 1:
+        raise ConfigError(f"config key download.concurrency: must be at least 1, got {section.concurrency}")
+    if name == "download" and section.attempts < 1:
+        raise ConfigError(f"config key download.attempts: must be at least 1, got {section.attempts}")
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read `path` (default ./config.toml if present), then apply environment overrides."""
+    env = os.environ if env is None else env
+    table: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path is None and Path("config.toml").exists():
+        path = Path("config.toml")
+    if path is not None:
+        try:
+            table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        base_dir = Path(path).resolve().parent
+    for name in table:
+        if name not in SECTIONS:
+            raise ConfigError(f"config section [{name}]: unknown section")
+    sections = {
+        name: _section(name, cls, table.get(name, {}), env) for name, cls in get_type_hints(Settings).items()
+        if name != "base_dir"
+    }
+    return Settings(**sections, base_dir=base_dir)
+
+
+def replace(settings: Settings, **sections: Mapping[str, Any]) -> Settings:
+    """A copy with some keys of some sections changed (tests and the bench use this)."""
+    changed = {name: dataclasses.replace(getattr(settings, name), **values) for name, values in sections.items()}
+    return dataclasses.replace(settings, **changed)

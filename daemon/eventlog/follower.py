@@ -1,0 +1,221 @@
+"""Consumers of the event log: read after a checkpoint, handle, commit results and checkpoint together.
+
+A follower handles up to `concurrency` events at once. Whatever it appends (and, for views, whatever
+it writes to its own tables) is committed in the same transaction as its tracking record, so after a
+crash it redoes exactly the events whose results were not committed, and nothing is applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import structlog
+
+from daemon.eventlog.store import EventLog, RecordedEvent
+from daemon.events import Event
+
+log = structlog.get_logger("follower")
+
+
+@dataclass(frozen=True)
+class Retry(Exception):
+    """Raised by `handle`: commit `events` now (without finishing), then handle again after `defer` s."""
+
+    defer: float
+    events: tuple[Event, ...] = ()
+
+
+@dataclass
+class _Done:
+    record: RecordedEvent
+    results: Sequence[Event]
+    final: bool = True
+
+
+@dataclass
+class _State:
+    in_flight: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    done: list[_Done] = field(default_factory=list)
+    handled: int = 0
+
+
+class Follower:
+    """Base for stages (side effects, concurrent) and views (pure folds, ordered)."""
+
+    name: ClassVar[str]
+    types: ClassVar[frozenset[str]]
+    concurrency: int = 1
+    ordered: ClassVar[bool] = False  # views: commit strictly in log order
+    page_size: ClassVar[int] = 500
+
+    def __init__(self, eventlog: EventLog) -> None:
+        self.eventlog = eventlog
+        self._wake = eventlog.subscribe()
+        self._state = _State()
+        self._cursor = 0
+        self._checkpoint = 0
+        self._skip: set[int] = set()
+        self._loaded = False
+        self._progress = asyncio.Condition()
+
+    # what subclasses write ---------------------------------------------------------------------
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        """Do the work for one event; return events to append to its stream. May raise Retry."""
+        return ()
+
+    def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        """Synchronous writes to the follower's own tables, inside the commit transaction."""
+
+    # running ---------------------------------------------------------------------------------
+    @property
+    def checkpoint(self) -> int:
+        return self._checkpoint
+
+    async def run(self) -> None:
+        """Follow the log forever (until cancelled)."""
+        try:
+            await self._loop(until_idle=False)
+        finally:
+            await self._cancel_in_flight()
+
+    async def run_until_idle(self) -> int:
+        """Burst mode: handle everything there is, wait for in-flight work, return how many events."""
+        before = self._state.handled
+        await self._loop(until_idle=True)
+        return self._state.handled - before
+
+    async def wait_for(self, position: int, timeout: float = 10.0) -> bool:
+        """Wait until everything up to `position` is committed (read-your-writes for views)."""
+        async with self._progress:
+            try:
+                await asyncio.wait_for(self._progress.wait_for(lambda: self._checkpoint >= position), timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    async def _load(self) -> None:
+        if self._loaded:
+            return
+        self._checkpoint, self._skip = await self.eventlog.write(self.eventlog.load_tracking_sync, self.name)
+        self._cursor = self._checkpoint
+        self._loaded = True
+
+    async def _loop(self, until_idle: bool) -> None:
+        await self._load()
+        state = self._state
+        while True:
+            self._wake.clear()
+            await self._commit()
+            free = self.concurrency - len(state.in_flight)
+            page: list[RecordedEvent] = []
+            if free > 0:
+                head = self.eventlog.head
+                limit = min(free, self.page_size)
+                page = await self.eventlog.write(self.eventlog.read_after_sync, self._cursor, self.types, limit)
+                for record in page:
+                    if record.position in self._skip:
+                        self._skip.discard(record.position)
+                        continue
+                    self._start(record)
+                # Everything up to `head` was committed before the read, so a short page saw all of it.
+                self._cursor = max(head, self._cursor) if len(page) < limit else page[-1].position
+                if not state.in_flight and not state.done and self._cursor > self._checkpoint:
+                    # Nothing of ours up to the cursor is pending; the mark moves without a write.
+                    await self._advance(self._cursor)
+            if page:
+                continue
+            if until_idle and not state.in_flight and not state.done:
+                return
+            await self._wake.wait()
+
+    def _start(self, record: RecordedEvent) -> None:
+        task = asyncio.create_task(self._work(record), name=f"{self.name}:{record.position}")
+        self._state.in_flight[record.position] = task
+
+    async def _work(self, record: RecordedEvent) -> None:
+        attempt = 1
+        while True:
+            try:
+                results = await self.handle(record, attempt)
+            except Retry as retry:
+                if retry.events:
+                    self._finish(_Done(record, retry.events, final=False))
+                await asyncio.sleep(retry.defer)
+                attempt += 1
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug, not bad input (stages turn bad input into failure events): log, back off, redo.
+                log.exception("consumer_error", consumer=self.name, position=record.position, attempt=attempt)
+                await asyncio.sleep(min(60.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0))
+                attempt += 1
+                continue
+            self._finish(_Done(record, results))
+            return
+
+    def _finish(self, done: _Done) -> None:
+        self._state.done.append(done)
+        self._wake.set()
+
+    async def _commit(self) -> None:
+        state = self._state
+        if not state.done:
+            return
+        ready = sorted(state.done, key=lambda d: d.record.position)
+        if self.ordered:
+            finishing = {d.record.position for d in ready if d.final}
+            waiting = [p for p in state.in_flight if p not in finishing]
+            if waiting:
+                ready = [d for d in ready if d.record.position < min(waiting)]
+        if not ready:
+            return
+        state.done = [d for d in state.done if d not in ready]
+        finished = [d.record.position for d in ready if d.final]
+        remaining = [p for p in state.in_flight if p not in finished]
+        checkpoint = min(remaining) - 1 if remaining else self._cursor
+
+        def commit() -> None:
+            with self.eventlog.transaction():
+                for done in ready:
+                    self.eventlog.append_sync(done.record.stream, done.results)
+                    if done.final:
+                        self.write(done.record, done.results)
+                self.eventlog.save_tracking_sync(self.name, checkpoint, finished)
+
+        await self.eventlog.write(commit)
+        for position in finished:
+            state.in_flight.pop(position, None)
+        state.handled += len(finished)
+        if any(d.results for d in ready):
+            self.eventlog.notify()
+        await self._advance(checkpoint)
+
+    async def _advance(self, checkpoint: int) -> None:
+        self._checkpoint = max(self._checkpoint, checkpoint)
+        async with self._progress:
+            self._progress.notify_all()
+
+    async def _cancel_in_flight(self) -> None:
+        tasks = list(self._state.in_flight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._state.in_flight.clear()
+        self.eventlog.unsubscribe(self._wake)
+
+
+async def run_until_idle(followers: Sequence[Follower]) -> int:
+    """Run every follower in burst mode until a whole round handles nothing (tests, replay)."""
+    total = 0
+    while True:
+        handled = 0
+        for follower in followers:
+            handled += await follower.run_until_idle()
+        total += handled
+        if handled == 0:
+            return total

@@ -1,0 +1,196 @@
+"""The append-only event store. The only code that reads or writes the events table.
+
+All writes go through one thread (the writer), so positions are committed in order and a reader
+that has seen position N has seen every event before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import peewee
+from playhouse.db_url import connect
+
+from daemon.events import Event, decode
+from daemon.eventlog.models import LOG_TABLES, Checkpoint, StoredEvent, Tracking, database
+
+T = TypeVar("T")
+INSERT_CHUNK = 2000
+
+
+class StreamConflict(Exception):
+    """The stream was not at the expected version (for a new stream: it exists already)."""
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    position: int
+    stream: str
+    version: int
+    recorded_at: str
+    event: Event
+
+    @property
+    def type(self) -> str:
+        return self.event.type
+
+
+def open_database(url: str) -> peewee.Database:
+    """Connect by peewee database URL; SQLite gets WAL and the durability we document."""
+    if url.startswith("sqlite"):
+        # WAL + synchronous=NORMAL: a commit survives a killed process (the kill -9 case);
+        # only an OS crash or power cut can lose the last commits. FULL would fsync every commit.
+        db = connect(url, pragmas={
+            "journal_mode": "wal",
+            "synchronous": "normal",
+            "busy_timeout": 10_000,
+            "foreign_keys": 1,
+        })
+    else:
+        db = connect(url)
+    database.initialize(db)
+    return db
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class EventLog:
+    """Append and read events; wakes subscribed consumers after every append."""
+
+    def __init__(self, db: peewee.Database) -> None:
+        self.db = db
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
+        self._readers = ThreadPoolExecutor(2, thread_name_prefix="eventlog-reader")
+        self._subscribers: list[asyncio.Event] = []
+        self.head = 0
+
+    # lifecycle -------------------------------------------------------------------------------
+    async def open(self, extra_tables: Iterable[type[peewee.Model]] = ()) -> None:
+        def create() -> int:
+            self.db.create_tables([*LOG_TABLES, *extra_tables], safe=True)
+            return StoredEvent.select(peewee.fn.MAX(StoredEvent.position)).scalar() or 0
+
+        self.head = await self.write(create)
+
+    async def close(self) -> None:
+        def close_thread_connection() -> None:
+            self.db.close()
+
+        for pool in (self._writer, self._readers):
+            for _ in range(getattr(pool, "_max_workers", 1)):
+                await asyncio.get_running_loop().run_in_executor(pool, close_thread_connection)
+            pool.shutdown(wait=True)
+
+    # threads ---------------------------------------------------------------------------------
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the writer thread (every write, and reads that must see the newest)."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a read-only `fn` on a reader thread, off the event loop and beside the writer."""
+        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+
+    def transaction(self) -> Any:
+        if isinstance(self.db, peewee.SqliteDatabase):
+            return self.db.atomic("IMMEDIATE")
+        return self.db.atomic()
+
+    # subscribers -------------------------------------------------------------------------------
+    def subscribe(self) -> asyncio.Event:
+        wake = asyncio.Event()
+        self._subscribers.append(wake)
+        return wake
+
+    def unsubscribe(self, wake: asyncio.Event) -> None:
+        if wake in self._subscribers:
+            self._subscribers.remove(wake)
+
+    def notify(self) -> None:
+        for wake in self._subscribers:
+            wake.set()
+
+    # events ----------------------------------------------------------------------------------
+    def append_sync(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
+        """Append to `stream` inside the caller's transaction; returns the last position (writer thread)."""
+        if not events:
+            return self.head
+        current = (
+            StoredEvent.select(peewee.fn.MAX(StoredEvent.version)).where(StoredEvent.stream == stream).scalar()
+            or 0
+        )
+        if expected_version is not None and current != expected_version:
+            raise StreamConflict(f"stream {stream} is at version {current}, expected {expected_version}")
+        at = now_iso()
+        rows = [
+            {"stream": stream, "version": current + i, "type": e.type, "data": e.to_json(), "recorded_at": at}
+            for i, e in enumerate(events, start=1)
+        ]
+        for start in range(0, len(rows), INSERT_CHUNK):
+            StoredEvent.insert_many(rows[start:start + INSERT_CHUNK]).execute()
+        last = StoredEvent.select(peewee.fn.MAX(StoredEvent.position)).scalar()
+        self.head = max(self.head, last)
+        return last
+
+    async def append(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
+        def run() -> int:
+            with self.transaction():
+                return self.append_sync(stream, events, expected_version)
+
+        position = await self.write(run)
+        self.notify()
+        return position
+
+    def read_after_sync(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent]:
+        query = StoredEvent.select().where(StoredEvent.position > position)
+        if types is not None:
+            query = query.where(StoredEvent.type.in_(list(types)))
+        return [_recorded(row) for row in query.order_by(StoredEvent.position).limit(limit)]
+
+    def read_stream_sync(self, stream: str) -> list[RecordedEvent]:
+        query = StoredEvent.select().where(StoredEvent.stream == stream).order_by(StoredEvent.version)
+        return [_recorded(row) for row in query]
+
+    async def read_stream(self, stream: str) -> list[RecordedEvent]:
+        return await self.read(self.read_stream_sync, stream)
+
+    def stream_exists_sync(self, stream: str) -> bool:
+        return StoredEvent.select().where(StoredEvent.stream == stream).exists()
+
+    # consumer bookkeeping ----------------------------------------------------------------------
+    def load_tracking_sync(self, consumer: str) -> tuple[int, set[int]]:
+        row = Checkpoint.get_or_none(Checkpoint.consumer == consumer)
+        checkpoint = row.position if row else 0
+        done = {t.position for t in Tracking.select().where(
+            (Tracking.consumer == consumer) & (Tracking.position > checkpoint))}
+        return checkpoint, done
+
+    def save_tracking_sync(self, consumer: str, checkpoint: int, handled: Iterable[int]) -> None:
+        """Record handled positions and the new low-water mark, in the caller's transaction."""
+        above = [{"consumer": consumer, "position": p} for p in handled if p > checkpoint]
+        if above:
+            Tracking.insert_many(above).on_conflict_ignore().execute()
+        Tracking.delete().where((Tracking.consumer == consumer) & (Tracking.position <= checkpoint)).execute()
+        Checkpoint.insert(consumer=consumer, position=checkpoint).on_conflict_replace().execute()
+
+    def reset_consumer_sync(self, consumer: str) -> None:
+        Tracking.delete().where(Tracking.consumer == consumer).execute()
+        Checkpoint.delete().where(Checkpoint.consumer == consumer).execute()
+
+
+def _recorded(row: StoredEvent) -> RecordedEvent:
+    return RecordedEvent(
+        position=row.position, stream=row.stream, version=row.version, recorded_at=row.recorded_at,
+        event=decode(row.type, row.data),
+    )
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

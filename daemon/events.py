@@ -1,0 +1,121 @@
+"""The event catalogue: what happened to a request, as frozen past-tense facts.
+
+Every event lives in the stream of one request (stream id = request id). Images are named by the
+position of their product in the CSV (`product`, 0-based) and their place in its URL cell (`index`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+E = TypeVar("E", bound="Event")
+
+
+@dataclass(frozen=True)
+class Event:
+    CATALOGUE: ClassVar[dict[str, type[Event]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Event.CATALOGUE[cls.__name__] = cls
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_data(cls: type[E], data: dict[str, Any]) -> E:
+        return cls(**data)
+
+
+def decode(type_name: str, data: str) -> Event:
+    return Event.CATALOGUE[type_name].from_data(json.loads(data))
+
+
+@dataclass(frozen=True)
+class Product:
+    serial: str
+    product_name: str
+    slug: str  # the serial made safe for file names, unique within the request
+    input_urls: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ImageEvent(Event):
+    product: int
+    index: int
+
+
+@dataclass(frozen=True)
+class RequestAccepted(Event):
+    source: str  # "upload" | "inbox"
+    source_name: str  # the uploaded or inbox file name
+    products: tuple[Product, ...]
+    webhook_url: str = ""
+    idempotency_key: str = ""
+    body_sha256: str = ""
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> RequestAccepted:
+        products = tuple(
+            Product(**{**p, "input_urls": tuple(p["input_urls"])}) for p in data.pop("products")
+        )
+        return cls(products=products, **data)
+
+    @property
+    def image_count(self) -> int:
+        return sum(len(p.input_urls) for p in self.products)
+
+
+@dataclass(frozen=True)
+class ImageRequested(ImageEvent):
+    url: str
+
+
+@dataclass(frozen=True)
+class ImageDownloadRetried(ImageEvent):
+    attempt: int
+    error: str
+    retry_in: float
+
+
+@dataclass(frozen=True)
+class ImageDownloaded(ImageEvent):
+    bytes: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ImageCompressed(ImageEvent):
+    name: str
+    format: str
+    width: int
+    height: int
+    bytes_in: int
+    bytes_out: int
+    kept_original: bool
+    quality: int | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ImageFailed(ImageEvent):
+    stage: str  # "download" | "compress"
+    error: str
+
+
+@dataclass(frozen=True)
+class RequestCompleted(Event):
+    status: str  # "completed" | "completed_with_errors" | "failed"
+    images: int
+    done: int
+    failed: int
+
+
+IMAGE_TERMINAL = frozenset({"ImageCompressed", "ImageFailed"})

@@ -1,0 +1,158 @@
+"""The inbox: CSV files dropped into a folder are ingested exactly once.
+
+A file is taken only once it has settled (same size and mtime across `settle_seconds`); it is claimed
+by renaming it into `.claimed/<request_id>--<name>` before anything is recorded, so after a crash the
+claim tells whether its request was already accepted. Accepted files end in `archive/`, rejected ones in
+`rejected/` with a `.errors.txt` report beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from daemon.config import LimitSettings
+from daemon.eventlog.store import EventLog, StreamConflict
+from daemon.ingest.accept import accept, new_request_id
+from daemon.ingest.csvfile import Problem, parse_csv
+
+log = structlog.get_logger("inbox")
+
+CLAIMED, ARCHIVE, REJECTED = ".claimed", "archive", "rejected"
+TEMPORARY_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".swp", ".swx", ".download")
+
+
+def is_candidate(name: str) -> bool:
+    """A CSV someone dropped, not a hidden, temporary or editor file."""
+    lower = name.lower()
+    if lower.startswith((".", "~", "#")) or lower.endswith(("~", "#")) or lower.endswith(TEMPORARY_SUFFIXES):
+        return False
+    return lower.endswith(".csv")
+
+
+def report_text(name: str, problems: list[Problem]) -> str:
+    lines = [f"{name} was rejected: {len(problems)} problem(s). Nothing from it was accepted.", ""]
+    lines += [str(p) for p in problems]
+    lines += ["", "Fix the file and drop it into the inbox again."]
+    return "\n".join(lines) + "\n"
+
+
+class _Handler(FileSystemEventHandler):
+    """Runs on the observer thread: only hands paths to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seen: Callable[[Path], None]) -> None:
+        self._loop, self._seen = loop, seen
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        path = getattr(event, "dest_path", "") or event.src_path
+        path = os.fsdecode(path)
+        self._loop.call_soon_threadsafe(self._seen, Path(path))
+
+
+class Inbox:
+    def __init__(self, folder: Path, eventlog: EventLog, limits: LimitSettings, settle_seconds: float) -> None:
+        self.folder = folder
+        self._eventlog, self._limits, self._settle = eventlog, limits, settle_seconds
+        self._pending: dict[Path, asyncio.Task[None]] = {}
+        self._observer: Observer | None = None  # type: ignore[valid-type]
+
+    async def start(self) -> None:
+        for sub in (CLAIMED, ARCHIVE, REJECTED):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        for claimed in sorted((self.folder / CLAIMED).iterdir()):
+            await self._ingest_claimed(claimed)
+        observer = Observer()
+        observer.schedule(_Handler(asyncio.get_running_loop(), self._seen), str(self.folder), recursive=False)
+        await asyncio.to_thread(observer.start)
+        self._observer = observer
+        # Files that arrived while the daemon was down (the observer only reports new changes).
+        for path in sorted(self.folder.iterdir()):
+            self._seen(path)
+
+    async def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            await asyncio.to_thread(self._observer.join)
+            self._observer = None
+        tasks = list(self._pending.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def idle(self) -> None:
+        """Wait until every file seen so far is ingested or rejected (tests)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending.values()), return_exceptions=True)
+
+    def _seen(self, path: Path) -> None:
+        if path.parent != self.folder or not is_candidate(path.name) or path in self._pending:
+            return
+        task = asyncio.create_task(self._take(path), name=f"inbox:{path.name}")
+        self._pending[path] = task
+        task.add_done_callback(lambda _t, p=path: self._pending.pop(p, None))
+
+    async def _take(self, path: Path) -> None:
+        try:
+            if not await self._settled(path):
+                return
+            request_id = new_request_id()
+            claimed = self.folder / CLAIMED / f"{request_id}--{path.name}"
+            try:
+                os.rename(path, claimed)
+            except FileNotFoundError:
+                return  # taken away (or claimed) meanwhile
+            await self._ingest_claimed(claimed)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("inbox_error", file=path.name)
+
+    async def _settled(self, path: Path) -> bool:
+        """Wait until size and mtime stop changing; False if the file went away."""
+        last: tuple[int, int] | None = None
+        while True:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return False
+            now = (st.st_size, st.st_mtime_ns)
+            if now == last:
+                return True
+            last = now
+            await asyncio.sleep(self._settle)
+
+    async def _ingest_claimed(self, claimed: Path) -> None:
+        request_id, _, name = claimed.name.partition("--")
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await self._ingest(claimed, request_id, name)
+
+    async def _ingest(self, claimed: Path, request_id: str, name: str) -> None:
+        data = await asyncio.to_thread(claimed.read_bytes)
+        parsed = await asyncio.to_thread(parse_csv, data, self._limits)
+        if isinstance(parsed, list):
+            target = self.folder / REJECTED / claimed.name
+            await asyncio.to_thread(_write_atomic, target.with_name(target.name + ".errors.txt"),
+                                    report_text(name, parsed))
+            os.replace(claimed, target)
+            log.info("csv_rejected", source="inbox", source_name=name, problems=len(parsed),
+                     first_problem=str(parsed[0]), moved_to=str(target))
+            return
+        try:
+            await accept(self._eventlog, parsed, "inbox", name, request_id=request_id)
+        except StreamConflict:
+            log.info("inbox_claim_recovered", source_name=name, note="accepted before a restart")
+        os.replace(claimed, self.folder / ARCHIVE / claimed.name)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)

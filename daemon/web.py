@@ -1,0 +1,66 @@
+"""HTTP plumbing shared by every route: app keys, JSON errors, and the read-only endpoints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from daemon.config import Settings
+from daemon.eventlog.store import EventLog
+from daemon.views.status import StatusView, request_status
+
+log = structlog.get_logger("http")
+
+SETTINGS = web.AppKey("settings", Settings)
+EVENTLOG = web.AppKey("eventlog", EventLog)
+STATUS_VIEW = web.AppKey("status_view", StatusView)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(cls: type[web.HTTPException], error: str, message: str, **extra: Any) -> web.HTTPException:
+    """An HTTP error whose body is JSON: {"error", "message", ...}."""
+    body = json.dumps({"error": error, "message": message, **extra}, ensure_ascii=False)
+    return cls(text=body, content_type="application/json")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as JSON; an unexpected one is logged and answered 500 without details."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json" or exc.status < 400:
+            raise
+        slug = (exc.reason or "error").lower().replace(" ", "_")
+        raise json_error(type(exc), slug, exc.text or exc.reason or slug) from None
+    except Exception:
+        log.exception("http_unhandled_error", method=request.method, path=request.path)
+        raise json_error(web.HTTPInternalServerError, "internal_error", "unexpected error; see the daemon's log") from None
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda v: json.dumps(v, ensure_ascii=False))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def status(request: web.Request) -> web.Response:
+    request_id = request.match_info["request_id"]
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    settings, eventlog = request.app[SETTINGS], request.app[EVENTLOG]
+    body = await eventlog.read(request_status, request_id, settings.public_url)
+    if body is None:
+        raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
+    return json_response(body)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/status/{request_id}", status)
