@@ -1,13 +1,17 @@
 """The aiohttp application: routes, and the daemon's resources in dependency order.
 
-cleanup_ctx runs set-up top to bottom and teardown bottom to top: event log -> consumers -> inbox.
+cleanup_ctx runs set-up top to bottom and teardown bottom to top:
+event log -> process pool -> HTTP client -> consumers -> inbox.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -16,14 +20,29 @@ from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, open_database
 from daemon.ingest import http as ingest_http
 from daemon.ingest.inbox import Inbox
+from daemon.stages.complete import CompleteStage
+from daemon.stages.compress import CompressStage, make_pool
+from daemon.stages.download import DownloadStage
+from daemon.views.export import OutboxWriter
 from daemon.views.status import STATUS_TABLES, StatusView
+from daemon.webhooks import receive
+from daemon.webhooks import deliver
+from daemon.webhooks.deliver import WebhookDelivery
 from daemon.web import EVENTLOG, SETTINGS, STATUS_VIEW, add_routes, json_errors
 
 log = structlog.get_logger("daemon")
 
 FOLLOWERS = web.AppKey("followers", list[Follower])
+FOLLOW = web.AppKey("follow", bool)
 INBOX = web.AppKey("inbox", Inbox)
+POOL = web.AppKey("pool", ProcessPoolExecutor)
+CLIENT = web.AppKey("client", aiohttp.ClientSession)
 VIEW_TABLES = (*STATUS_TABLES,)
+
+
+def incoming_folder(settings: Settings) -> Path:
+    """Downloaded bodies wait here for the compress stage (hidden, so never served)."""
+    return settings.path("images") / ".incoming"
 
 
 async def open_eventlog(settings: Settings) -> EventLog:
@@ -40,12 +59,21 @@ def view_followers(eventlog: EventLog) -> list[Follower]:
 
 
 def build_followers(app: web.Application) -> list[Follower]:
-    """Every consumer of the log: the views, then the stages."""
-    views = view_followers(app[EVENTLOG])
+    """Every consumer of the log, in data-flow order: views, stages, outbox, webhooks."""
+    settings, eventlog = app[SETTINGS], app[EVENTLOG]
+    views = view_followers(eventlog)
     status_view = views[0]
     assert isinstance(status_view, StatusView)
     app[STATUS_VIEW] = status_view
-    return views
+    incoming = incoming_folder(settings)
+    return [
+        *views,
+        DownloadStage(eventlog, app[CLIENT], incoming, settings.download),
+        CompressStage(eventlog, app[POOL], incoming, settings.path("images"), settings.compress),
+        CompleteStage(eventlog, incoming),
+        OutboxWriter(eventlog, settings.path("outbox"), settings.public_url),
+        WebhookDelivery(eventlog, app[CLIENT], settings),
+    ]
 
 
 async def eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -54,9 +82,23 @@ async def eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[EVENTLOG].close()
 
 
+async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[POOL] = make_pool(app[SETTINGS].compress)
+    yield
+    app[POOL].shutdown(wait=True, cancel_futures=True)
+
+
+async def client_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(limit=settings.download.concurrency * 2, limit_per_host=settings.download.concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers={"User-Agent": "imgpipe/0.1"}) as client:
+        app[CLIENT] = client
+        yield
+
+
 async def followers_ctx(app: web.Application) -> AsyncIterator[None]:
     followers = app[FOLLOWERS] = build_followers(app)
-    tasks = [asyncio.create_task(f.run(), name=f"follower:{f.name}") for f in followers]
+    tasks = [asyncio.create_task(f.run(), name=f"follower:{f.name}") for f in followers if app[FOLLOW]]
     yield
     for task in tasks:
         task.cancel()
@@ -75,10 +117,14 @@ async def inbox_ctx(app: web.Application) -> AsyncIterator[None]:
     await inbox.stop()
 
 
-def build_app(settings: Settings) -> web.Application:
+def build_app(settings: Settings, follow: bool = True) -> web.Application:
+    """The daemon; with follow=False the consumers are built but not started (tests drive them in bursts)."""
     app = web.Application(middlewares=[json_errors], client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
     app[SETTINGS] = settings
-    app.cleanup_ctx.extend([eventlog_ctx, followers_ctx, inbox_ctx])
+    app[FOLLOW] = follow
+    app.cleanup_ctx.extend([eventlog_ctx, pool_ctx, client_ctx, followers_ctx, inbox_ctx])
     add_routes(app)
     ingest_http.add_routes(app)
+    receive.add_routes(app)
+    deliver.add_routes(app)
     return app

@@ -1,4 +1,4 @@
-"""The `imgpipe` command: run | replay | status ID | submit FILE.csv."""
+"""The `imgpipe` command: run | replay | status ID | submit FILE.csv | redeliver ID."""
 
 from __future__ import annotations
 
@@ -76,6 +76,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    code, body = _http(_settings(args), "POST", f"/redeliver/{args.request_id}", b"", "application/json")
+    print(json.dumps(body, indent=2, ensure_ascii=False))
+    return 0 if code == 202 else 1
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="imgpipe", description=__doc__)
     top.add_argument("--config", help="config file (default: ./config.toml)")
@@ -89,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="upload a CSV to the running daemon and print the request id")
     submit.add_argument("file")
     submit.set_defaults(func=cmd_submit)
+    redeliver = sub.add_parser("redeliver", help="send a completed request's webhook again (same webhook-id)")
+    redeliver.add_argument("request_id")
+    redeliver.set_defaults(func=cmd_redeliver)
     for p in sub.choices.values():
         p.add_argument("--config", default=argparse.SUPPRESS, help="config file (default: ./config.toml)")
     return top

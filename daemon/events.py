@@ -76,6 +76,7 @@ class RequestAccepted(Event):
 @dataclass(frozen=True)
 class ImageRequested(ImageEvent):
     url: str
+    stem: str  # output file name without extension: <request_id>_<product slug>_<index>
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class ImageDownloadRetried(ImageEvent):
 
 @dataclass(frozen=True)
 class ImageDownloaded(ImageEvent):
+    stem: str
     bytes: int
     attempts: int
 
@@ -119,3 +121,39 @@ class RequestCompleted(Event):
 
 
 IMAGE_TERMINAL = frozenset({"ImageCompressed", "ImageFailed"})
+
+
+@dataclass(frozen=True)
+class WebhookQueued(Event):
+    """A message is due to one listener; `round` 0 is the first delivery, each redelivery adds one."""
+
+    message_id: str
+    listener: str
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class WebhookAttempted(Event):
+    message_id: str
+    listener: str
+    round: int
+    attempt: int
+    outcome: str  # "delivered" | "retrying" | "failed" | "gone"
+    status_code: int | None
+    error: str
+    latency_ms: float
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True)
+class WebhookRedeliveryRequested(Event):
+    message_id: str
+
+
+@dataclass(frozen=True)
+class NotificationReceived(Event):
+    webhook_id: str
+    verified: bool
+    kind: str  # "classic" | "request.completed"
+    status: str
+    payload: dict[str, object]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import mimetypes
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,6 +13,7 @@ from aiohttp import web
 
 from daemon.config import Settings
 from daemon.eventlog.store import EventLog
+from daemon.views.export import FINISHED, Row, export_rows, finished_request_ids, to_csv
 from daemon.views.status import StatusView, request_status
 
 log = structlog.get_logger("http")
@@ -61,6 +64,51 @@ async def status(request: web.Request) -> web.Response:
     return json_response(body)
 
 
+def csv_response(text: str, filename: str) -> web.Response:
+    return web.Response(body=text.encode("utf-8"), content_type="text/csv", charset="utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+async def export_all(request: web.Request) -> web.Response:
+    settings, eventlog = request.app[SETTINGS], request.app[EVENTLOG]
+
+    def rows() -> list[Row]:
+        return export_rows(finished_request_ids(), settings.public_url)
+
+    return csv_response(to_csv(await eventlog.read(rows)), "export.csv")
+
+
+async def export_one(request: web.Request) -> web.Response:
+    request_id = request.match_info["request_id"]
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    settings, eventlog = request.app[SETTINGS], request.app[EVENTLOG]
+    body = await eventlog.read(request_status, request_id, settings.public_url, False)
+    if body is None:
+        raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
+    if body["status"] not in FINISHED:
+        raise json_error(web.HTTPConflict, "not_finished", f"request {request_id} is still {body['status']}",
+                         status=body["status"], progress=body["progress"])
+    rows = await eventlog.read(export_rows, [request_id], settings.public_url)
+    return csv_response(to_csv(rows), f"{request_id}.csv")
+
+
+IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
+
+
+async def image(request: web.Request) -> web.FileResponse:
+    """Serve a compressed image; only plain names inside the images folder are reachable."""
+    name = request.match_info["name"]
+    folder = request.app[SETTINGS].path("images")
+    path = folder / name
+    if not IMAGE_NAME.match(name) or ".." in name or path.parent != folder or not path.is_file():
+        raise json_error(web.HTTPNotFound, "unknown_image", f"no image named {name!r}")
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": "public, max-age=86400"})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/status/{request_id}", status)
+    app.router.add_get("/export", export_all)
+    app.router.add_get("/export/{request_id}", export_one)
+    app.router.add_get("/images/{name}", image)

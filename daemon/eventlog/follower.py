@@ -34,6 +34,7 @@ class _Done:
     record: RecordedEvent
     results: Sequence[Event]
     final: bool = True
+    committed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -69,6 +70,9 @@ class Follower:
 
     def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         """Synchronous writes to the follower's own tables, inside the commit transaction."""
+
+    async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        """After the commit: clean-up that must not happen before the results are durable."""
 
     # running ---------------------------------------------------------------------------------
     @property
@@ -143,7 +147,9 @@ class Follower:
                 results = await self.handle(record, attempt)
             except Retry as retry:
                 if retry.events:
-                    self._finish(_Done(record, retry.events, final=False))
+                    interim = _Done(record, retry.events, final=False)
+                    self._finish(interim)
+                    await interim.committed.wait()  # the next attempt must see these in the log
                 await asyncio.sleep(retry.defer)
                 attempt += 1
                 continue
@@ -190,6 +196,10 @@ class Follower:
         await self.eventlog.write(commit)
         for position in finished:
             state.in_flight.pop(position, None)
+        for done in ready:
+            done.committed.set()
+            if done.final:
+                await self.committed(done.record, done.results)
         state.handled += len(finished)
         if any(d.results for d in ready):
             self.eventlog.notify()

@@ -26,14 +26,14 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def opening_events(batch: Batch, source: str, source_name: str, webhook_url: str = "",
+def opening_events(request_id: str, batch: Batch, source: str, source_name: str, webhook_url: str = "",
                    idempotency_key: str = "", body_sha256: str = "") -> list[Event]:
     accepted = RequestAccepted(
         source=source, source_name=source_name, products=batch.products, webhook_url=webhook_url,
         idempotency_key=idempotency_key, body_sha256=body_sha256,
     )
     images: list[Event] = [
-        ImageRequested(product=p, index=i, url=url)
+        ImageRequested(product=p, index=i, url=url, stem=f"{request_id}_{product.slug}_{i}")
         for p, product in enumerate(batch.products)
         for i, url in enumerate(product.input_urls)
     ]
@@ -44,7 +44,7 @@ async def accept(eventlog: EventLog, batch: Batch, source: str, source_name: str
                  request_id: str | None = None, webhook_url: str = "") -> Accepted:
     """Open a new stream; raises StreamConflict if `request_id` was accepted already."""
     request_id = request_id or new_request_id()
-    events = opening_events(batch, source, source_name, webhook_url)
+    events = opening_events(request_id, batch, source, source_name, webhook_url)
     position = await eventlog.append(request_id, events, expected_version=0)
     accepted = Accepted(request_id, len(batch.products), batch.image_count, position)
     log.info("csv_accepted", request_id=request_id, source=source, source_name=source_name,

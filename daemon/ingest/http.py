@@ -25,7 +25,7 @@ def too_large(limit: int) -> web.HTTPException:
                       limit=limit)
 
 
-async def _read_limited(read: Callable[[int], Awaitable[bytes]], limit: int) -> bytes:
+async def read_limited(read: Callable[[int], Awaitable[bytes]], limit: int) -> bytes:
     """Read a stream in chunks, refusing as soon as it passes `limit` (never buffers a huge body)."""
     data = bytearray()
     while chunk := await read(CHUNK):
@@ -49,15 +49,15 @@ async def read_upload(request: web.Request, settings: Settings) -> tuple[bytes, 
                 continue
             if part.name == "file":
                 filename = part.filename or filename
-                body = await _read_limited(part.read_chunk, limit)
+                body = await read_limited(part.read_chunk, limit)
             elif part.name:
-                fields[part.name] = (await _read_limited(part.read_chunk, FIELD_LIMIT)).decode("utf-8", "replace").strip()
+                fields[part.name] = (await read_limited(part.read_chunk, FIELD_LIMIT)).decode("utf-8", "replace").strip()
         if body is None:
             raise json_error(web.HTTPBadRequest, "missing_file",
                              "multipart upload has no 'file' field; send it as -F \"file=@batch.csv\"")
         return body, filename, fields
     if request.content_type in RAW_TYPES:
-        return await _read_limited(request.content.read, limit), "upload.csv", fields
+        return await read_limited(request.content.read, limit), "upload.csv", fields
     raise json_error(web.HTTPUnsupportedMediaType, "unsupported_media_type",
                      f"send the CSV as multipart/form-data (field 'file') or as text/csv, not {request.content_type!r}")
 

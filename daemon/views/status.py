@@ -11,8 +11,8 @@ from daemon.eventlog.follower import Follower
 from daemon.eventlog.models import BaseModel
 from daemon.eventlog.store import RecordedEvent
 from daemon.events import (
-    Event, ImageCompressed, ImageDownloaded, ImageDownloadRetried, ImageEvent, ImageFailed, RequestAccepted,
-    RequestCompleted,
+    Event, ImageCompressed, ImageDownloaded, ImageDownloadRetried, ImageEvent, ImageFailed, NotificationReceived,
+    RequestAccepted, RequestCompleted, WebhookAttempted, WebhookQueued,
 )
 
 DONE_STATES = ("compressed", "kept_original")
@@ -57,14 +57,61 @@ class StatusImage(BaseModel):
         primary_key = peewee.CompositeKey("request_id", "product", "index")
 
 
-STATUS_TABLES: tuple[type[BaseModel], ...] = (StatusRequest, StatusImage)
+class StatusDelivery(BaseModel):
+    """One webhook message to one listener (one row per redelivery round)."""
+
+    request_id = peewee.CharField(max_length=64)
+    message_id = peewee.CharField(max_length=128)
+    listener = peewee.TextField()
+    round = peewee.IntegerField()
+    state = peewee.CharField(max_length=16, default="pending")
+    queued_at = peewee.CharField(max_length=40)
+
+    class Meta:
+        table_name = "view_status_deliveries"
+        primary_key = peewee.CompositeKey("request_id", "message_id", "listener", "round")
+
+
+class StatusAttempt(BaseModel):
+    request_id = peewee.CharField(max_length=64, index=True)
+    message_id = peewee.CharField(max_length=128)
+    listener = peewee.TextField()
+    round = peewee.IntegerField()
+    attempt = peewee.IntegerField()
+    outcome = peewee.CharField(max_length=16)
+    status_code = peewee.IntegerField(null=True)
+    error = peewee.TextField()
+    latency_ms = peewee.FloatField()
+    retry_in = peewee.FloatField(null=True)
+    at = peewee.CharField(max_length=40)
+
+    class Meta:
+        table_name = "view_status_attempts"
+        primary_key = False
+
+
+class StatusNotification(BaseModel):
+    request_id = peewee.CharField(max_length=64, index=True)
+    webhook_id = peewee.CharField(max_length=255)
+    kind = peewee.CharField(max_length=32)
+    status = peewee.CharField(max_length=64)
+    verified = peewee.BooleanField()
+    received_at = peewee.CharField(max_length=40)
+
+    class Meta:
+        table_name = "view_status_notifications"
+        primary_key = False
+
+
+STATUS_TABLES: tuple[type[BaseModel], ...] = (StatusRequest, StatusImage, StatusDelivery, StatusAttempt,
+                                              StatusNotification)
 
 
 class StatusView(Follower):
     name = "view.status"
     types = frozenset({
         "RequestAccepted", "ImageDownloadRetried", "ImageDownloaded", "ImageCompressed", "ImageFailed",
-        "RequestCompleted",
+        "RequestCompleted", "WebhookQueued", "WebhookAttempted", "NotificationReceived",
     })
     ordered = True
     concurrency = 500
@@ -92,6 +139,23 @@ def apply(record: RecordedEvent) -> None:
     if isinstance(event, RequestCompleted):
         StatusRequest.update(status=event.status, completed_at=at, updated_at=at).where(
             StatusRequest.request_id == rid).execute()
+        return
+    if isinstance(event, WebhookQueued):
+        StatusDelivery.insert(request_id=rid, message_id=event.message_id, listener=event.listener, round=event.round,
+                              queued_at=at).on_conflict_ignore().execute()
+        return
+    if isinstance(event, WebhookAttempted):
+        StatusAttempt.insert(
+            request_id=rid, message_id=event.message_id, listener=event.listener, round=event.round,
+            attempt=event.attempt, outcome=event.outcome, status_code=event.status_code, error=event.error,
+            latency_ms=event.latency_ms, retry_in=event.retry_in, at=at).execute()
+        StatusDelivery.update(state=event.outcome).where(
+            (StatusDelivery.request_id == rid) & (StatusDelivery.message_id == event.message_id)
+            & (StatusDelivery.listener == event.listener) & (StatusDelivery.round == event.round)).execute()
+        return
+    if isinstance(event, NotificationReceived):
+        StatusNotification.insert(request_id=rid, webhook_id=event.webhook_id, kind=event.kind, status=event.status,
+                                  verified=event.verified, received_at=at).execute()
         return
     assert isinstance(event, ImageEvent)
     image = StatusImage.update(**_image_changes(event)).where(
@@ -127,12 +191,14 @@ def image_url(public_url: str, name: str | None) -> str | None:
     return f"{public_url}/images/{name}" if name else None
 
 
-def request_status(request_id: str, public_url: str) -> dict[str, Any] | None:
+def request_status(request_id: str, public_url: str, with_products: bool = True) -> dict[str, Any] | None:
     """The GET /status body for one request, or None (reader thread)."""
     request = StatusRequest.get_or_none(StatusRequest.request_id == request_id)
     if request is None:
         return None
     products: list[dict[str, Any]] = []
+    if not with_products:
+        return {"request_id": request_id, "status": request.status, "progress": progress(request)}
     images = StatusImage.select().where(StatusImage.request_id == request_id).order_by(
         StatusImage.product, StatusImage.index)
     for image in images:
@@ -164,7 +230,30 @@ def request_status(request_id: str, public_url: str) -> dict[str, Any] | None:
         "progress": progress(request),
         "status_url": f"{public_url}/status/{request.request_id}",
         "products": products,
+        "webhooks": webhooks(request_id),
+        "notifications": [
+            {"webhook_id": n.webhook_id or None, "kind": n.kind, "status": n.status, "verified": n.verified,
+             "received_at": n.received_at}
+            for n in StatusNotification.select().where(StatusNotification.request_id == request_id).order_by(
+                StatusNotification.received_at)
+        ],
     }
+
+
+def webhooks(request_id: str) -> list[dict[str, Any]]:
+    attempts: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for a in StatusAttempt.select().where(StatusAttempt.request_id == request_id).order_by(StatusAttempt.attempt):
+        attempts.setdefault((a.message_id, a.listener, a.round), []).append({
+            "attempt": a.attempt, "outcome": a.outcome, "status_code": a.status_code, "error": a.error or None,
+            "latency_ms": a.latency_ms, "retry_in": a.retry_in, "at": a.at,
+        })
+    deliveries = StatusDelivery.select().where(StatusDelivery.request_id == request_id).order_by(
+        StatusDelivery.queued_at, StatusDelivery.round, StatusDelivery.listener)
+    return [
+        {"message_id": d.message_id, "listener": d.listener, "round": d.round, "state": d.state,
+         "attempts": attempts.get((d.message_id, d.listener, d.round), [])}
+        for d in deliveries
+    ]
 
 
 def progress(request: StatusRequest) -> dict[str, int]:

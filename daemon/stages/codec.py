@@ -1,0 +1,301 @@
+"""The CPU side of the compress stage: decode one downloaded body, re-encode it, write it atomically.
+
+Runs inside ProcessPoolExecutor workers, so everything public is top-level and trades only
+picklable values (str paths, frozen dataclasses). No network, no asyncio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import secrets
+from dataclasses import dataclass
+
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    quality: int = 50
+    target_ratio: float = 0.0  # 0 = off; else output at most this share of the input bytes
+    optimize: bool = False
+    progressive: bool = False
+    max_pixels: int = 50_000_000
+
+
+@dataclass(frozen=True)
+class Compressed:
+    name: str
+    format: str
+    width: int
+    height: int
+    bytes_in: int
+    bytes_out: int
+    kept_original: bool
+    quality: int | None
+    note: str
+
+
+class ImageRejected(Exception):
+    """The bytes are not an image we can compress; str(exc) is a clear user-facing reason."""
+
+
+ANIMATED_NOTE = "animated image kept as is"
+NOT_SMALLER_NOTE = "re-encoded output was not smaller"
+
+_SEARCH_MIN_QUALITY = 5
+_SEARCH_MAX_QUALITY = 95
+# Hard per-side limits of the encoders; beyond them the original is kept instead of failing.
+_MAX_SIDE = {"JPEG": 65_535, "WEBP": 16_383}
+_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "TIFF": ".tif"}
+# Signatures of formats we know, so a cut-off body reads as corrupt rather than "not an image".
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+_ICC_SPACE = {"L": b"GRAY", "RGB": b"RGB ", "RGBA": b"RGB "}
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def compress_file(source: str, directory: str, stem: str, settings: EncodeSettings) -> Compressed:
+    """Compress `source` into `directory/stem.<ext>`; raises ImageRejected (writing nothing) for bad input."""
+    if not stem or stem in (".", "..") or "/" in stem or os.sep in stem:
+        raise ValueError(f"stem must be a plain file name, got {stem!r}")
+    with open(source, "rb") as f:
+        data = f.read()
+    payload, fmt, width, height, quality, note = _compress(data, settings)
+    name = stem + _extension(fmt)
+    _write_atomic(os.path.join(directory, name), payload)
+    return Compressed(
+        name=name,
+        format="JPEG" if fmt == "MPO" else fmt,  # an MPO file is a JPEG with extra pictures appended
+        width=width,
+        height=height,
+        bytes_in=len(data),
+        bytes_out=len(payload),
+        kept_original=quality is None,
+        quality=quality,
+        note=note,
+    )
+
+
+def compress_many(jobs: list[tuple[str, str, str]], settings: EncodeSettings) -> list[Compressed | str]:
+    """Batch form for the process pool: each job is (source, directory, stem); a rejected job yields its error string instead of raising."""
+    results: list[Compressed | str] = []
+    for source, directory, stem in jobs:
+        try:
+            results.append(compress_file(source, directory, stem, settings))
+        except ImageRejected as exc:
+            results.append(str(exc))
+    return results
+
+
+def _compress(data: bytes, settings: EncodeSettings) -> tuple[bytes, str, int, int, int | None, str]:
+    """Return (payload, format, width, height, quality, note); quality is None when the original is kept."""
+    im, animated = _decode(data, settings.max_pixels)
+    original_format = im.format or ""
+    if animated:
+        width, height = _upright_size(im)
+        return data, original_format, width, height, None, ANIMATED_NOTE
+    width, height = im.size
+    icc = im.info.get("icc_profile")
+    try:
+        im = _normalise(im, icc)
+    except (ValueError, OSError, ImageCms.PyCMSError) as exc:
+        raise ImageRejected(f"unsupported image ({original_format} {im.mode}): {_describe(exc)}") from None
+    fmt = "WEBP" if im.mode == "RGBA" else "JPEG"
+    if max(width, height) > _MAX_SIDE[fmt]:
+        return data, original_format, width, height, None, f"too large for {fmt}, original kept"
+    if icc and icc[16:20] != _ICC_SPACE[im.mode]:
+        icc = None  # e.g. CMYK already converted to sRGB, whose untagged form is the web default
+
+    if settings.target_ratio > 0:
+        payload, quality = _search_quality(im, fmt, settings, icc, settings.target_ratio * len(data))
+    else:
+        quality = settings.quality
+        payload = _encode(im, fmt, quality, settings, icc)
+    if len(payload) >= len(data):
+        return data, original_format, width, height, None, NOT_SMALLER_NOTE
+    return payload, fmt, width, height, quality, ""
+
+
+def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, bool]:
+    """Open and fully decode `data` (upright); animated images are only opened. Returns (image, animated)."""
+    if not data:
+        raise ImageRejected("empty body (0 bytes)")
+    # Our max_pixels check replaces Pillow's global one, which would otherwise warn or raise
+    # with its own limit first; restored so the rest of the process keeps its protection.
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        try:
+            im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageRejected(_unidentified_reason(data)) from None
+        except MemoryError:
+            raise
+        except Exception as exc:  # Pillow's parsers raise many types on hostile headers
+            raise ImageRejected(f"truncated or corrupt image: {_describe(exc)}") from None
+        width, height = im.size
+        if width * height > max_pixels:
+            raise ImageRejected(
+                f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}"
+            )
+        try:
+            # is_animated peeks at one frame ahead, where n_frames may walk all of them.
+            # MPO is a camera JPEG with extra pictures appended; frame 0 is the photo itself.
+            if im.format != "MPO" and getattr(im, "is_animated", False):
+                return im, True
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise ImageRejected(f"truncated or corrupt image: {_describe(exc)}") from None
+        return im, False
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _normalise(im: Image.Image, icc: bytes | None) -> Image.Image:
+    """Return an L or RGB image (for JPEG) or an RGBA image that really uses its alpha (for WebP)."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        return _from_sixteen_bit(im)
+    if mode == "CMYK":
+        return _cmyk_to_rgb(im, icc)
+    if mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = im if mode == "RGBA" else im.convert("RGBA")
+        min_alpha, _ = rgba.getchannel("A").getextrema()
+        if min_alpha < 255:  # type: ignore[operator]
+            return rgba
+        return im.convert("L") if mode in ("L", "LA", "La") else rgba.convert("RGB")
+    if mode in ("RGB", "L"):
+        return im
+    if mode == "1":
+        return im.convert("L")
+    return im.convert("RGB")
+
+
+def _from_sixteen_bit(im: Image.Image) -> Image.Image:
+    # Pillow's own convert("L") clips 16-bit values at 255 (almost everything turns white),
+    # so scale through a 65536-entry table instead; values above 16 bits clamp.
+    wide = im if im.mode == "I" else im.convert("I")
+    grey = wide.point(_sixteen_to_eight(), "L")
+    transparent = im.info.get("transparency")
+    if not isinstance(transparent, int):
+        return grey
+    # Pillow's convert("RGBA") ignores a 16-bit tRNS value, so build the alpha ourselves.
+    alpha = wide.point([0 if v == transparent else 255 for v in range(65536)], "L")
+    if alpha.getextrema()[0] == 255:  # type: ignore[index]
+        return grey
+    return Image.merge("RGBA", (grey, grey, grey, alpha))
+
+
+@functools.cache
+def _sixteen_to_eight() -> list[int]:
+    return [(v * 255 + 32767) // 65535 for v in range(65536)]
+
+
+def _cmyk_to_rgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    if icc:
+        try:
+            converted = ImageCms.profileToProfile(
+                im, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _srgb(), outputMode="RGB"
+            )
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+            pass  # an unusable embedded profile: the naive conversion beats rejecting the image
+        else:
+            assert converted is not None
+            return converted
+    return im.convert("RGB")
+
+
+@functools.cache
+def _srgb() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _encode(im: Image.Image, fmt: str, quality: int, settings: EncodeSettings, icc: bytes | None) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "JPEG":
+        im.save(
+            buffer,
+            "JPEG",
+            quality=quality,
+            optimize=settings.optimize,
+            progressive=settings.progressive,
+            icc_profile=icc,
+        )
+    else:
+        # WebP has no optimize flag; its slowest, smallest method is the closest equivalent.
+        im.save(buffer, "WEBP", quality=quality, method=6 if settings.optimize else 4, icc_profile=icc)
+    return buffer.getvalue()
+
+
+def _search_quality(
+    im: Image.Image, fmt: str, settings: EncodeSettings, icc: bytes | None, budget: float
+) -> tuple[bytes, int]:
+    """Binary search for the highest quality within `budget` bytes (7 encodes at most), else the smallest output."""
+    low, high = _SEARCH_MIN_QUALITY, _SEARCH_MAX_QUALITY
+    best: tuple[bytes, int] | None = None
+    smallest: tuple[bytes, int] | None = None
+    while low <= high:
+        quality = (low + high) // 2
+        payload = _encode(im, fmt, quality, settings, icc)
+        if len(payload) <= budget:
+            best, low = (payload, quality), quality + 1
+        else:
+            if smallest is None or len(payload) < len(smallest[0]):
+                smallest = (payload, quality)
+            high = quality - 1
+    result = best or smallest
+    assert result is not None
+    return result
+
+
+def _upright_size(im: Image.Image) -> tuple[int, int]:
+    width, height = im.size
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # the size is informational; a broken EXIF block must not reject the image
+        return width, height
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _unidentified_reason(data: bytes) -> str:
+    head = data.lstrip()[:9].lower()
+    if head.startswith((b"<!doctype", b"<html")):
+        return "not an image: content looks like HTML"
+    if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return "truncated or corrupt image: cannot read the image header"
+    return "not an image (unrecognised format)"
+
+
+def _describe(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _extension(fmt: str) -> str:
+    if fmt in _EXTENSIONS:
+        return _EXTENSIONS[fmt]
+    for extension, registered in Image.registered_extensions().items():
+        if registered == fmt:
+            return extension
+    return "." + fmt.lower()
+
+
+def _write_atomic(path: str, payload: bytes) -> None:
+    # Hidden temp name in the same directory so os.replace is atomic and listings skip it;
+    # O_EXCL with 0o666 lets the umask decide permissions like an ordinary file.
+    directory, name = os.path.split(path)
+    temp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(fd, "wb") as f:
+            f.write(payload)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise

@@ -1,0 +1,80 @@
+"""Complete stage: when every image of a request is terminal, RequestCompleted records the outcome.
+
+A pure function of the log: per request it counts terminal image events in log order (the counts are
+rebuilt from the log for a request first seen after a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import peewee
+
+from daemon.eventlog.follower import Follower
+from daemon.eventlog.models import StoredEvent
+from daemon.eventlog.store import EventLog, RecordedEvent
+from daemon.events import IMAGE_TERMINAL, Event, decode, ImageFailed, RequestAccepted, RequestCompleted
+from daemon.stages.compress import remove_incoming
+
+
+@dataclass
+class _Tally:
+    images: int
+    done: int = 0
+    failed: int = 0
+    completed: bool = False
+
+
+def final_status(images: int, failed: int) -> str:
+    if failed == 0:
+        return "completed"
+    return "failed" if failed == images else "completed_with_errors"
+
+
+class CompleteStage(Follower):
+    name = "stage.complete"
+    types = IMAGE_TERMINAL
+    concurrency = 1  # counts must advance in log order
+
+    def __init__(self, eventlog: EventLog, incoming: Path) -> None:
+        super().__init__(eventlog)
+        self.incoming = incoming
+        self._tallies: dict[str, _Tally] = {}
+
+    def _tally_before(self, stream: str, position: int) -> _Tally:
+        """The tally of `stream` from the log, up to (not including) `position` (writer thread)."""
+        opening = StoredEvent.get((StoredEvent.stream == stream) & (StoredEvent.version == 1))
+        accepted = decode(opening.type, opening.data)
+        assert isinstance(accepted, RequestAccepted)
+        counts = dict(
+            StoredEvent.select(StoredEvent.type, peewee.fn.COUNT(StoredEvent.position))
+            .where((StoredEvent.stream == stream) & (StoredEvent.position < position)
+                   & StoredEvent.type.in_([*IMAGE_TERMINAL, "RequestCompleted"]))
+            .group_by(StoredEvent.type).tuples()
+        )
+        failed = counts.get("ImageFailed", 0)
+        return _Tally(accepted.image_count, done=sum(counts.get(t, 0) for t in IMAGE_TERMINAL) - failed,
+                      failed=failed, completed=bool(counts.get("RequestCompleted")))
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        tally = self._tallies.get(record.stream)
+        if tally is None:
+            tally = await self.eventlog.write(self._tally_before, record.stream, record.position)
+            self._tallies[record.stream] = tally
+        if isinstance(record.event, ImageFailed):
+            tally.failed += 1
+        else:
+            tally.done += 1
+        if tally.completed or tally.done + tally.failed < tally.images:
+            return ()
+        tally.completed = True
+        return [RequestCompleted(status=final_status(tally.images, tally.failed), images=tally.images,
+                                 done=tally.done, failed=tally.failed)]
+
+    async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        if results:
+            self._tallies.pop(record.stream, None)
+            await asyncio.to_thread(remove_incoming, self.incoming, record.stream)

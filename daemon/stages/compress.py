@@ -1,0 +1,81 @@
+"""Compress stage: ImageDownloaded -> ImageCompressed | ImageFailed, the codec running in a process pool."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from pathlib import Path
+
+import structlog
+
+from daemon.config import CompressSettings
+from daemon.eventlog.follower import Follower
+from daemon.eventlog.store import EventLog, RecordedEvent
+from daemon.events import Event, ImageCompressed, ImageDownloaded, ImageFailed
+from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file
+from daemon.stages.download import incoming_path
+
+log = structlog.get_logger("compress")
+
+
+def pool_size(settings: CompressSettings) -> int:
+    return settings.workers or os.cpu_count() or 1
+
+
+def make_pool(settings: CompressSettings) -> ProcessPoolExecutor:
+    # forkserver: workers do not inherit the daemon's threads (observer, DB writer) mid-flight.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["daemon.stages.codec"])
+    return ProcessPoolExecutor(max_workers=pool_size(settings), mp_context=context)
+
+
+def encode_settings(settings: CompressSettings) -> EncodeSettings:
+    return EncodeSettings(quality=settings.quality, target_ratio=settings.target_ratio, optimize=settings.optimize,
+                          progressive=settings.progressive, max_pixels=settings.max_pixels)
+
+
+class CompressStage(Follower):
+    name = "stage.compress"
+    types = frozenset({"ImageDownloaded"})
+
+    def __init__(self, eventlog: EventLog, pool: Executor, incoming: Path, images: Path,
+                 settings: CompressSettings) -> None:
+        super().__init__(eventlog)
+        self.pool, self.incoming, self.images = pool, incoming, images
+        self.encode = encode_settings(settings)
+        # Enough queued work that no worker waits for the loop between two images.
+        self.concurrency = 2 * pool_size(settings)
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        event = record.event
+        assert isinstance(event, ImageDownloaded)
+        where = {"product": event.product, "index": event.index}
+        source = incoming_path(self.incoming, record.stream, event.product, event.index)
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self.pool, compress_file, str(source), str(self.images),
+                                                event.stem, self.encode)
+        except ImageRejected as exc:
+            log.info("image_failed", request_id=record.stream, error=str(exc), **where)
+            return [ImageFailed(**where, stage="compress", error=str(exc))]
+        except FileNotFoundError:
+            return [ImageFailed(**where, stage="compress", error="the downloaded body is gone; upload the CSV again")]
+        return [ImageCompressed(
+            **where, name=result.name, format=result.format, width=result.width, height=result.height,
+            bytes_in=result.bytes_in, bytes_out=result.bytes_out, kept_original=result.kept_original,
+            quality=result.quality, note=result.note,
+        )]
+
+    async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        event = record.event
+        assert isinstance(event, ImageDownloaded)
+        source = incoming_path(self.incoming, record.stream, event.product, event.index)
+        await asyncio.to_thread(source.unlink, missing_ok=True)
+
+
+def remove_incoming(incoming: Path, request_id: str) -> None:
+    shutil.rmtree(incoming / request_id, ignore_errors=True)

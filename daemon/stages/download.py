@@ -1,0 +1,146 @@
+"""Download stage: ImageRequested -> ImageDownloaded | ImageDownloadRetried... | ImageFailed.
+
+Bodies are streamed to `<images>/.incoming/<request_id>/<product>-<index>` under a byte cap; what they
+are is decided later by decoding them, never by URL or Content-Type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from daemon.config import DownloadSettings
+from daemon.eventlog.follower import Follower, Retry
+from daemon.eventlog.store import EventLog, RecordedEvent
+from daemon.events import Event, ImageDownloaded, ImageDownloadRetried, ImageFailed, ImageRequested
+
+log = structlog.get_logger("download")
+
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+FLUSH_BYTES = 1024 * 1024
+
+
+class DownloadError(Exception):
+    """Why an image could not be fetched; `transient` ones are retried."""
+
+    def __init__(self, message: str, transient: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.transient, self.retry_after = transient, retry_after
+
+
+def incoming_path(incoming: Path, request_id: str, product: int, index: int) -> Path:
+    return incoming / request_id / f"{product}-{index}"
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+@dataclass(frozen=True)
+class Fetched:
+    bytes: int
+
+
+async def fetch(client: aiohttp.ClientSession, url: str, target: Path, settings: DownloadSettings) -> Fetched:
+    """Stream `url` into `target` (atomically); raise DownloadError with a user-facing reason."""
+    timeout = aiohttp.ClientTimeout(total=settings.total_timeout, sock_connect=settings.connect_timeout,
+                                    connect=settings.connect_timeout)
+    limit = settings.max_bytes
+    partial = target.with_name(target.name + ".part")
+    try:
+        # aiohttp raises on the N-th redirect response; +1 lets exactly `max_redirects` be followed.
+        async with client.get(url, timeout=timeout, max_redirects=settings.max_redirects + 1,
+                              headers={"Accept": "image/*,*/*;q=0.5"}) as response:
+            if response.status in TRANSIENT_STATUS:
+                raise DownloadError(f"HTTP {response.status} {response.reason or ''}".strip(), transient=True,
+                                    retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+            if response.status >= 400 or response.status < 200:
+                raise DownloadError(f"HTTP {response.status} {response.reason or ''}".strip())
+            if response.content_length is not None and response.content_length > limit:
+                raise DownloadError(f"image is {response.content_length} bytes, over the limit of {limit} bytes")
+            await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+            size = 0
+            buffer = bytearray()
+            with open(partial, "wb") as out:
+                async for chunk in response.content.iter_chunked(256 * 1024):
+                    size += len(chunk)
+                    if size > limit:
+                        raise DownloadError(f"image is over the limit of {limit} bytes")
+                    buffer += chunk
+                    if len(buffer) >= FLUSH_BYTES:
+                        await asyncio.to_thread(out.write, bytes(buffer))
+                        buffer.clear()
+                await asyncio.to_thread(out.write, bytes(buffer))
+            os.replace(partial, target)
+            return Fetched(size)
+    except DownloadError:
+        partial.unlink(missing_ok=True)
+        raise
+    except aiohttp.TooManyRedirects:
+        raise DownloadError(f"too many redirects (more than {settings.max_redirects})") from None
+    except aiohttp.InvalidURL as exc:
+        raise DownloadError(f"invalid URL: {exc}") from None
+    except TimeoutError:
+        partial.unlink(missing_ok=True)
+        raise DownloadError(f"timed out (connect {settings.connect_timeout:g} s, total {settings.total_timeout:g} s)",
+                            transient=True) from None
+    except aiohttp.ClientConnectorError as exc:
+        raise DownloadError(f"cannot connect to {exc.host}:{exc.port}: {exc.os_error or exc}", transient=True) from None
+    except aiohttp.ClientError as exc:
+        partial.unlink(missing_ok=True)
+        raise DownloadError(f"connection failed: {exc.__class__.__name__}: {exc}", transient=True) from None
+
+
+class DownloadStage(Follower):
+    name = "stage.download"
+    types = frozenset({"ImageRequested"})
+
+    def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, incoming: Path,
+                 settings: DownloadSettings) -> None:
+        super().__init__(eventlog)
+        self.client, self.incoming, self.settings = client, incoming, settings
+        self.concurrency = settings.concurrency
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        computed = min(self.settings.backoff_max, self.settings.backoff_base * 2 ** (attempt - 1))
+        computed *= random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            return min(self.settings.backoff_max, max(retry_after, computed))
+        return computed
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        event = record.event
+        assert isinstance(event, ImageRequested)
+        where = {"product": event.product, "index": event.index}
+        target = incoming_path(self.incoming, record.stream, event.product, event.index)
+        try:
+            fetched = await fetch(self.client, event.url, target, self.settings)
+        except DownloadError as exc:
+            if exc.transient and attempt < self.settings.attempts:
+                delay = self.backoff(attempt, exc.retry_after)
+                raise Retry(defer=delay, events=(
+                    ImageDownloadRetried(**where, attempt=attempt, error=str(exc), retry_in=round(delay, 3)),
+                )) from None
+            suffix = f" (after {attempt} attempts)" if exc.transient else ""
+            log.info("image_failed", request_id=record.stream, url=event.url, error=str(exc), **where)
+            return [ImageFailed(**where, stage="download", error=f"download failed: {exc}{suffix}")]
+        return [ImageDownloaded(**where, stem=event.stem, bytes=fetched.bytes, attempts=attempt)]

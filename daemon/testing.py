@@ -1,0 +1,167 @@
+"""Helpers for tests and the benchmark: generated photos and a loopback origin that serves them.
+
+The origin is a real aiohttp server on 127.0.0.1 with the misbehaviours image hosts show in the wild.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+from PIL import Image, ImageFilter
+
+from daemon.config import Settings
+from daemon.eventlog.follower import run_until_idle
+
+
+def photo(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
+    """A photograph-like RGB image: smooth gradients plus noise (not flat colour, which compresses absurdly)."""
+    rng = random.Random(seed)
+    base = Image.linear_gradient("L").resize((width, height))
+    channels = [
+        base.rotate(rng.uniform(0, 360), resample=Image.Resampling.BILINEAR, expand=False, fillcolor=rng.randrange(256))
+        for _ in range(3)
+    ]
+    image = Image.merge("RGB", channels).filter(ImageFilter.GaussianBlur(2))
+    noise = Image.effect_noise((width, height), 24 + seed % 8).convert("RGB")
+    return Image.blend(image, noise, 0.18)
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90, **options: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality, **options)
+    return out.getvalue()
+
+
+class Origin:
+    """A loopback image host: `/img/<name>` serves `files`, other routes misbehave on purpose."""
+
+    def __init__(self, files: Mapping[str, bytes] | None = None, flaky_failures: int = 2) -> None:
+        self.files: dict[str, bytes] = dict(files or {})
+        self.flaky_failures = flaky_failures
+        self.hits: Counter[str] = Counter()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/img/{name}", self._image)
+        app.router.add_get("/code/{status}", self._code)
+        app.router.add_get("/flaky/{name}", self._flaky)
+        app.router.add_get("/redirect/{name}", self._redirect)
+        app.router.add_get("/loop", self._loop)
+        app.router.add_get("/stall", self._stall)
+        app.router.add_get("/html", self._html)
+        app.router.add_get("/empty", self._empty)
+        app.router.add_get("/huge", self._huge)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def __aenter__(self) -> Origin:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _count(self, request: web.Request) -> None:
+        self.hits[request.path] += 1
+
+    async def _image(self, request: web.Request) -> web.Response:
+        self._count(request)
+        return self._file(request.match_info["name"])
+
+    def _file(self, name: str) -> web.Response:
+        if name not in self.files:
+            raise web.HTTPNotFound()
+        # A deliberately unhelpful content type: what the bytes are is decided by decoding them.
+        return web.Response(body=self.files[name], content_type="application/octet-stream")
+
+    async def _code(self, request: web.Request) -> web.Response:
+        self._count(request)
+        return web.Response(status=int(request.match_info["status"]), text="no image here")
+
+    async def _flaky(self, request: web.Request) -> web.Response:
+        """503 (with Retry-After: 0) for the first `flaky_failures` hits, then the image."""
+        self._count(request)
+        if self.hits[request.path] <= self.flaky_failures:
+            return web.Response(status=503, headers={"Retry-After": "0"}, text="busy")
+        return self._file(request.match_info["name"])
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        self._count(request)
+        raise web.HTTPFound(f"/img/{request.match_info['name']}")
+
+    async def _loop(self, request: web.Request) -> web.Response:
+        self._count(request)
+        raise web.HTTPFound("/loop")
+
+    async def _stall(self, request: web.Request) -> web.StreamResponse:
+        """Headers at once, then a body that never finishes."""
+        self._count(request)
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        await response.prepare(request)
+        await response.write(b"\xff\xd8\xff")
+        await asyncio.sleep(3600)
+        return response
+
+    async def _html(self, request: web.Request) -> web.Response:
+        self._count(request)
+        return web.Response(text="<!DOCTYPE html><html><body>Not found</body></html>", content_type="image/jpeg")
+
+    async def _empty(self, request: web.Request) -> web.Response:
+        self._count(request)
+        return web.Response(body=b"", content_type="image/jpeg")
+
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        """A body of `?mb=` megabytes (default 300) streamed without a Content-Length."""
+        self._count(request)
+        megabytes = int(request.query.get("mb", "300"))
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        chunk = b"\0" * (1024 * 1024)
+        try:
+            for _ in range(megabytes):
+                await response.write(chunk)
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return response
+
+
+@asynccontextmanager
+async def daemon_app(settings: Settings, follow: bool = False) -> AsyncIterator[web.Application]:
+    """The whole daemon (event log, pool, client, consumers, inbox) set up without an HTTP listener.
+
+    With follow=False nothing runs by itself: drive it with `await drain(app)`.
+    """
+    from daemon.app import build_app
+
+    app = build_app(settings, follow=follow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        yield app
+    finally:
+        await runner.cleanup()
+
+
+async def drain(app: web.Application) -> int:
+    """Burst mode: run every consumer until the whole pipeline is idle; returns events handled."""
+    from daemon.app import FOLLOWERS
+
+    return await run_until_idle(app[FOLLOWERS])

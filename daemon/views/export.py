@@ -1,0 +1,130 @@
+"""The export: the input CSV plus `Output Image Urls`, read from the status view; outbox/ on completion."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import itertools
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import structlog
+
+from daemon.eventlog.follower import Follower
+from daemon.eventlog.store import EventLog, RecordedEvent
+from daemon.events import Event, ImageCompressed, RequestAccepted
+from daemon.views.status import StatusImage, StatusRequest, image_url
+
+log = structlog.get_logger("export")
+
+HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
+FINISHED = ("completed", "completed_with_errors", "failed")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(cell: str) -> str:
+    """Keep spreadsheets from running a cell as a formula (CSV injection)."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
+class ExportImage(NamedTuple):
+    product: int
+    serial: str
+    product_name: str
+    input_url: str
+    output_name: str | None
+
+
+Row = tuple[str, str, str, str]
+
+
+def rows_from_images(images: Iterable[ExportImage], public_url: str) -> list[Row]:
+    """One row per product, output URLs in input order; a failed image keeps its place, empty."""
+    rows: list[Row] = []
+    for _, group in itertools.groupby(images, key=lambda i: i.product):
+        product = list(group)
+        rows.append((product[0].serial, product[0].product_name, ",".join(i.input_url for i in product),
+                     ",".join(image_url(public_url, i.output_name) or "" for i in product)))
+    return rows
+
+
+def export_rows(request_ids: Iterable[str], public_url: str) -> list[Row]:
+    """The rows of finished requests, from the status view (reader thread)."""
+    rows: list[Row] = []
+    for request_id in request_ids:
+        images = StatusImage.select().where(StatusImage.request_id == request_id).order_by(
+            StatusImage.product, StatusImage.index)
+        rows += rows_from_images((ExportImage(i.product, i.serial, i.product_name, i.input_url, i.output_name)
+                                  for i in images), public_url)
+    return rows
+
+
+def stream_images(records: Sequence[RecordedEvent]) -> tuple[RequestAccepted, list[ExportImage]]:
+    """The same images folded straight from a request's events (no view needed)."""
+    accepted = records[0].event
+    assert isinstance(accepted, RequestAccepted)
+    outputs = {(r.event.product, r.event.index): r.event.name for r in records if isinstance(r.event, ImageCompressed)}
+    images = [
+        ExportImage(p, product.serial, product.product_name, url, outputs.get((p, i)))
+        for p, product in enumerate(accepted.products) for i, url in enumerate(product.input_urls)
+    ]
+    return accepted, images
+
+
+def to_csv(rows: Sequence[tuple[str, ...]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
+    writer.writerow(HEADER)
+    writer.writerows([tuple(neutralise(c) for c in row) for row in rows])
+    return buffer.getvalue()
+
+
+def finished_request_ids() -> list[str]:
+    query = StatusRequest.select(StatusRequest.request_id).where(StatusRequest.status.in_(FINISHED)).order_by(
+        StatusRequest.completed_at, StatusRequest.request_id)
+    return [r.request_id for r in query]
+
+
+def outbox_name(request_id: str, accepted: RequestAccepted) -> str:
+    """Inbox batches keep their file name (prefixed like the archive copy); uploads are named by id."""
+    if accepted.source == "inbox":
+        return f"{request_id}--{safe_file_name(accepted.source_name)}"
+    return f"{request_id}.csv"
+
+
+def safe_file_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._ -]+", "_", Path(name).name).strip(". ")
+    return cleaned[:120] or "batch.csv"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, path)
+
+
+class OutboxWriter(Follower):
+    """On RequestCompleted, writes the export CSV to outbox/ (idempotent: same name, atomic)."""
+
+    name = "export.outbox"
+    types = frozenset({"RequestCompleted"})
+    concurrency = 4
+
+    def __init__(self, eventlog: EventLog, outbox: Path, public_url: str) -> None:
+        super().__init__(eventlog)
+        self.outbox, self.public_url = outbox, public_url
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        accepted, images = stream_images(await self.eventlog.read_stream(record.stream))
+        rows = rows_from_images(images, self.public_url)
+        path = self.outbox / outbox_name(record.stream, accepted)
+        await asyncio.to_thread(write_atomic, path, to_csv(rows).encode("utf-8"))
+        log.info("outbox_written", request_id=record.stream, file=str(path), products=len(rows))
+        return ()

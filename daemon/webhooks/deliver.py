@@ -1,0 +1,198 @@
+"""Outbound webhooks: on RequestCompleted, one signed Standard Webhooks message to every listener.
+
+Each (message, listener) is queued as its own event, so a slow or dead listener holds up no one else.
+Attempts are events; the next one is scheduled from the last attempt's time and `retry_in` in the log,
+so pending retries survive a restart. The `webhook-id` is derived from the completion event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from standardwebhooks.webhooks import Webhook
+
+from daemon.config import Settings
+from daemon.eventlog.follower import Follower, Retry
+from daemon.eventlog.store import EventLog, RecordedEvent
+from daemon.events import (
+    Event, RequestAccepted, RequestCompleted, WebhookAttempted, WebhookQueued, WebhookRedeliveryRequested,
+)
+from daemon.stages.download import retry_after_seconds
+from daemon.views.export import stream_images
+from daemon.views.status import image_url
+from daemon.web import EVENTLOG, json_error, json_response
+
+log = structlog.get_logger("webhooks")
+
+TERMINAL = frozenset({"delivered", "failed", "gone"})
+
+
+def message_id(request_id: str, completed_version: int) -> str:
+    return f"msg_{request_id}_{completed_version}"
+
+
+def completion_payload(records: Sequence[RecordedEvent], public_url: str) -> dict[str, Any]:
+    """The request.completed message body, a pure function of the request's events."""
+    accepted, images = stream_images(records)
+    completed = next(r for r in records if isinstance(r.event, RequestCompleted))
+    event = completed.event
+    assert isinstance(event, RequestCompleted)
+    products: list[dict[str, Any]] = []
+    for p, product in enumerate(accepted.products):
+        mine = [i for i in images if i.product == p]
+        products.append({"serial": product.serial, "product_name": product.product_name,
+                         "input_urls": [i.input_url for i in mine],
+                         "output_urls": [image_url(public_url, i.output_name) for i in mine]})
+    request_id = completed.stream
+    return {
+        "type": "request.completed",
+        "timestamp": completed.recorded_at,
+        "data": {
+            "request_id": request_id,
+            "status": event.status,
+            "progress": {"images": event.images, "done": event.done, "failed": event.failed, "pending": 0},
+            "status_url": f"{public_url}/status/{request_id}",
+            "export_url": f"{public_url}/export/{request_id}",
+            "products": products,
+        },
+    }
+
+
+def signed_headers(secret: str, msg_id: str, body: str) -> dict[str, str]:
+    now = datetime.now(UTC)
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())),
+               "content-type": "application/json", "user-agent": "imgpipe/0.1"}
+    if secret:
+        headers["webhook-signature"] = Webhook(secret).sign(msg_id, now, body)
+    return headers
+
+
+def parse_iso(at: str) -> float:
+    return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+
+
+class WebhookDelivery(Follower):
+    name = "webhooks.deliver"
+    types = frozenset({"RequestCompleted", "WebhookQueued", "WebhookRedeliveryRequested"})
+    concurrency = 256  # a waiting retry holds a slot; these are cheap sleeping tasks
+
+    def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, settings: Settings) -> None:
+        super().__init__(eventlog)
+        self.client, self.settings = client, settings
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        event = record.event
+        if isinstance(event, RequestCompleted | WebhookRedeliveryRequested):
+            return await self._queue(record)
+        assert isinstance(event, WebhookQueued)
+        return await self._deliver(record, event)
+
+    async def _queue(self, record: RecordedEvent) -> list[Event]:
+        records = await self.eventlog.read_stream(record.stream)
+        accepted = records[0].event
+        assert isinstance(accepted, RequestAccepted)
+        listeners = list(dict.fromkeys([*self.settings.webhooks.urls, *filter(None, [accepted.webhook_url])]))
+        if isinstance(record.event, WebhookRedeliveryRequested):
+            msg_id = record.event.message_id
+            rounds = [r.event.round for r in records
+                      if isinstance(r.event, WebhookQueued) and r.event.message_id == msg_id]
+            next_round = max(rounds, default=-1) + 1
+        else:
+            msg_id, next_round = message_id(record.stream, record.version), 0
+        return [WebhookQueued(message_id=msg_id, listener=url, round=next_round) for url in listeners]
+
+    async def _deliver(self, record: RecordedEvent, queued: WebhookQueued) -> list[Event]:
+        records = await self.eventlog.read_stream(record.stream)
+        tried = [r for r in records if isinstance(r.event, WebhookAttempted) and r.event.message_id == queued.message_id
+                 and r.event.listener == queued.listener and r.event.round == queued.round]
+        if tried:
+            last = tried[-1].event
+            assert isinstance(last, WebhookAttempted)
+            if last.outcome in TERMINAL:
+                return []
+            # Scheduled from the log: after a restart the wait is whatever is left of it.
+            due = parse_iso(tried[-1].recorded_at) + (last.retry_in or 0)
+            wait = due - time.time()
+            if wait > 0:
+                raise Retry(defer=wait)
+        number = len(tried) + 1
+        completed = next(r for r in records if isinstance(r.event, RequestCompleted))
+        body = json.dumps(completion_payload(records[: records.index(completed) + 1], self.settings.public_url),
+                          ensure_ascii=False, separators=(",", ":"))
+        status, error, latency, retry_after = await self._post(queued, body)
+        common = {"message_id": queued.message_id, "listener": queued.listener, "round": queued.round,
+                  "attempt": number, "status_code": status, "error": error, "latency_ms": latency}
+        if status is not None and 200 <= status < 300:
+            log.info("webhook_delivered", request_id=record.stream, **common)
+            return [WebhookAttempted(**common, outcome="delivered")]
+        if status == 410:
+            log.info("webhook_gone", request_id=record.stream, **common)
+            return [WebhookAttempted(**common, outcome="gone")]
+        schedule = self.settings.webhooks.retry_schedule
+        if number > len(schedule):
+            log.warning("webhook_failed", request_id=record.stream, **common)
+            return [WebhookAttempted(**common, outcome="failed")]
+        delay = schedule[number - 1] * random.uniform(0.9, 1.1)
+        if retry_after is not None and status in (429, 503):
+            delay = max(delay, min(retry_after, max(schedule)))
+        log.info("webhook_retrying", request_id=record.stream, retry_in=round(delay, 3), **common)
+        raise Retry(defer=delay, events=(WebhookAttempted(**common, outcome="retrying", retry_in=round(delay, 3)),))
+
+    async def _post(self, queued: WebhookQueued, body: str) -> tuple[int | None, str, float, float | None]:
+        """One attempt: (status code, error, latency in ms, Retry-After seconds)."""
+        headers = signed_headers(self.settings.webhooks.secret, queued.message_id, body)
+        timeout = aiohttp.ClientTimeout(total=self.settings.webhooks.timeout)
+        started = time.perf_counter()
+        try:
+            async with self.client.post(queued.listener, data=body.encode("utf-8"), headers=headers,
+                                        timeout=timeout, allow_redirects=False) as response:
+                await response.read()
+                latency = round((time.perf_counter() - started) * 1000, 1)
+                error = "" if 200 <= response.status < 300 else f"HTTP {response.status} {response.reason or ''}".strip()
+                if 300 <= response.status < 400:
+                    error += " (redirects are not followed)"
+                return response.status, error, latency, retry_after_seconds(response.headers.get("Retry-After"))
+        except TimeoutError:
+            error = f"timed out after {self.settings.webhooks.timeout:g} s"
+        except aiohttp.ClientError as exc:
+            error = f"{exc.__class__.__name__}: {exc}"
+        except ValueError as exc:  # e.g. a URL the client refuses
+            error = f"invalid listener URL: {exc}"
+        return None, error, round((time.perf_counter() - started) * 1000, 1), None
+
+
+def request_redelivery(eventlog: EventLog, request_id: str) -> str | None:
+    """Queue the request's completion message again (same webhook-id); None if it has not completed."""
+    with eventlog.transaction():
+        completed = [r for r in eventlog.read_stream_sync(request_id) if isinstance(r.event, RequestCompleted)]
+        if not completed:
+            return None
+        msg_id = message_id(request_id, completed[-1].version)
+        eventlog.append_sync(request_id, [WebhookRedeliveryRequested(message_id=msg_id)])
+        return msg_id
+
+
+async def redeliver(request: web.Request) -> web.Response:
+    request_id = request.match_info["request_id"]
+    eventlog = request.app[EVENTLOG]
+    if not await eventlog.read(eventlog.stream_exists_sync, request_id):
+        raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
+    msg_id = await eventlog.write(request_redelivery, eventlog, request_id)
+    if msg_id is None:
+        raise json_error(web.HTTPConflict, "not_finished", f"request {request_id} has not completed yet")
+    eventlog.notify()
+    log.info("webhook_redelivery_requested", request_id=request_id, message_id=msg_id)
+    return json_response({"request_id": request_id, "message_id": msg_id, "status": "queued"}, status=202)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/redeliver/{request_id}", redeliver)

@@ -1,0 +1,194 @@
+"""The stages end to end in burst mode: real origin, real pool, real SQLite, assertions on pixels and bytes."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from PIL import Image
+
+from daemon.app import EVENTLOG, FOLLOWERS, incoming_folder
+from daemon.config import Settings
+from daemon.eventlog.store import EventLog
+from daemon.events import ImageRequested
+from daemon.ingest.accept import Accepted, accept
+from daemon.ingest.csvfile import Batch, parse_csv
+from daemon.stages.codec import compress_file
+from daemon.stages.compress import encode_settings
+from daemon.testing import Origin, daemon_app, drain
+from daemon.views.export import export_rows, to_csv
+from daemon.views.status import request_status
+from daemon.web import SETTINGS
+
+
+def csv_bytes(rows: list[list[str]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["S. No.", "Product Name", "Input Image Urls"])
+    for serial, product in enumerate(rows, start=1):
+        writer.writerow([str(serial), f"Product {serial}", ",".join(product)])
+    return out.getvalue().encode()
+
+
+async def submit(app: web.Application, rows: list[list[str]]) -> Accepted:
+    batch = parse_csv(csv_bytes(rows), app[SETTINGS].limits)
+    assert isinstance(batch, Batch), batch
+    return await accept(app[EVENTLOG], batch, "upload", "test.csv")
+
+
+async def status_of(app: web.Application, request_id: str) -> dict[str, Any]:
+    body = await app[EVENTLOG].read(request_status, request_id, app[SETTINGS].public_url)
+    assert body is not None
+    return body
+
+
+def images_of(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [image for product in body["products"] for image in product["images"]]
+
+
+def output_file(settings: Settings, image: dict[str, Any]) -> Path:
+    return settings.path("images") / image["output_url"].rsplit("/", 1)[1]
+
+
+def event_types(eventlog: EventLog, stream: str) -> Counter[str]:
+    return Counter(r.type for r in eventlog.read_stream_sync(stream))
+
+
+async def test_every_kind_of_image_gets_the_right_outcome(app: web.Application, origin: Origin,
+                                                          settings: Settings, image_files: dict[str, bytes]) -> None:
+    """Each image kind ends as compressed, kept or failed with a clear error, judged from pixels and bytes."""
+    u = origin.url
+    accepted = await submit(app, [
+        [f"{u}/img/photo.jpg", f"{u}/img/rotated.jpg", f"{u}/img/alpha.png"],
+        [f"{u}/img/low.jpg", f"{u}/code/404", f"{u}/flaky/photo2.jpg"],
+        [f"{u}/redirect/photo.jpg", f"{u}/img/truncated.jpg", f"{u}/html", f"{u}/empty"],
+    ])
+    await drain(app)
+    body = await status_of(app, accepted.request_id)
+    assert body["status"] == "completed_with_errors"
+    assert body["progress"] == {"images": 10, "done": 6, "failed": 4, "pending": 0}
+    photo, rotated, alpha, low, missing, flaky, redirected, truncated, html, empty = images_of(body)
+
+    assert photo["status"] == "compressed" and photo["format"] == "JPEG"
+    assert photo["bytes_in"] == len(image_files["photo.jpg"])
+    assert photo["bytes_out"] < photo["bytes_in"]
+    with Image.open(output_file(settings, photo)) as out:
+        assert out.size == (640, 480) and out.format == "JPEG"
+    assert output_file(settings, photo).stat().st_size == photo["bytes_out"]
+
+    with Image.open(output_file(settings, rotated)) as out:
+        assert out.size == (300, 200)
+        assert out.convert("RGB").getpixel((150, 40))[0] > 200  # red on top
+        assert out.convert("RGB").getpixel((150, 160))[2] > 200  # blue below
+
+    assert alpha["format"] == "WEBP"
+    with Image.open(output_file(settings, alpha)) as out:
+        assert out.mode == "RGBA" and out.getpixel((10, 10))[3] == 0 and out.getpixel((300, 200))[3] == 255
+
+    assert low["status"] == "kept_original" and low["bytes_out"] == low["bytes_in"]
+    assert output_file(settings, low).read_bytes() == image_files["low.jpg"]
+
+    assert missing["status"] == "failed" and "HTTP 404" in missing["error"] and missing["output_url"] is None
+    assert flaky["status"] == "compressed" and flaky["attempts"] == 3
+    assert origin.hits["/flaky/photo2.jpg"] == 3
+    assert redirected["status"] == "compressed"
+    assert truncated["status"] == "failed" and "truncated" in truncated["error"]
+    assert html["status"] == "failed" and "HTML" in html["error"]
+    assert empty["status"] == "failed" and "empty" in empty["error"]
+
+    types = event_types(app[EVENTLOG], accepted.request_id)
+    assert types["ImageDownloadRetried"] == 2 and types["RequestCompleted"] == 1
+    assert not list(incoming_folder(settings).glob("**/*")) or not any(
+        p.is_file() for p in incoming_folder(settings).glob("**/*"))
+    assert not [p for p in settings.path("images").iterdir() if p.name.endswith(".tmp")]
+
+
+async def test_export_keeps_input_order_and_blank_for_failures(app: web.Application, origin: Origin,
+                                                               settings: Settings) -> None:
+    """The export CSV lists outputs in input order, absolute, with an empty entry where an image failed."""
+    u = origin.url
+    accepted = await submit(app, [[f"{u}/img/photo.jpg", f"{u}/code/404", f"{u}/img/photo2.jpg"]])
+    await drain(app)
+    rows = await app[EVENTLOG].read(export_rows, [accepted.request_id], settings.public_url)
+    text = to_csv(rows)
+    parsed = list(csv.reader(io.StringIO(text)))
+    assert parsed[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls"]
+    outputs = parsed[1][3].split(",")
+    assert len(outputs) == 3 and outputs[1] == ""
+    assert outputs[0] == f"http://images.example/images/{accepted.request_id}_1_0.jpg"
+    assert outputs[2] == f"http://images.example/images/{accepted.request_id}_1_2.jpg"
+    outbox = settings.path("outbox") / f"{accepted.request_id}.csv"
+    assert outbox.read_bytes() == text.encode("utf-8")
+
+
+async def test_transient_failures_give_up_after_the_configured_attempts(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """A 503 forever is retried `attempts` times, each attempt an event, then fails with a clear error."""
+    settings = make_settings(download={"attempts": 3})
+    async with daemon_app(settings) as app:
+        accepted = await submit(app, [[f"{origin.url}/code/503", f"{origin.url}/img/photo.jpg"]])
+        await drain(app)
+        body = await status_of(app, accepted.request_id)
+        failing, good = images_of(body)
+        assert failing["status"] == "failed" and failing["attempts"] == 2
+        assert failing["error"] == "download failed: HTTP 503 Service Unavailable (after 3 attempts)"
+        assert good["status"] == "compressed"
+        assert origin.hits["/code/503"] == 3
+        assert event_types(app[EVENTLOG], accepted.request_id)["ImageDownloadRetried"] == 2
+        assert body["status"] == "completed_with_errors"
+
+
+async def test_all_failed_request_is_failed(app: web.Application, origin: Origin) -> None:
+    """A request whose every image failed completes with status failed."""
+    accepted = await submit(app, [[f"{origin.url}/code/404"], [f"{origin.url}/html"]])
+    await drain(app)
+    assert (await status_of(app, accepted.request_id))["status"] == "failed"
+
+
+async def test_byte_cap_and_redirect_limit(make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """A body over the byte cap and a redirect loop fail at once with errors that say so."""
+    settings = make_settings(download={"max_bytes": 2 * 1024 * 1024})
+    async with daemon_app(settings) as app:
+        accepted = await submit(app, [[f"{origin.url}/huge?mb=50", f"{origin.url}/loop"]])
+        await drain(app)
+        huge, loop = images_of(await status_of(app, accepted.request_id))
+        assert huge["error"] == f"download failed: image is over the limit of {2 * 1024 * 1024} bytes"
+        assert loop["error"] == "download failed: too many redirects (more than 5)"
+        assert origin.hits["/loop"] == 6
+
+
+async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Callable[..., Settings],
+                                                             origin: Origin) -> None:
+    """After a stop between stages, finished images are not redone, the rest are, and completion happens once."""
+    settings = make_settings()
+    urls = [f"{origin.url}/img/photo.jpg", f"{origin.url}/img/photo2.jpg", f"{origin.url}/img/rotated.jpg"]
+    async with daemon_app(settings) as app:
+        accepted = await submit(app, [urls[:2], urls[2:]])
+        followers = {f.name: f for f in app[FOLLOWERS]}
+        await followers["view.status"].run_until_idle()
+        await followers["stage.download"].run_until_idle()
+        # Work done but never committed, as if killed between writing the output and recording it.
+        requested = [r.event for r in app[EVENTLOG].read_stream_sync(accepted.request_id)
+                     if isinstance(r.event, ImageRequested)]
+        first = requested[0]
+        compress_file(str(incoming_folder(settings) / accepted.request_id / "0-0"), str(settings.path("images")),
+                      first.stem, encode_settings(settings.compress))
+    downloads_before = sum(origin.hits.values())
+    async with daemon_app(settings) as app:
+        await drain(app)
+        types = event_types(app[EVENTLOG], accepted.request_id)
+        body = await status_of(app, accepted.request_id)
+    assert sum(origin.hits.values()) == downloads_before  # nothing downloaded twice
+    assert types["ImageDownloaded"] == 3 and types["ImageCompressed"] == 3 and types["RequestCompleted"] == 1
+    assert body["status"] == "completed"
+    outputs = sorted(p.name for p in settings.path("images").iterdir() if p.is_file())
+    assert outputs == sorted(f"{r.stem}.jpg" for r in requested)
+    assert not [p for p in settings.path("images").rglob("*") if p.is_file() and p.parent != settings.path("images")]
+
+    async with daemon_app(settings) as app:  # a third start has nothing left to do
+        assert await drain(app) == 0
