@@ -112,9 +112,16 @@ async def inbox_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     inbox = app[INBOX] = Inbox(settings.path("inbox"), app[EVENTLOG], settings.limits, settings.inbox.settle_seconds)
     await inbox.start()
-    log.info("daemon_started", url=settings.public_url, inbox=str(inbox.folder), database=settings.database_url)
     yield
     await inbox.stop()
+
+
+async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    log.info("daemon_started", url=settings.public_url, database=settings.database_url,
+             inbox=str(settings.path("inbox")) if settings.inbox.enabled else None)
+    yield
+    log.info("daemon_stopped")
 
 
 def build_app(settings: Settings, follow: bool = True) -> web.Application:
@@ -122,7 +129,7 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
     app[SETTINGS] = settings
     app[FOLLOW] = follow
-    app.cleanup_ctx.extend([eventlog_ctx, pool_ctx, client_ctx, followers_ctx, inbox_ctx])
+    app.cleanup_ctx.extend([eventlog_ctx, pool_ctx, client_ctx, followers_ctx, inbox_ctx, announce_ctx])
     add_routes(app)
     ingest_http.add_routes(app)
     receive.add_routes(app)

@@ -134,7 +134,7 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
                 return False
             raise ValueError
         if kind is int:
-            if isinstance(value, bool):
+            if isinstance(value, bool | float):  # int(5000.7) would silently truncate
                 raise ValueError
             return int(value)
         if kind is float:

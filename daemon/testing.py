@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 from PIL import Image, ImageFilter
 
-from daemon.config import Settings
+from daemon.config import Settings, load_settings, replace
 from daemon.eventlog.follower import run_until_idle
 
 
@@ -30,6 +33,22 @@ def photo(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
     image = Image.merge("RGB", channels).filter(ImageFilter.GaussianBlur(2))
     noise = Image.effect_noise((width, height), 24 + seed % 8).convert("RGB")
     return Image.blend(image, noise, 0.18)
+
+
+def pipeline_settings(tmp_path: Path, **sections: dict[str, object]) -> Settings:
+    """Settings for a daemon living in `tmp_path`: quick retries, two workers, inbox off; `sections` override."""
+    base = load_settings(None, env={})
+    defaults: dict[str, dict[str, object]] = {
+        "paths": {"inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
+                  "images": str(tmp_path / "images"), "database": f"sqlite:///{tmp_path / 'imgpipe.db'}"},
+        "inbox": {"enabled": False, "settle_seconds": 0.1},
+        "download": {"backoff_base": 0.01, "backoff_max": 0.05, "total_timeout": 3.0, "connect_timeout": 1.0},
+        "compress": {"workers": 2},
+        "server": {"public_url": "http://images.example"},
+    }
+    for name, values in sections.items():
+        defaults[name] = {**defaults.get(name, {}), **values}
+    return replace(base, **defaults)
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90, **options: object) -> bytes:
@@ -165,3 +184,43 @@ async def drain(app: web.Application) -> int:
     from daemon.app import FOLLOWERS
 
     return await run_until_idle(app[FOLLOWERS])
+
+
+@dataclass(frozen=True)
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+class Listener:
+    """A loopback webhook receiver that answers from a script: e.g. [500, 500, 200], "hang", 410."""
+
+    def __init__(self, script: list[int | str] | None = None, hang_seconds: float = 30.0) -> None:
+        self.script = list(script or [200])
+        self.hang_seconds = hang_seconds
+        self.received: list[Received] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Listener:
+        app = web.Application()
+        app.router.add_post("/hook", self._hook)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/hook"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        self.received.append(Received(dict(request.headers), await request.read(), time.time()))
+        step = self.script[min(len(self.received), len(self.script)) - 1]
+        if step == "hang":
+            await asyncio.sleep(self.hang_seconds)
+            step = 200
+        return web.json_response({"ok": step == 200}, status=int(step))

@@ -28,6 +28,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def json_error(cls: type[web.HTTPException], error: str, message: str, **extra: Any) -> web.HTTPException:
     """An HTTP error whose body is JSON: {"error", "message", ...}."""
     body = json.dumps({"error": error, "message": message, **extra}, ensure_ascii=False)
+    if isinstance(cls, type) and issubclass(cls, web.HTTPRequestEntityTooLarge):
+        return cls(max_size=int(extra.get("limit", 0)), actual_size=0, text=body, content_type="application/json")
     return cls(text=body, content_type="application/json")
 
 
@@ -40,7 +42,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.content_type == "application/json" or exc.status < 400:
             raise
         slug = (exc.reason or "error").lower().replace(" ", "_")
-        raise json_error(type(exc), slug, exc.text or exc.reason or slug) from None
+        # Rewrite the body in place: some subclasses (405, 413) need constructor arguments, and
+        # their headers (Allow) must survive.
+        message = exc.text or exc.reason or slug
+        exc.text = json.dumps({"error": slug, "message": message}, ensure_ascii=False)
+        exc.content_type = "application/json"
+        raise
     except Exception:
         log.exception("http_unhandled_error", method=request.method, path=request.path)
         raise json_error(web.HTTPInternalServerError, "internal_error", "unexpected error; see the daemon's log") from None

@@ -42,6 +42,7 @@ class _State:
     in_flight: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     done: list[_Done] = field(default_factory=list)
     handled: int = 0
+    failed_commits: int = 0
 
 
 class Follower:
@@ -126,7 +127,8 @@ class Follower:
                         continue
                     self._start(record)
                 # Everything up to `head` was committed before the read, so a short page saw all of it.
-                self._cursor = max(head, self._cursor) if len(page) < limit else page[-1].position
+                last = page[-1].position if page else self._cursor
+                self._cursor = max(head, last) if len(page) < limit else last
                 if not state.in_flight and not state.done and self._cursor > self._checkpoint:
                     # Nothing of ours up to the cursor is pending; the mark moves without a write.
                     await self._advance(self._cursor)
@@ -137,6 +139,8 @@ class Follower:
             await self._wake.wait()
 
     def _start(self, record: RecordedEvent) -> None:
+        if record.position in self._state.in_flight:
+            return
         task = asyncio.create_task(self._work(record), name=f"{self.name}:{record.position}")
         self._state.in_flight[record.position] = task
 
@@ -193,7 +197,18 @@ class Follower:
                         self.write(done.record, done.results)
                 self.eventlog.save_tracking_sync(self.name, checkpoint, finished)
 
-        await self.eventlog.write(commit)
+        try:
+            await self.eventlog.write(commit)
+        except Exception:
+            # Nothing of it was written: keep the results and try the commit again later.
+            state.failed_commits += 1
+            log.exception("consumer_commit_failed", consumer=self.name, events=len(ready),
+                          failures=state.failed_commits)
+            state.done = ready + state.done
+            await asyncio.sleep(min(30.0, 0.1 * 2 ** min(state.failed_commits, 8)))
+            self._wake.set()
+            return
+        state.failed_commits = 0
         for position in finished:
             state.in_flight.pop(position, None)
         for done in ready:

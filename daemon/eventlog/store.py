@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,6 +72,7 @@ class EventLog:
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="eventlog-reader")
         self._subscribers: list[asyncio.Event] = []
         self.head = 0
+        self._appended_head = 0
 
     # lifecycle -------------------------------------------------------------------------------
     async def open(self, extra_tables: Iterable[type[peewee.Model]] = ()) -> None:
@@ -98,10 +100,14 @@ class EventLog:
         """Run a read-only `fn` on a reader thread, off the event loop and beside the writer."""
         return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
 
-    def transaction(self) -> Any:
-        if isinstance(self.db, peewee.SqliteDatabase):
-            return self.db.atomic("IMMEDIATE")
-        return self.db.atomic()
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A write transaction (writer thread); `head` moves only once it has committed."""
+        atomic = self.db.atomic("IMMEDIATE") if isinstance(self.db, peewee.SqliteDatabase) else self.db.atomic()
+        self._appended_head = self.head
+        with atomic:
+            yield
+        self.head = max(self.head, self._appended_head)
 
     # subscribers -------------------------------------------------------------------------------
     def subscribe(self) -> asyncio.Event:
@@ -119,7 +125,7 @@ class EventLog:
 
     # events ----------------------------------------------------------------------------------
     def append_sync(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
-        """Append to `stream` inside the caller's transaction; returns the last position (writer thread)."""
+        """Append to `stream` inside the caller's `transaction()`; returns the last position (writer thread)."""
         if not events:
             return self.head
         current = (
@@ -135,8 +141,8 @@ class EventLog:
         ]
         for start in range(0, len(rows), INSERT_CHUNK):
             StoredEvent.insert_many(rows[start:start + INSERT_CHUNK]).execute()
-        last = StoredEvent.select(peewee.fn.MAX(StoredEvent.position)).scalar()
-        self.head = max(self.head, last)
+        last: int = StoredEvent.select(peewee.fn.MAX(StoredEvent.position)).scalar()
+        self._appended_head = max(self._appended_head, last)
         return last
 
     async def append(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:

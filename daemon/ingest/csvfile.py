@@ -66,20 +66,28 @@ def slug(serial: str) -> str:
 
 
 def parse_csv(data: bytes, limits: LimitSettings) -> Batch | list[Problem]:
+    empty = [Problem(1, "", "empty file: expected a header line " + ",".join(COLUMNS))]
     if not data.strip():
-        return [Problem(1, "", "empty file: expected a header line " + ",".join(COLUMNS))]
+        return empty
+    if (nul := data.find(b"\x00")) >= 0:
+        # Python's csv module accepts NUL since 3.11, so look for it here (UTF-16 files are full of it).
+        return [Problem(data[:nul].count(b"\n") + 1, "", "contains NUL bytes: this is not a text CSV file")]
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         return [Problem(line, "", f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the file as UTF-8")]
+    if not text.strip():  # only a UTF-8 BOM (Excel's empty "CSV UTF-8") and blank lines
+        return empty
     csv.field_size_limit(limits.max_cell_bytes)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     problems: list[Problem] = []
     products: list[Product] = []
     line = 1  # where the row being read starts
     try:
-        header = next(reader)
+        header = next(reader, None)
+        if header is None:  # never raise StopIteration here: asyncio.to_thread would hang on it
+            return empty
         index = {_normal(name): i for i, name in reversed(list(enumerate(header)))}
         missing = [c for c in COLUMNS if _normal(c) not in index]
         if missing:
@@ -128,8 +136,9 @@ def parse_csv(data: bytes, limits: LimitSettings) -> Batch | list[Problem]:
                 problems.extend(row_problems)
                 continue
             name_slug = slug(serial)
-            if name_slug in slugs:
-                name_slug = f"{name_slug}-{len(products)}"
+            base, n = name_slug, len(products)
+            while name_slug in slugs:  # the suffixed slug may itself be taken (serials "x-2", "x", "x!")
+                name_slug, n = f"{base}-{n}", n + 1
             slugs.add(name_slug)
             products.append(Product(serial=serial, product_name=name, slug=name_slug, input_urls=tuple(urls)))
     except csv.Error as exc:

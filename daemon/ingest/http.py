@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -21,8 +22,9 @@ CHUNK = 64 * 1024
 
 
 def too_large(limit: int) -> web.HTTPException:
-    return json_error(web.HTTPRequestEntityTooLarge, "too_large", f"the CSV is larger than the limit of {limit} bytes",
-                      limit=limit)
+    # HTTPRequestEntityTooLarge requires max_size, so json_error's cls(text=...) cannot build it.
+    return json_error(functools.partial(web.HTTPRequestEntityTooLarge, limit), "too_large",  # type: ignore[arg-type]
+                      f"the CSV is larger than the limit of {limit} bytes", limit=limit)
 
 
 async def read_limited(read: Callable[[int], Awaitable[bytes]], limit: int) -> bytes:

@@ -48,10 +48,12 @@ NOT_SMALLER_NOTE = "re-encoded output was not smaller"
 _SEARCH_MIN_QUALITY = 5
 _SEARCH_MAX_QUALITY = 95
 # Hard per-side limits of the encoders; beyond them the original is kept instead of failing.
-_MAX_SIDE = {"JPEG": 65_535, "WEBP": 16_383}
+_MAX_SIDE = {"JPEG": 65_500, "WEBP": 16_383}
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "TIFF": ".tif"}
 # Signatures of formats we know, so a cut-off body reads as corrupt rather than "not an image".
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+# Pillow would run Ghostscript on these to decode them: not for untrusted downloads.
+_REFUSED_FORMATS = frozenset({"EPS"})
 _ICC_SPACE = {"L": b"GRAY", "RGB": b"RGB ", "RGBA": b"RGB "}
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -59,7 +61,7 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 def compress_file(source: str, directory: str, stem: str, settings: EncodeSettings) -> Compressed:
     """Compress `source` into `directory/stem.<ext>`; raises ImageRejected (writing nothing) for bad input."""
-    if not stem or stem in (".", "..") or "/" in stem or os.sep in stem:
+    if stem in ("", ".", "..") or os.path.basename(stem) != stem:
         raise ValueError(f"stem must be a plain file name, got {stem!r}")
     with open(source, "rb") as f:
         data = f.read()
@@ -136,6 +138,8 @@ def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, bool]:
             raise
         except Exception as exc:  # Pillow's parsers raise many types on hostile headers
             raise ImageRejected(f"truncated or corrupt image: {_describe(exc)}") from None
+        if im.format in _REFUSED_FORMATS:
+            raise ImageRejected(f"unsupported image format: {im.format}")
         width, height = im.size
         if width * height > max_pixels:
             raise ImageRejected(
@@ -174,6 +178,11 @@ def _normalise(im: Image.Image, icc: bytes | None) -> Image.Image:
         return im
     if mode == "1":
         return im.convert("L")
+    if mode == "F":
+        # Float images usually hold 0..1; convert("L") would clip nearly all of it to black.
+        if im.getextrema()[1] <= 1.0:  # type: ignore[operator]
+            im = im.point(lambda v: v * 255)
+        return im.convert("L")
     return im.convert("RGB")
 
 
@@ -187,7 +196,7 @@ def _from_sixteen_bit(im: Image.Image) -> Image.Image:
         return grey
     # Pillow's convert("RGBA") ignores a 16-bit tRNS value, so build the alpha ourselves.
     alpha = wide.point([0 if v == transparent else 255 for v in range(65536)], "L")
-    if alpha.getextrema()[0] == 255:  # type: ignore[index]
+    if alpha.getextrema()[0] == 255:
         return grey
     return Image.merge("RGBA", (grey, grey, grey, alpha))
 
@@ -218,18 +227,23 @@ def _srgb() -> ImageCms.ImageCmsProfile:
 
 def _encode(im: Image.Image, fmt: str, quality: int, settings: EncodeSettings, icc: bytes | None) -> bytes:
     buffer = io.BytesIO()
-    if fmt == "JPEG":
-        im.save(
-            buffer,
-            "JPEG",
-            quality=quality,
-            optimize=settings.optimize,
-            progressive=settings.progressive,
-            icc_profile=icc,
-        )
-    else:
-        # WebP has no optimize flag; its slowest, smallest method is the closest equivalent.
-        im.save(buffer, "WEBP", quality=quality, method=6 if settings.optimize else 4, icc_profile=icc)
+    try:
+        if fmt == "JPEG":
+            # comment="" stops Pillow copying the source's comment, which may exceed a JPEG marker.
+            im.save(
+                buffer,
+                "JPEG",
+                quality=quality,
+                optimize=settings.optimize,
+                progressive=settings.progressive,
+                icc_profile=icc,
+                comment="",
+            )
+        else:
+            # WebP has no optimize flag; its slowest, smallest method is the closest equivalent.
+            im.save(buffer, "WEBP", quality=quality, method=6 if settings.optimize else 4, icc_profile=icc)
+    except (ValueError, OSError) as exc:  # e.g. an ICC profile too big for JPEG markers
+        raise ImageRejected(f"cannot re-encode image as {fmt}: {_describe(exc)}") from None
     return buffer.getvalue()
 
 
@@ -264,7 +278,7 @@ def _upright_size(im: Image.Image) -> tuple[int, int]:
 
 
 def _unidentified_reason(data: bytes) -> str:
-    head = data.lstrip()[:9].lower()
+    head = data[:1024].lstrip()[:9].lower()
     if head.startswith((b"<!doctype", b"<html")):
         return "not an image: content looks like HTML"
     if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):

@@ -10,23 +10,8 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from daemon.config import Settings, load_settings, replace
-from daemon.testing import Origin, daemon_app, jpeg_bytes, photo
-
-
-def pipeline_settings(tmp_path: Path, **sections: dict[str, object]) -> Settings:
-    base = load_settings(None, env={})
-    defaults: dict[str, dict[str, object]] = {
-        "paths": {"inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
-                  "images": str(tmp_path / "images"), "database": f"sqlite:///{tmp_path / 'imgpipe.db'}"},
-        "inbox": {"enabled": False, "settle_seconds": 0.1},
-        "download": {"backoff_base": 0.01, "backoff_max": 0.05, "total_timeout": 3.0, "connect_timeout": 1.0},
-        "compress": {"workers": 2},
-        "server": {"public_url": "http://images.example"},
-    }
-    for name, values in sections.items():
-        defaults[name] = {**defaults.get(name, {}), **values}
-    return replace(base, **defaults)
+from daemon.config import Settings
+from daemon.testing import Origin, daemon_app, jpeg_bytes, photo, pipeline_settings
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -1,0 +1,228 @@
+"""Shared fixtures for the spine tests: settings on tmp paths, the real app on loopback, CSVs, polling.
+
+Test folders have no __init__.py, so helpers are handed out as fixtures rather than imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import test_utils, web
+
+from daemon.app import INBOX, build_app
+from daemon.config import Settings, load_settings, replace
+from daemon.ingest.csvfile import COLUMNS
+from daemon.ingest.inbox import Inbox
+from daemon.web import STATUS_VIEW
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CSV = ROOT / "sample.csv"
+SETTLE_SECONDS = 0.3
+DEADLINE = 10.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def write_config(folder: Path, port: int) -> Path:
+    """A config file in `folder` naming absolute paths inside it (the way an operator would)."""
+    path = folder / "config.toml"
+    path.write_text(
+        "[server]\n"
+        f"port = {port}\n"
+        "[paths]\n"
+        f"inbox = {toml_string(str(folder / 'inbox'))}\n"
+        f"outbox = {toml_string(str(folder / 'outbox'))}\n"
+        f"images = {toml_string(str(folder / 'images'))}\n"
+        f"database = {toml_string('sqlite:///' + str(folder / 'imgpipe.db'))}\n"
+        "[inbox]\n"
+        f"settle_seconds = {SETTLE_SECONDS}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def csv_bytes(rows: Iterable[Sequence[str]], header: Sequence[str] = COLUMNS) -> bytes:
+    """A CSV file as a spreadsheet writes it: a header, then one line per row, URL cells quoted."""
+    lines = [",".join(header)]
+    for row in rows:
+        lines.append(",".join(f'"{cell}"' if "," in cell else cell for cell in row))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def batch_rows(count: int, urls_per_row: int = 1, prefix: str = "SKU",
+               host: str = "https://img.example.com") -> list[tuple[str, str, str]]:
+    """`count` valid rows with distinct serials."""
+    return [
+        (str(n), f"{prefix}{n}", ",".join(f"{host}/{prefix.lower()}{n}-{i}.jpg" for i in range(urls_per_row)))
+        for n in range(1, count + 1)
+    ]
+
+
+def db_file(settings: Settings) -> Path:
+    prefix = "sqlite:///"
+    assert settings.database_url.startswith(prefix)
+    return Path(settings.database_url[len(prefix):])
+
+
+def query(settings: Settings, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Rows from the daemon's SQLite file through a separate, plain sqlite3 connection."""
+    connection = sqlite3.connect(db_file(settings), timeout=10)
+    try:
+        return connection.execute(sql, params).fetchall()
+    finally:
+        connection.close()
+
+
+def stored_events(settings: Settings, stream: str | None = None) -> list[tuple[int, str, int, str, dict[str, Any]]]:
+    """(position, stream, version, type, data) of every event in the log, in log order."""
+    sql = "SELECT position, stream, version, type, data FROM events"
+    params: tuple[Any, ...] = ()
+    if stream is not None:
+        sql, params = sql + " WHERE stream = ?", (stream,)
+    rows = query(settings, sql + " ORDER BY position", *params)
+    return [(p, s, v, t, json.loads(d)) for p, s, v, t, d in rows]
+
+
+async def eventually(check: Callable[[], T | None] | Callable[[], Awaitable[T | None]], what: str,
+                     timeout: float = DEADLINE, interval: float = 0.02) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Served:
+    """The daemon's aiohttp app served on 127.0.0.1, with a client pointed at it."""
+
+    app: web.Application
+    client: test_utils.TestClient
+    settings: Settings
+
+    @property
+    def inbox(self) -> Inbox:
+        return self.app[INBOX]
+
+    @property
+    def folder(self) -> Path:
+        return self.settings.path("inbox")
+
+    async def status(self, request_id: str) -> tuple[int, dict[str, Any]]:
+        response = await self.client.get(f"/status/{request_id}")
+        return response.status, await response.json()
+
+    async def status_when_ready(self, request_id: str) -> dict[str, Any]:
+        """The status body once the status view has folded the request in."""
+
+        async def ready() -> dict[str, Any] | None:
+            code, body = await self.status(request_id)
+            return body if code == 200 else None
+
+        return await eventually(ready, f"GET /status/{request_id} to answer 200")
+
+
+@asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[Served]:
+    """Run the daemon's app on a real loopback port (settings.server.port, so status URLs are right).
+
+    Only the status view follows the log: the pipeline stages would fetch image URLs, which is not
+    what the spine tests are about (the e2e test runs the whole daemon).
+    """
+    app = build_app(settings, follow=False)
+    server = test_utils.TestServer(app, host="127.0.0.1", port=settings.server.port)
+    async with test_utils.TestClient(server) as client:
+        view = asyncio.create_task(app[STATUS_VIEW].run(), name="test:view.status")
+        try:
+            yield Served(app, client, settings)
+        finally:
+            view.cancel()
+            await asyncio.gather(view, return_exceptions=True)
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings loaded from a config file in tmp_path (free port, tmp paths), some sections changed."""
+
+    def make(**sections: dict[str, Any]) -> Settings:
+        settings = load_settings(write_config(tmp_path, free_port()), env={})
+        return replace(settings, **sections) if sections else settings
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def serve_app() -> Callable[[Settings], AbstractAsyncContextManager[Served]]:
+    """`async with serve_app(settings) as served:` runs the app on loopback for the block."""
+    return serve
+
+
+def imgpipe_command() -> list[str]:
+    """The installed `imgpipe` console script of this interpreter's environment, else `python -m daemon`."""
+    script = Path(sys.executable).with_name("imgpipe")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "daemon"]
+
+
+def run_imgpipe(*args: str, cwd: Path, env: dict[str, str] | None = None,
+                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `imgpipe ARGS` as a real process in `cwd`, with only `env`'s IMGPIPE_* variables set."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
+    return subprocess.run([*imgpipe_command(), *args], cwd=cwd, env={**clean, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+class Helpers:
+    """The module-level helpers of this conftest (CSV builders, DB readers, polling, the CLI)."""
+
+    csv_bytes = staticmethod(csv_bytes)
+    batch_rows = staticmethod(batch_rows)
+    query = staticmethod(query)
+    stored_events = staticmethod(stored_events)
+    eventually = staticmethod(eventually)
+    db_file = staticmethod(db_file)
+    free_port = staticmethod(free_port)
+    write_config = staticmethod(write_config)
+    run_imgpipe = staticmethod(run_imgpipe)
+    sample_csv = SAMPLE_CSV
+    root = ROOT
+    settle_seconds = SETTLE_SECONDS
+
+
+@pytest.fixture
+def helpers() -> type[Helpers]:
+    return Helpers

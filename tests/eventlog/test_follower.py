@@ -1,0 +1,289 @@
+"""Followers on a real SQLite log: checkpoints, tracking records under concurrency, Retry, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pytest
+
+from daemon.config import Settings
+from daemon.eventlog.follower import Follower, Retry
+from daemon.eventlog.store import EventLog, RecordedEvent, open_database
+from daemon.events import Event
+
+
+@dataclass(frozen=True)
+class SpinePinged(Event):
+    """Input of the test consumers."""
+
+    n: int
+
+
+@dataclass(frozen=True)
+class SpinePonged(Event):
+    """What the test consumers append for each ping they handle."""
+
+    n: int
+    note: str = ""
+
+
+class Recorder(Follower):
+    """Handles pings: records each call, optionally sleeps or waits at a gate, answers with a pong."""
+
+    name = "test.recorder"
+    types = frozenset({"SpinePinged"})
+    concurrency = 1
+
+    def __init__(self, eventlog: EventLog, delays: dict[int, float] | None = None,
+                 gates: dict[int, asyncio.Event] | None = None, concurrency: int = 1) -> None:
+        super().__init__(eventlog)
+        self.concurrency = concurrency
+        self.delays, self.gates = delays or {}, gates or {}
+        self.calls: list[tuple[int, int]] = []  # (n, attempt)
+        self.running = 0
+        self.most_at_once = 0
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        n = record.event.n  # type: ignore[attr-defined]
+        self.calls.append((n, attempt))
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            if n in self.gates:
+                await self.gates[n].wait()
+            await asyncio.sleep(self.delays.get(n, 0))
+        finally:
+            self.running -= 1
+        return (SpinePonged(n=n),)
+
+
+async def open_log(settings: Settings) -> EventLog:
+    eventlog = EventLog(open_database(settings.database_url))
+    await eventlog.open()
+    return eventlog
+
+
+async def ping(eventlog: EventLog, *numbers: int) -> list[int]:
+    """One ping per number, each on its own stream; returns their positions."""
+    return [await eventlog.append(f"s{n}", [SpinePinged(n=n)]) for n in numbers]
+
+
+def pongs(helpers: Any, settings: Settings) -> Counter[int]:
+    """How many pongs the log holds for each ping number."""
+    return Counter(data["n"] for _, _, _, kind, data in helpers.stored_events(settings) if kind == "SpinePonged")
+
+
+def tracking(helpers: Any, settings: Settings, consumer: str) -> tuple[int, list[int]]:
+    """The consumer's stored (checkpoint, tracked positions above it)."""
+    rows = helpers.query(settings, "SELECT position FROM checkpoints WHERE consumer = ?", consumer)
+    tracked = helpers.query(settings, "SELECT position FROM tracking WHERE consumer = ? ORDER BY position", consumer)
+    return (rows[0][0] if rows else 0), [p for (p,) in tracked]
+
+
+async def test_follower_resumes_after_a_restart_exactly_from_its_checkpoint(settings: Settings,
+                                                                            helpers: Any) -> None:
+    """Events handled before a restart are not handled again; a new instance handles only newer ones."""
+    eventlog = await open_log(settings)
+    await ping(eventlog, 1, 2, 3)
+    first = Recorder(eventlog)
+    assert await first.run_until_idle() == 3
+    assert first.calls == [(1, 1), (2, 1), (3, 1)]
+    assert first.checkpoint == eventlog.head
+    await eventlog.close()
+
+    eventlog = await open_log(settings)  # the restart: a new log object and a new follower on the same file
+    try:
+        second = Recorder(eventlog)
+        assert await second.run_until_idle() == 0
+        assert second.calls == []
+        newer = await ping(eventlog, 4, 5)
+        assert await second.run_until_idle() == 2
+        assert second.calls == [(4, 1), (5, 1)]
+        checkpoint, tracked = tracking(helpers, settings, Recorder.name)
+        assert (checkpoint >= newer[-1], tracked) == (True, [])
+    finally:
+        await eventlog.close()
+    assert pongs(helpers, settings) == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
+
+
+async def test_concurrent_follower_commits_out_of_order_and_redoes_nothing_after_restart(settings: Settings,
+                                                                                          helpers: Any) -> None:
+    """With concurrency, later events that finish first are tracked; after a crash only unfinished ones are redone."""
+    eventlog = await open_log(settings)
+    positions = await ping(eventlog, 1, 2, 3, 4, 5, 6)
+    gate = asyncio.Event()  # ping 1 never finishes before the "crash"
+    first = Recorder(eventlog, delays={n: (7 - n) * 0.01 for n in range(2, 7)}, gates={1: gate}, concurrency=4)
+    task = asyncio.create_task(first.run())
+
+    def tracked_rest() -> bool:
+        checkpoint, tracked = tracking(helpers, settings, Recorder.name)
+        return checkpoint == 0 and tracked == positions[1:]
+
+    await helpers.eventually(tracked_rest, "pings 2..6 to be committed as tracking records above checkpoint 0")
+    assert first.most_at_once > 1
+    assert sorted(n for n, _ in first.calls) == [1, 2, 3, 4, 5, 6]
+    assert pongs(helpers, settings) == {2: 1, 3: 1, 4: 1, 5: 1, 6: 1}
+    task.cancel()  # the crash: ping 1 is still in flight
+    await asyncio.gather(task, return_exceptions=True)
+    await eventlog.close()
+
+    eventlog = await open_log(settings)
+    try:
+        second = Recorder(eventlog, concurrency=4)
+        assert await second.run_until_idle() == 1
+        assert second.calls == [(1, 1)]
+        checkpoint, tracked = tracking(helpers, settings, Recorder.name)
+        assert (checkpoint >= positions[-1], tracked) == (True, [])
+        third = Recorder(eventlog, concurrency=4)
+        assert await third.run_until_idle() == 0
+    finally:
+        await eventlog.close()
+    assert pongs(helpers, settings) == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1}
+
+
+async def test_concurrent_follower_with_varied_delays_redoes_nothing_after_restart(settings: Settings,
+                                                                                   helpers: Any) -> None:
+    """A concurrent follower whose handlers finish in a shuffled order handles each event exactly once."""
+    eventlog = await open_log(settings)
+    numbers = list(range(1, 21))
+    await ping(eventlog, *numbers)
+    first = Recorder(eventlog, delays={n: (n * 7 % 5) * 0.01 for n in numbers}, concurrency=8)
+    assert await first.run_until_idle() == 20
+    assert first.most_at_once > 1
+    await eventlog.close()
+    eventlog = await open_log(settings)
+    try:
+        again = Recorder(eventlog, concurrency=8)
+        assert await again.run_until_idle() == 0
+        assert again.calls == []
+    finally:
+        await eventlog.close()
+    assert pongs(helpers, settings) == {n: 1 for n in numbers}
+
+
+class Retrier(Follower):
+    """First attempt: Retry with an interim event; second attempt waits at a gate, then finishes."""
+
+    name = "test.retrier"
+    types = frozenset({"SpinePinged"})
+
+    def __init__(self, eventlog: EventLog, gate: asyncio.Event) -> None:
+        super().__init__(eventlog)
+        self.gate = gate
+        self.attempts: list[int] = []
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        self.attempts.append(attempt)
+        n = record.event.n  # type: ignore[attr-defined]
+        if attempt == 1:
+            raise Retry(defer=0.01, events=(SpinePonged(n=n, note="retrying"),))
+        await self.gate.wait()
+        return (SpinePonged(n=n, note="done"),)
+
+
+async def test_retry_commits_its_events_at_once_and_handles_again(settings: Settings, helpers: Any) -> None:
+    """Retry(defer, events) commits the events before the next attempt, which then finishes the event."""
+    eventlog = await open_log(settings)
+    try:
+        (position,) = await ping(eventlog, 1)
+        gate = asyncio.Event()
+        follower = Retrier(eventlog, gate)
+        task = asyncio.create_task(follower.run_until_idle())
+
+        def notes() -> list[str]:
+            return [d["note"] for _, _, _, kind, d in helpers.stored_events(settings) if kind == "SpinePonged"]
+
+        await helpers.eventually(lambda: follower.attempts == [1, 2], "the second attempt")
+        assert notes() == ["retrying"]  # committed while the second attempt is still running
+        assert follower.checkpoint < position
+        gate.set()
+        assert await task == 1
+        assert notes() == ["retrying", "done"]
+        assert follower.checkpoint == eventlog.head
+        assert [(v, kind) for _, _, v, kind, _ in helpers.stored_events(settings, "s1")] == [
+            (1, "SpinePinged"), (2, "SpinePonged"), (3, "SpinePonged")]
+    finally:
+        await eventlog.close()
+
+
+async def test_wait_for_returns_once_the_position_is_committed(settings: Settings) -> None:
+    """wait_for(position) is True once the follower has committed that far, False on timeout."""
+    eventlog = await open_log(settings)
+    try:
+        gate = asyncio.Event()
+        (position,) = await ping(eventlog, 1)
+        follower = Recorder(eventlog, gates={1: gate})
+        task = asyncio.create_task(follower.run())
+        assert await follower.wait_for(position, timeout=0.2) is False
+        gate.set()
+        assert await follower.wait_for(position, timeout=10) is True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await eventlog.close()
+
+
+class FlakyWrite(Recorder):
+    """Its table write fails once (say, 'database is locked'), then works."""
+
+    name = "test.flaky-write"
+    failures: ClassVar[int] = 0
+
+    def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        if FlakyWrite.failures == 0:
+            FlakyWrite.failures += 1
+            raise RuntimeError("database is locked")
+
+
+async def test_follower_survives_a_failed_commit(settings: Settings) -> None:
+    """A commit that fails once is retried: run() keeps going and the event is committed."""
+    FlakyWrite.failures = 0
+    eventlog = await open_log(settings)
+    try:
+        follower = FlakyWrite(eventlog)
+        task = asyncio.create_task(follower.run())
+        (position,) = await ping(eventlog, 1)
+        committed = asyncio.ensure_future(follower.wait_for(position, timeout=10))
+        done, _ = await asyncio.wait([task, committed], return_when=asyncio.FIRST_COMPLETED)
+        for running in (task, committed):
+            running.cancel()
+        await asyncio.gather(task, committed, return_exceptions=True)
+        assert task not in done, f"run() ended: {task.exception()!r}"
+        assert follower.checkpoint >= position
+    finally:
+        await eventlog.close()
+
+
+async def test_an_event_appended_while_the_follower_reads_is_handled_once(settings: Settings,
+                                                                          helpers: Any) -> None:
+    """An event whose append commits between the follower noting the head and reading its page is handled once."""
+    eventlog = await open_log(settings)
+    try:
+        await ping(eventlog, 1)
+        follower = Recorder(eventlog, concurrency=4)  # room for more than one event: pages come back short
+        assert await follower.run_until_idle() == 1
+        started, release = threading.Event(), threading.Event()
+
+        def hold_the_writer() -> None:
+            started.set()
+            release.wait(timeout=30)
+
+        holding = asyncio.ensure_future(eventlog.write(hold_the_writer))
+        await helpers.eventually(started.is_set, "the writer thread to be held")
+        queue = eventlog._writer._work_queue  # the writer's FIFO of pending jobs
+        appending = asyncio.ensure_future(eventlog.append("s2", [SpinePinged(n=2)]))
+        await helpers.eventually(lambda: queue.qsize() == 1, "the append to queue behind the held writer")
+        following = asyncio.ensure_future(follower.run_until_idle())  # notes head, then queues its read
+        await helpers.eventually(lambda: queue.qsize() == 2, "the follower's read to queue behind the append")
+        release.set()
+        await asyncio.gather(holding, appending)
+        await following
+        assert follower.calls == [(1, 1), (2, 1)]
+        assert pongs(helpers, settings) == {1: 1, 2: 1}
+    finally:
+        await eventlog.close()

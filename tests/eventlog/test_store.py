@@ -1,0 +1,159 @@
+"""The append-only event store on a real SQLite file: positions, versions, conflicts, durability settings."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+
+from daemon.config import Settings
+from daemon.eventlog.follower import Follower
+from daemon.eventlog.store import EventLog, RecordedEvent, StreamConflict, open_database
+from daemon.events import Event, ImageFailed, ImageRequested, Product, RequestAccepted, RequestCompleted
+
+
+def failed(index: int) -> ImageFailed:
+    return ImageFailed(product=0, index=index, stage="download", error=f"error {index}")
+
+
+async def open_log(settings: Settings) -> EventLog:
+    eventlog = EventLog(open_database(settings.database_url))
+    await eventlog.open()
+    return eventlog
+
+
+@pytest.fixture
+async def eventlog(settings: Settings) -> AsyncIterator[EventLog]:
+    log = await open_log(settings)
+    try:
+        yield log
+    finally:
+        await log.close()
+
+
+async def read_all(eventlog: EventLog) -> list[RecordedEvent]:
+    return await eventlog.write(eventlog.read_after_sync, 0, None, 10_000)
+
+
+async def test_append_assigns_increasing_positions_and_per_stream_versions(eventlog: EventLog) -> None:
+    """Positions grow across the whole log; versions count 1..n within each stream."""
+    assert await eventlog.append("a", [failed(0), failed(1), failed(2)]) == 3
+    assert await eventlog.append("b", [failed(0), failed(1)]) == 5
+    assert await eventlog.append("a", [failed(3), failed(4)]) == 7
+    records = await read_all(eventlog)
+    assert [r.position for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert [(r.stream, r.version) for r in records] == [
+        ("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2), ("a", 4), ("a", 5)]
+    assert [r.event for r in await eventlog.read_stream("a")] == [failed(i) for i in range(5)]
+    assert eventlog.head == 7
+    assert all(r.recorded_at.endswith("Z") for r in records)
+
+
+async def test_events_round_trip_through_the_log(eventlog: EventLog) -> None:
+    """Events read back equal the events appended, nested products and tuples included."""
+    events: list[Event] = [
+        RequestAccepted(source="upload", source_name="ü.csv", products=(
+            Product(serial="1", product_name="Bücher, \"quoted\"", slug="1", input_urls=("https://a/1", "https://a/2")),
+        ), webhook_url="https://hooks.example/x"),
+        ImageRequested(product=0, index=1, url="https://a/2", stem="r_1_1"),
+        RequestCompleted(status="failed", images=2, done=0, failed=2),
+    ]
+    await eventlog.append("r", events, expected_version=0)
+    assert [r.event for r in await eventlog.read_stream("r")] == events
+
+
+async def test_expected_version_zero_on_an_existing_stream_conflicts_and_writes_nothing(eventlog: EventLog,
+                                                                                        settings: Settings,
+                                                                                        helpers: Any) -> None:
+    """Opening a stream that exists raises StreamConflict and leaves the log as it was."""
+    await eventlog.append("r", [failed(0)], expected_version=0)
+    before = helpers.stored_events(settings)
+    with pytest.raises(StreamConflict):
+        await eventlog.append("r", [failed(1), failed(2)], expected_version=0)
+    with pytest.raises(StreamConflict):
+        await eventlog.append("r", [failed(1)], expected_version=5)
+    assert helpers.stored_events(settings) == before
+    assert await eventlog.append("r", [failed(1)], expected_version=1) == 2
+
+
+async def test_positions_are_never_reused_after_the_last_row_is_deleted(eventlog: EventLog, settings: Settings,
+                                                                        helpers: Any) -> None:
+    """With AUTOINCREMENT, deleting the newest row does not let the next append take its position."""
+    last = await eventlog.append("r", [failed(0), failed(1), failed(2)])
+    connection = sqlite3.connect(helpers.db_file(settings))
+    with connection:
+        connection.execute("DELETE FROM events WHERE position = ?", (last,))
+    connection.close()
+    assert await eventlog.append("s", [failed(0)]) > last
+    assert [p for p, *_ in helpers.stored_events(settings)] == [1, 2, last + 1]
+
+
+async def test_sqlite_runs_in_wal_mode(eventlog: EventLog, settings: Settings, helpers: Any) -> None:
+    """The log's SQLite file is in WAL journal mode (readers never block the writer)."""
+    await eventlog.append("r", [failed(0)])
+    assert helpers.query(settings, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_head_is_restored_when_the_log_is_reopened(settings: Settings) -> None:
+    """A reopened log knows the newest position, and appends after it."""
+    first = await open_log(settings)
+    await first.append("r", [failed(0), failed(1)])
+    await first.close()
+    second = await open_log(settings)
+    try:
+        assert second.head == 2
+        assert await second.append("r", [failed(2)], expected_version=2) == 3
+    finally:
+        await second.close()
+
+
+class _BrokenWrite(Follower):
+    """Appends a result, then its own table write fails: the commit transaction rolls back."""
+
+    name = "test.broken-write"
+    types = frozenset({"ImageFailed"})
+
+    def __init__(self, eventlog: EventLog) -> None:
+        super().__init__(eventlog)
+        self.writes: list[int] = []
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        return (RequestCompleted(status="failed", images=1, done=0, failed=1),)
+
+    def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        self.writes.append(record.position)
+        raise RuntimeError("the follower's table write failed")
+
+
+class _Watcher(Follower):
+    name = "test.watcher"
+    types = frozenset({"ImageFailed"})
+
+    def __init__(self, eventlog: EventLog) -> None:
+        super().__init__(eventlog)
+        self.seen: list[int] = []
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        self.seen.append(record.event.index)  # type: ignore[attr-defined]
+        return ()
+
+
+async def test_a_rolled_back_append_does_not_make_followers_skip_later_events(eventlog: EventLog, settings: Settings,
+                                                                              helpers: Any) -> None:
+    """After a commit that rolled back, the head stays put and every follower still sees every later event."""
+    await eventlog.append("r", [failed(0)])
+    broken = _BrokenWrite(eventlog)
+    task = asyncio.create_task(broken.run())
+    await helpers.eventually(lambda: broken.writes, "the broken follower's commit to roll back")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert [kind for *_, kind, _ in helpers.stored_events(settings)] == ["ImageFailed"]
+    assert eventlog.head == 1
+    watcher = _Watcher(eventlog)
+    await watcher.run_until_idle()
+    await eventlog.append("r", [failed(1)])
+    await watcher.run_until_idle()
+    assert watcher.seen == [0, 1]

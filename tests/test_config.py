@@ -1,0 +1,144 @@
+"""Settings: defaults, config.toml, IMGPIPE_* overrides, and errors that name the offending key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.config import ConfigError, Settings, load_settings, replace
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_a_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no config file and no environment, the documented defaults apply, paths relative to the cwd."""
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(None, env={})
+    assert settings == Settings(base_dir=tmp_path)
+    assert (settings.server.host, settings.server.port, settings.server.tokens) == ("127.0.0.1", 5000, ())
+    assert settings.public_url == "http://127.0.0.1:5000"
+    assert settings.limits.max_upload_bytes == 20 * 1024 * 1024
+    assert (settings.limits.max_rows, settings.limits.max_cell_bytes) == (20_000, 65536)
+    assert (settings.inbox.enabled, settings.inbox.settle_seconds) == (True, 1.0)
+    assert settings.path("inbox") == tmp_path / "inbox"
+    assert settings.path("images") == tmp_path / "compressed_images"
+    assert settings.database_url == f"sqlite:///{tmp_path / 'imgpipe.db'}"
+
+
+def test_shipped_config_toml_documents_the_defaults(helpers: Any) -> None:
+    """The repository's config.toml sets every key to its default value."""
+    path = helpers.root / "config.toml"
+    assert load_settings(path, env={}) == Settings(base_dir=path.parent)
+
+
+def test_load_settings_reads_config_toml_in_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a path, ./config.toml is read and relative paths resolve against its folder."""
+    write(tmp_path, '[server]\nport = 7001\n[paths]\ninbox = "drop"\n')
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(None, env={})
+    assert settings.server.port == 7001
+    assert settings.path("inbox") == tmp_path / "drop"
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative paths and a relative SQLite URL resolve against the config file's folder, not the cwd."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    path = write(etc, '[paths]\ninbox = "in"\ndatabase = "sqlite:///data/log.db"\n')
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(path, env={})
+    assert settings.path("inbox") == etc / "in"
+    assert settings.database_url == f"sqlite:///{etc / 'data' / 'log.db'}"
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    """IMGPIPE_<SECTION>_<KEY> overrides the file; numbers, booleans and comma-separated lists are parsed."""
+    path = write(tmp_path, '[server]\nport = 7000\ntokens = ["from-file"]\n[paths]\ninbox = "in"\n')
+    settings = load_settings(path, env={
+        "IMGPIPE_SERVER_PORT": "8080",
+        "IMGPIPE_PATHS_INBOX": "/data/in",
+        "IMGPIPE_SERVER_TOKENS": "alpha, beta,,gamma ",
+        "IMGPIPE_WEBHOOKS_RETRY_SCHEDULE": "1,2.5,60",
+        "IMGPIPE_INBOX_ENABLED": "false",
+        "IMGPIPE_INBOX_SETTLE_SECONDS": "0.2",
+        "UNRELATED": "ignored",
+    })
+    assert settings.server.port == 8080
+    assert settings.public_url == "http://127.0.0.1:8080"
+    assert settings.paths.inbox == "/data/in"
+    assert settings.path("inbox") == Path("/data/in")
+    assert settings.server.tokens == ("alpha", "beta", "gamma")
+    assert settings.webhooks.retry_schedule == (1.0, 2.5, 60.0)
+    assert settings.inbox.enabled is False
+    assert settings.inbox.settle_seconds == 0.2
+
+
+def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
+    """config.replace returns a copy with some keys of some sections changed and the rest kept."""
+    changed = replace(settings, limits={"max_rows": 3}, inbox={"enabled": False})
+    assert (changed.limits.max_rows, changed.inbox.enabled) == (3, False)
+    assert changed.limits.max_cell_bytes == settings.limits.max_cell_bytes
+    assert changed.paths == settings.paths
+    assert (settings.limits.max_rows, settings.inbox.enabled) == (20_000, True)
+
+
+@pytest.mark.parametrize(("text", "env", "key"), [
+    ("", {"IMGPIPE_SERVER_PORT": "abc"}, "IMGPIPE_SERVER_PORT"),
+    ("", {"IMGPIPE_SERVER_PORT": "70000"}, "server.port"),
+    ("", {"IMGPIPE_INBOX_ENABLED": "maybe"}, "IMGPIPE_INBOX_ENABLED"),
+    ("", {"IMGPIPE_LIMITS_MAX_ROWS": "-1"}, "limits.max_rows"),
+    ("", {"IMGPIPE_WEBHOOKS_RETRY_SCHEDULE": "5,soon"}, "IMGPIPE_WEBHOOKS_RETRY_SCHEDULE"),
+    ("[server]\nbogus = 1\n", {}, "server.bogus"),
+    ("[bogus]\nx = 1\n", {}, "[bogus]"),
+    ('[server]\nport = "five thousand"\n', {}, "server.port"),
+    ("[server]\nport = 5000.5\n", {}, "server.port"),
+    ("[limits]\nmax_rows = true\n", {}, "limits.max_rows"),
+    ("[compress]\nquality = 0\n", {}, "compress.quality"),
+])
+def test_bad_values_raise_config_error_naming_the_key(tmp_path: Path, text: str, env: dict[str, str],
+                                                      key: str) -> None:
+    """A wrong type, range or unknown key raises ConfigError whose message names that key."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env)
+    assert key in str(caught.value)
+
+
+def test_bad_toml_raises_config_error_naming_the_file(tmp_path: Path) -> None:
+    """A file that is not TOML raises ConfigError naming the file and the line of the error."""
+    path = write(tmp_path, "[server]\nport = 5000\nhost = \n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    assert str(path) in str(caught.value)
+    assert "line 3" in str(caught.value)
+
+
+def test_missing_config_file_raises_config_error(tmp_path: Path) -> None:
+    """An explicit config path that does not exist raises ConfigError naming it."""
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="nope.toml"):
+        load_settings(path, env={})
+
+
+def test_imgpipe_run_with_a_bad_environment_value_exits_naming_the_key(tmp_path: Path, helpers: Any) -> None:
+    """`imgpipe run` with IMGPIPE_SERVER_PORT=abc exits non-zero at once with the key on stderr."""
+    result = helpers.run_imgpipe("run", cwd=tmp_path, env={"IMGPIPE_SERVER_PORT": "abc"}, timeout=30)
+    assert result.returncode != 0
+    assert "IMGPIPE_SERVER_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_imgpipe_run_with_an_unknown_key_in_the_file_exits_naming_the_key(tmp_path: Path, helpers: Any) -> None:
+    """`imgpipe --config FILE run` with an unknown key in FILE exits non-zero naming section.key on stderr."""
+    path = write(tmp_path, "[inbox]\nsettle = 2\n")
+    result = helpers.run_imgpipe("--config", str(path), "run", cwd=tmp_path, timeout=30)
+    assert result.returncode != 0
+    assert "inbox.settle" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,165 @@
+"""Outbound webhooks against real listeners on loopback, verified with the official standardwebhooks package."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from standardwebhooks.webhooks import Webhook
+
+from daemon.app import EVENTLOG, build_app
+from daemon.config import Settings
+from daemon.ingest.accept import Accepted, accept
+from daemon.ingest.csvfile import Batch, parse_csv
+from daemon.testing import Listener, Origin, daemon_app, drain
+from daemon.views.status import request_status
+from daemon.web import SETTINGS
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+FAST = (0.05, 0.05, 0.05)
+
+
+async def submit(app: web.Application, origin: Origin, webhook_url: str = "") -> Accepted:
+    body = f"S. No.,Product Name,Input Image Urls\n1,Shoe,{origin.url}/img/photo.jpg\n".encode()
+    batch = parse_csv(body, app[SETTINGS].limits)
+    assert isinstance(batch, Batch)
+    return await accept(app[EVENTLOG], batch, "upload", "t.csv", webhook_url=webhook_url)
+
+
+async def status_of(app: web.Application, request_id: str) -> dict[str, Any]:
+    body = await app[EVENTLOG].read(request_status, request_id, app[SETTINGS].public_url)
+    assert body is not None
+    return body
+
+
+async def test_a_failing_listener_gets_three_attempts_under_one_id(make_settings: Callable[..., Settings],
+                                                                   origin: Origin) -> None:
+    """A listener that fails twice with 500 then succeeds receives one message id in three signed attempts."""
+    async with Listener([500, 500, 200]) as listener:
+        settings = make_settings(webhooks={"urls": (listener.url,), "secret": SECRET, "retry_schedule": FAST})
+        async with daemon_app(settings) as app:
+            accepted = await submit(app, origin)
+            await drain(app)
+            status = await status_of(app, accepted.request_id)
+    assert len(listener.received) == 3
+    ids = {r.headers["webhook-id"] for r in listener.received}
+    assert len(ids) == 1
+    for received in listener.received:
+        payload = Webhook(SECRET).verify(received.body, received.headers)  # raises if the signature is wrong
+        assert payload["type"] == "request.completed"
+    data = payload["data"]
+    assert data["request_id"] == accepted.request_id and data["status"] == "completed"
+    assert data["progress"] == {"images": 1, "done": 1, "failed": 0, "pending": 0}
+    assert data["export_url"] == f"http://images.example/export/{accepted.request_id}"
+    assert data["products"] == [{
+        "serial": "1", "product_name": "Shoe", "input_urls": [f"{origin.url}/img/photo.jpg"],
+        "output_urls": [f"http://images.example/images/{accepted.request_id}_1_0.jpg"],
+    }]
+    (delivery,) = status["webhooks"]
+    assert delivery["state"] == "delivered" and delivery["message_id"] == ids.pop()
+    assert [a["status_code"] for a in delivery["attempts"]] == [500, 500, 200]
+    assert [a["outcome"] for a in delivery["attempts"]] == ["retrying", "retrying", "delivered"]
+    assert all(a["latency_ms"] >= 0 for a in delivery["attempts"])
+
+
+async def test_gone_listener_is_not_retried(make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """A 410 answer stops retries for that listener at once."""
+    async with Listener([410]) as listener:
+        settings = make_settings(webhooks={"urls": (listener.url,), "retry_schedule": FAST})
+        async with daemon_app(settings) as app:
+            accepted = await submit(app, origin)
+            await drain(app)
+            (delivery,) = (await status_of(app, accepted.request_id))["webhooks"]
+    assert len(listener.received) == 1
+    assert delivery["state"] == "gone" and delivery["attempts"][0]["status_code"] == 410
+
+
+async def test_hanging_listener_fails_without_delaying_the_others(make_settings: Callable[..., Settings],
+                                                                  origin: Origin) -> None:
+    """A listener that hangs past the timeout is retried then marked failed; another listener is served at once."""
+    async with Listener(["hang"], hang_seconds=5) as slow, Listener([200]) as fast:
+        settings = make_settings(webhooks={"urls": (slow.url, fast.url), "timeout": 0.3,
+                                           "retry_schedule": (0.05, 0.05)})
+        async with daemon_app(settings) as app:
+            accepted = await submit(app, origin)
+            await drain(app)
+            status = await status_of(app, accepted.request_id)
+    deliveries = {d["listener"]: d for d in status["webhooks"]}
+    assert deliveries[slow.url]["state"] == "failed"
+    assert [a["error"] for a in deliveries[slow.url]["attempts"]] == ["timed out after 0.3 s"] * 3
+    assert deliveries[fast.url]["state"] == "delivered"
+    assert len(fast.received) == 1 and len(slow.received) == 3
+    assert fast.received[0].at < slow.received[1].at  # served while the slow one was still being retried
+    assert status["status"] == "completed"
+
+
+async def test_pending_retry_survives_a_restart(make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """A retry scheduled before a stop is delivered after the restart, under the same webhook-id."""
+    async with Listener([500, 200]) as listener:
+        settings = make_settings(webhooks={"urls": (listener.url,), "retry_schedule": (1.0, 1.0)})
+        async with daemon_app(settings, follow=True) as app:
+            accepted = await submit(app, origin)
+            for _ in range(400):
+                if listener.received:
+                    break
+                await asyncio.sleep(0.025)
+            for _ in range(400):  # until the failed attempt is in the log
+                status = await status_of(app, accepted.request_id)
+                if status["webhooks"] and status["webhooks"][0]["attempts"]:
+                    break
+                await asyncio.sleep(0.025)
+        assert len(listener.received) == 1
+        async with daemon_app(settings) as app:
+            await drain(app)
+            (delivery,) = (await status_of(app, accepted.request_id))["webhooks"]
+    assert len(listener.received) == 2
+    assert listener.received[0].headers["webhook-id"] == listener.received[1].headers["webhook-id"]
+    assert delivery["state"] == "delivered" and [a["attempt"] for a in delivery["attempts"]] == [1, 2]
+    assert listener.received[1].at - listener.received[0].at >= 0.85  # the schedule from the log was kept
+
+
+async def test_per_request_listener_and_redelivery_over_http(make_settings: Callable[..., Settings],
+                                                             origin: Origin) -> None:
+    """A webhook_url given at upload is called, and POST /redeliver sends the same message id again."""
+    async with Listener([200]) as listener:
+        settings = make_settings()
+        app = build_app(settings)
+        async with TestClient(TestServer(app)) as client:
+            form = {"file": f"S. No.,Product Name,Input Image Urls\n1,Shoe,{origin.url}/img/photo.jpg\n".encode(),
+                    "webhook_url": listener.url}
+            response = await client.post("/upload", data=form)
+            assert response.status == 202
+            request_id = (await response.json())["request_id"]
+            for _ in range(400):
+                if listener.received:
+                    break
+                await asyncio.sleep(0.025)
+            response = await client.post(f"/redeliver/{request_id}")
+            assert response.status == 202
+            for _ in range(400):
+                if len(listener.received) == 2:
+                    break
+                await asyncio.sleep(0.025)
+            unknown = await client.post("/redeliver/nope")
+            assert unknown.status == 404 and (await unknown.json())["error"] == "unknown_request"
+            status = await (await client.get(f"/status/{request_id}")).json()
+    assert len(listener.received) == 2
+    first, second = listener.received
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert json.loads(first.body) == json.loads(second.body)
+    assert [d["round"] for d in status["webhooks"]] == [0, 1]
+    assert {d["state"] for d in status["webhooks"]} == {"delivered"}
+
+
+async def test_invalid_webhook_url_is_refused_at_upload(make_settings: Callable[..., Settings]) -> None:
+    """An upload whose webhook_url is not http(s) is refused with 400 naming the field."""
+    async with TestClient(TestServer(build_app(make_settings()))) as client:
+        form = {"file": b"S. No.,Product Name,Input Image Urls\n1,a,http://x.example/a.jpg\n",
+                "webhook_url": "ftp://example.com/hook"}
+        response = await client.post("/upload", data=form)
+        body = await response.json()
+    assert response.status == 400 and body["error"] == "invalid_webhook_url" and body["field"] == "webhook_url"
