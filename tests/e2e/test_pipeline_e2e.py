@@ -1,0 +1,89 @@
+"""The classic flow through the real daemon process: upload, status, export CSV, output URLs; inbox to outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from typing import Any
+
+import aiohttp
+from PIL import Image
+
+from daemon.testing import Origin, jpeg_bytes, photo
+
+
+async def wait_finished(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    for _ in range(1200):
+        async with session.get(url) as response:
+            body: dict[str, Any] = await response.json()
+        if body["status"] not in ("queued", "processing"):
+            return body
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not finished: {body}")
+
+
+async def test_upload_to_export_to_output_url(daemon: Any) -> None:
+    """Upload, poll to completion, download the export CSV and fetch every output URL it lists."""
+    files = {"a.jpg": jpeg_bytes(photo(800, 600, seed=11)), "b.jpg": jpeg_bytes(photo(640, 640, seed=12))}
+    async with Origin(files) as origin, aiohttp.ClientSession() as session:
+        csv_text = ("S. No.,Product Name,Input Image Urls\n"
+                    f'1,Shoe,"{origin.url}/img/a.jpg, {origin.url}/code/404"\n'
+                    f"2,=HYPERLINK(\"x\"),{origin.url}/img/b.jpg\n")
+        form = aiohttp.FormData()
+        form.add_field("file", csv_text.encode(), filename="batch.csv", content_type="text/csv")
+        async with session.post(f"{daemon.base_url}/upload", data=form) as response:
+            assert response.status == 202
+            accepted = await response.json()
+        async with session.get(f"{daemon.base_url}/export/{accepted['request_id']}") as early:
+            assert early.status in (409, 200)
+        status = await wait_finished(session, accepted["status_url"])
+        assert status["status"] == "completed_with_errors"
+        assert status["progress"] == {"images": 3, "done": 2, "failed": 1, "pending": 0}
+
+        async with session.get(f"{daemon.base_url}/export/{accepted['request_id']}") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/csv")
+            assert "attachment" in response.headers["Content-Disposition"]
+            text = await response.text()
+        rows = list(csv.reader(io.StringIO(text)))
+        assert rows[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls"]
+        assert rows[1][0] == "1" and rows[1][1] == "Shoe"
+        first, missing = rows[1][3].split(",")
+        assert missing == ""
+        assert rows[2][1] == "'=HYPERLINK(\"x\")"  # neutralised against formula injection
+        for url, source in ((first, files["a.jpg"]), (rows[2][3], files["b.jpg"])):
+            assert url.startswith(f"{daemon.base_url}/images/")
+            async with session.get(url) as response:
+                assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"
+                assert response.headers.get("ETag")
+                data = await response.read()
+            with Image.open(io.BytesIO(data)) as out, Image.open(io.BytesIO(source)) as original:
+                assert out.size == original.size
+            assert len(data) < len(source)
+
+        async with session.get(f"{daemon.base_url}/export") as response:
+            assert response.status == 200
+            assert accepted["request_id"] in await response.text()
+        for bad in ("..%2Fimgpipe.db", ".incoming", "nope.jpg"):
+            async with session.get(f"{daemon.base_url}/images/{bad}") as response:
+                assert response.status == 404
+        assert (daemon.outbox / f"{accepted['request_id']}.csv").read_bytes() == text.encode()
+
+
+async def test_inbox_batch_ends_in_the_outbox(daemon: Any) -> None:
+    """A CSV dropped into inbox/ is processed and its result CSV appears in outbox/ named after it."""
+    async with Origin({"a.jpg": jpeg_bytes(photo(500, 400, seed=13))}) as origin:
+        (daemon.inbox / "spring.csv").write_text(
+            f"S. No.,Product Name,Input Image Urls\n7,Hat,{origin.url}/img/a.jpg\n", encoding="utf-8")
+        for _ in range(1200):
+            written = list(daemon.outbox.glob("*--spring.csv"))
+            if written:
+                break
+            await asyncio.sleep(0.05)
+        (result,) = written
+        request_id = result.name.split("--")[0]
+        assert (daemon.archive / f"{request_id}--spring.csv").exists()
+        rows = list(csv.reader(io.StringIO(result.read_text(encoding="utf-8"))))
+        assert rows[1][:3] == ["7", "Hat", f"{origin.url}/img/a.jpg"]
+        assert rows[1][3] == f"{daemon.base_url}/images/{request_id}_7_0.jpg"
