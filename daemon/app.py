@@ -20,6 +20,7 @@ from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, open_database
 from daemon.ingest import http as ingest_http
 from daemon.ingest.inbox import Inbox
+from daemon.network import AddressPolicy, GuardedConnector
 from daemon.stages.complete import CompleteStage
 from daemon.stages.compress import CompressStage, make_pool
 from daemon.stages.download import DownloadStage
@@ -90,7 +91,8 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def client_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    connector = aiohttp.TCPConnector(limit=settings.download.concurrency * 2, limit_per_host=settings.download.concurrency)
+    connector = GuardedConnector(AddressPolicy(settings.network), limit=settings.download.concurrency * 2,
+                                 limit_per_host=settings.download.concurrency)
     async with aiohttp.ClientSession(connector=connector, headers={"User-Agent": "imgpipe/0.1"}) as client:
         app[CLIENT] = client
         yield

@@ -70,7 +70,6 @@ class CompressSettings:
     progressive: bool = False
     workers: int = 0  # 0: one per CPU
     max_pixels: int = 50_000_000
-    batch_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)

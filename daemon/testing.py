@@ -45,6 +45,7 @@ def pipeline_settings(tmp_path: Path, **sections: dict[str, object]) -> Settings
         "download": {"backoff_base": 0.01, "backoff_max": 0.05, "total_timeout": 3.0, "connect_timeout": 1.0},
         "compress": {"workers": 2},
         "server": {"public_url": "http://images.example"},
+        "network": {"allow_private": True},  # the test origins live on 127.0.0.1
     }
     for name, values in sections.items():
         defaults[name] = {**defaults.get(name, {}), **values}
@@ -74,6 +75,7 @@ class Origin:
         app.router.add_get("/flaky/{name}", self._flaky)
         app.router.add_get("/redirect/{name}", self._redirect)
         app.router.add_get("/loop", self._loop)
+        app.router.add_get("/to", self._to)
         app.router.add_get("/stall", self._stall)
         app.router.add_get("/html", self._html)
         app.router.add_get("/empty", self._empty)
@@ -124,6 +126,11 @@ class Origin:
     async def _redirect(self, request: web.Request) -> web.Response:
         self._count(request)
         raise web.HTTPFound(f"/img/{request.match_info['name']}")
+
+    async def _to(self, request: web.Request) -> web.Response:
+        """A redirect to anywhere: `/to?url=...`."""
+        self._count(request)
+        raise web.HTTPFound(request.query["url"])
 
     async def _loop(self, request: web.Request) -> web.Response:
         self._count(request)

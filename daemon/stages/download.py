@@ -19,6 +19,7 @@ import aiohttp
 import structlog
 
 from daemon.config import DownloadSettings
+from daemon.network import AddressNotAllowed
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event, ImageDownloaded, ImageDownloadRetried, ImageFailed, ImageRequested
@@ -95,6 +96,8 @@ async def fetch(client: aiohttp.ClientSession, url: str, target: Path, settings:
     except DownloadError:
         partial.unlink(missing_ok=True)
         raise
+    except AddressNotAllowed as exc:
+        raise DownloadError(str(exc)) from None
     except aiohttp.TooManyRedirects:
         raise DownloadError(f"too many redirects (more than {settings.max_redirects})") from None
     except aiohttp.InvalidURL as exc:

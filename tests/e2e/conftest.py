@@ -118,6 +118,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         "IMGPIPE_COMPRESS_WORKERS": "2",
         "IMGPIPE_DOWNLOAD_BACKOFF_BASE": "0.05",
         "IMGPIPE_DOWNLOAD_BACKOFF_MAX": "0.2",
+        "IMGPIPE_NETWORK_ALLOW_PRIVATE": "true",  # the test origins live on 127.0.0.1
     }
     client_config = tmp_path / "client.toml"
     client_config.write_text(f"[server]\nport = {port}\n", encoding="utf-8")

@@ -199,16 +199,13 @@ async def test_healthz_answers_ok(served: Any) -> None:
     assert await response.json() == {"status": "ok"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "app.py inbox_ctx logs daemon_started only after starting the inbox, and returns early without logging "
-    "when [inbox] enabled = false, so a daemon without an inbox never says it started"))
 async def test_daemon_started_is_logged_with_the_inbox_disabled(serve_app: Serve, http_settings: Settings) -> None:
     """Start-up logs one daemon_started with the public URL even when the inbox is disabled."""
     with capture_logs() as logs:
         async with serve_app(http_settings) as served:
             assert (await served.client.get("/healthz")).status == 200
     started = [e for e in logs if e["event"] == "daemon_started"]
-    assert [e["url"] for e in started] == [http_settings.public_url]
+    assert [(e["url"], e["inbox"]) for e in started] == [(http_settings.public_url, None)]
 
 
 async def test_unknown_route_and_wrong_method_answer_json(served: Any) -> None:

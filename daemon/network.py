@@ -1,0 +1,85 @@
+"""SSRF guard: the HTTP client refuses to connect to internal addresses unless configured to.
+
+The check runs on the addresses a host actually resolves to, at connect time, so it covers every
+redirect hop and DNS answers that point inside (rebinding), for image URLs and webhook listeners alike.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import ResolveResult
+
+from daemon.config import NetworkSettings
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+BLOCKED: tuple[tuple[Network, str], ...] = tuple(
+    (ipaddress.ip_network(net), kind) for net, kind in (
+        ("0.0.0.0/8", "unspecified"), ("::/128", "unspecified"),
+        ("127.0.0.0/8", "loopback"), ("::1/128", "loopback"),
+        ("10.0.0.0/8", "private"), ("172.16.0.0/12", "private"), ("192.168.0.0/16", "private"),
+        ("100.64.0.0/10", "shared (carrier-grade NAT)"), ("fc00::/7", "private"),
+        ("169.254.0.0/16", "link-local"), ("fe80::/10", "link-local"),
+        ("224.0.0.0/4", "multicast"), ("ff00::/8", "multicast"),
+        ("255.255.255.255/32", "broadcast"), ("240.0.0.0/4", "reserved"),
+    )
+)
+
+
+class AddressNotAllowed(aiohttp.ClientError):
+    """The host resolves to an address the daemon must not connect to; never retried."""
+
+
+def _unmapped(address: Address) -> Address:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class AddressPolicy:
+    def __init__(self, settings: NetworkSettings) -> None:
+        self.allow_private = settings.allow_private
+        self.allowed_hosts = {h.lower() for h in settings.allow if not _is_network(h)}
+        self.allowed_networks = [ipaddress.ip_network(h, strict=False) for h in settings.allow if _is_network(h)]
+
+    def refusal(self, host: str, address: str) -> str | None:
+        """Why connecting to `address` (resolved from `host`) is refused, or None."""
+        if self.allow_private or host.lower().rstrip(".") in self.allowed_hosts:
+            return None
+        ip = _unmapped(ipaddress.ip_address(address.split("%", 1)[0]))
+        if any(ip in net for net in self.allowed_networks):
+            return None
+        for net, kind in BLOCKED:
+            if ip.version == net.version and ip in net:
+                where = f"{host} resolves to {ip}" if host != address else f"{ip}"
+                return (f"refused to connect: {where}, a {kind} address "
+                        "(set [network] allow_private = true or list it in [network] allow)")
+        return None
+
+
+def _is_network(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+class GuardedConnector(aiohttp.TCPConnector):
+    """A TCPConnector whose every resolution (first request and each redirect hop) passes the policy."""
+
+    def __init__(self, policy: AddressPolicy, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._policy = policy
+
+    async def _resolve_host(self, host: str, port: int, traces: Sequence[Any] | None = None) -> list[ResolveResult]:
+        results = await super()._resolve_host(host, port, traces=traces)
+        for result in results:
+            if reason := self._policy.refusal(host.rstrip("."), result["host"]):
+                raise AddressNotAllowed(reason)
+        return results

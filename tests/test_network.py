@@ -1,0 +1,93 @@
+"""The SSRF guard: internal addresses are refused after resolution, on every redirect hop, for images and webhooks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.app import EVENTLOG
+from daemon.config import NetworkSettings
+from daemon.ingest.accept import accept
+from daemon.ingest.csvfile import Batch, parse_csv
+from daemon.network import AddressPolicy
+from daemon.testing import Listener, Origin, daemon_app, drain, jpeg_bytes, photo, pipeline_settings
+from daemon.views.status import request_status
+from daemon.web import SETTINGS
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    async with Origin({"a.jpg": jpeg_bytes(photo(200, 200, seed=1))}) as server:
+        yield server
+
+
+async def run_batch(tmp_path: Path, urls: list[str], **sections: Any) -> dict[str, Any]:
+    settings = pipeline_settings(tmp_path, **sections)
+    async with daemon_app(settings) as app:
+        batch = parse_csv(("S. No.,Product Name,Input Image Urls\n1,P,\"" + ",".join(urls) + "\"\n").encode(),
+                          settings.limits)
+        assert isinstance(batch, Batch)
+        accepted = await accept(app[EVENTLOG], batch, "upload", "t.csv")
+        await drain(app)
+        body = await app[EVENTLOG].read(request_status, accepted.request_id, app[SETTINGS].public_url)
+    assert body is not None
+    return body
+
+
+def errors(body: dict[str, Any]) -> list[str | None]:
+    return [image["error"] for product in body["products"] for image in product["images"]]
+
+
+async def test_internal_targets_are_refused_by_default(tmp_path: Path, origin: Origin) -> None:
+    """A name resolving to 127.0.0.1 and a literal [::1] fail with a clear error, and no request reaches them."""
+    port = origin.url.rsplit(":", 1)[1]
+    body = await run_batch(tmp_path, [f"http://localhost:{port}/img/a.jpg", f"http://[::1]:{port}/img/a.jpg"],
+                           network={"allow_private": False})
+    by_name, v6 = errors(body)
+    assert by_name == ("download failed: refused to connect: localhost resolves to 127.0.0.1, a loopback address "
+                       "(set [network] allow_private = true or list it in [network] allow)")
+    assert v6 is not None and "::1, a loopback address" in v6
+    assert body["status"] == "failed" and sum(origin.hits.values()) == 0
+
+
+async def test_a_redirect_hop_to_the_metadata_address_is_refused(tmp_path: Path, origin: Origin) -> None:
+    """An allowed origin that redirects to 169.254.169.254 gets the hop refused; the origin itself works."""
+    body = await run_batch(tmp_path, [f"{origin.url}/to?url=http://169.254.169.254/latest/meta-data/",
+                                      f"{origin.url}/img/a.jpg"],
+                           network={"allow_private": False, "allow": ("127.0.0.1/32",)})
+    metadata, allowed = errors(body)
+    assert metadata is not None and "169.254.169.254, a link-local address" in metadata
+    assert allowed is None
+    assert origin.hits["/to"] == 1 and origin.hits["/img/a.jpg"] == 1
+
+
+async def test_allow_private_lifts_the_guard(tmp_path: Path, origin: Origin) -> None:
+    """With allow_private the same loopback origin is fetched normally."""
+    port = origin.url.rsplit(":", 1)[1]
+    body = await run_batch(tmp_path, [f"http://localhost:{port}/img/a.jpg"], network={"allow_private": True})
+    assert errors(body) == [None] and body["status"] == "completed"
+
+
+async def test_webhook_listeners_are_guarded_too(tmp_path: Path, origin: Origin) -> None:
+    """A listener on a loopback address is refused like an image URL, and the refusal is recorded."""
+    async with Listener([200]) as listener:
+        body = await run_batch(tmp_path, [f"{origin.url}/img/a.jpg"], network={"allow_private": False},
+                               webhooks={"urls": (listener.url.replace("127.0.0.1", "localhost"),),
+                                         "retry_schedule": ()})
+    (delivery,) = body["webhooks"]
+    assert delivery["state"] == "failed" and "loopback address" in delivery["attempts"][0]["error"]
+    assert listener.received == []
+
+
+@pytest.mark.parametrize(("address", "refused"), [
+    ("127.0.0.1", "loopback"), ("10.1.2.3", "private"), ("172.20.0.1", "private"), ("192.168.1.1", "private"),
+    ("169.254.169.254", "link-local"), ("fe80::1", "link-local"), ("fd00::1", "private"), ("224.0.0.1", "multicast"),
+    ("0.0.0.0", "unspecified"), ("::ffff:127.0.0.1", "loopback"), ("93.184.216.34", None), ("2606:4700::1", None),
+])
+def test_policy_classifies_addresses(address: str, refused: str | None) -> None:
+    """Every internal range is refused with its kind named; public addresses pass."""
+    reason = AddressPolicy(NetworkSettings()).refusal("example.test", address)
+    assert (reason is None) if refused is None else (reason is not None and f"a {refused} address" in reason)
