@@ -29,7 +29,7 @@ from daemon.views.status import STATUS_TABLES, StatusView
 from daemon.webhooks import receive
 from daemon.webhooks import deliver
 from daemon.webhooks.deliver import WebhookDelivery
-from daemon.web import EVENTLOG, SETTINGS, STATUS_VIEW, add_routes, json_errors
+from daemon.web import EVENTLOG, SETTINGS, STATUS_VIEW, add_routes, bearer_auth, json_errors
 
 log = structlog.get_logger("daemon")
 
@@ -128,7 +128,8 @@ async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings, follow: bool = True) -> web.Application:
     """The daemon; with follow=False the consumers are built but not started (tests drive them in bursts)."""
-    app = web.Application(middlewares=[json_errors], client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
+    app = web.Application(middlewares=[json_errors, bearer_auth(settings.server.tokens)],
+                          client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
     app[SETTINGS] = settings
     app[FOLLOW] = follow
     app.cleanup_ctx.extend([eventlog_ctx, pool_ctx, client_ctx, followers_ctx, inbox_ctx, announce_ctx])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import mimetypes
 import re
@@ -51,6 +52,29 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except Exception:
         log.exception("http_unhandled_error", method=request.method, path=request.path)
         raise json_error(web.HTTPInternalServerError, "internal_error", "unexpected error; see the daemon's log") from None
+
+
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def bearer_auth(tokens: tuple[str, ...]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """When tokens are configured, every endpoint but /healthz needs `Authorization: Bearer <token>`."""
+    expected = [t.encode() for t in tokens]
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected and request.path not in OPEN_PATHS:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            # Compare against every token, so the time taken says nothing about which one matched.
+            matched = [hmac.compare_digest(given.strip().encode(), token) for token in expected]
+            if scheme.lower() != "bearer" or not any(matched):
+                error = json_error(web.HTTPUnauthorized, "unauthorized",
+                                   "send a valid API token as 'Authorization: Bearer <token>'")
+                error.headers["WWW-Authenticate"] = 'Bearer realm="imgpipe"'
+                raise error
+        return await handler(request)
+
+    return auth
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 
@@ -26,6 +27,11 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def idempotent_request_id(key: str) -> str:
+    """The request id an Idempotency-Key maps to: the stream's uniqueness then makes the key single-use."""
+    return hashlib.sha256(f"idempotency-key:{key}".encode()).hexdigest()[:32]
+
+
 def opening_events(request_id: str, batch: Batch, source: str, source_name: str, webhook_url: str = "",
                    idempotency_key: str = "", body_sha256: str = "") -> list[Event]:
     accepted = RequestAccepted(
@@ -41,10 +47,11 @@ def opening_events(request_id: str, batch: Batch, source: str, source_name: str,
 
 
 async def accept(eventlog: EventLog, batch: Batch, source: str, source_name: str, *,
-                 request_id: str | None = None, webhook_url: str = "") -> Accepted:
+                 request_id: str | None = None, webhook_url: str = "", idempotency_key: str = "",
+                 body_sha256: str = "") -> Accepted:
     """Open a new stream; raises StreamConflict if `request_id` was accepted already."""
     request_id = request_id or new_request_id()
-    events = opening_events(request_id, batch, source, source_name, webhook_url)
+    events = opening_events(request_id, batch, source, source_name, webhook_url, idempotency_key, body_sha256)
     position = await eventlog.append(request_id, events, expected_version=0)
     accepted = Accepted(request_id, len(batch.products), batch.image_count, position)
     log.info("csv_accepted", request_id=request_id, source=source, source_name=source_name,

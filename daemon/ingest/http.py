@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import functools
 from collections.abc import Awaitable, Callable
 
@@ -10,8 +11,10 @@ import structlog
 from aiohttp import BodyPartReader, web
 
 from daemon.config import Settings
-from daemon.ingest.accept import accept
-from daemon.ingest.csvfile import check_url, parse_csv
+from daemon.eventlog.store import StreamConflict
+from daemon.events import RequestAccepted
+from daemon.ingest.accept import Accepted, accept, idempotent_request_id
+from daemon.ingest.csvfile import Batch, check_url, parse_csv
 from daemon.web import EVENTLOG, SETTINGS, STATUS_VIEW, json_error, json_response
 
 log = structlog.get_logger("ingest")
@@ -19,6 +22,7 @@ log = structlog.get_logger("ingest")
 RAW_TYPES = frozenset({"text/csv", "application/csv", "text/plain", "application/vnd.ms-excel"})
 FIELD_LIMIT = 8192
 CHUNK = 64 * 1024
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 def too_large(limit: int) -> web.HTTPException:
@@ -78,16 +82,52 @@ async def upload(request: web.Request) -> web.Response:
             web.HTTPBadRequest, "invalid_csv", f"{filename}: {len(parsed)} problem(s); nothing was accepted",
             problems=[{"line": p.line, "column": p.column, "reason": p.reason} for p in parsed],
         )
+    key = request.headers.get(IDEMPOTENCY_HEADER, "")
+    if key:
+        return await _idempotent_upload(request, key, body, parsed, filename, webhook_url)
     accepted = await accept(eventlog, parsed, "upload", filename, webhook_url=webhook_url)
+    return await _accepted_response(request, accepted)
+
+
+async def _accepted_response(request: web.Request, accepted: Accepted, status: int = 202,
+                             headers: dict[str, str] | None = None) -> web.Response:
     # So that the status_url answers at once, wait (briefly) for the status view to fold the batch in.
     await request.app[STATUS_VIEW].wait_for(accepted.position, timeout=5.0)
-    return json_response({
+    response = json_response({
         "request_id": accepted.request_id,
         "status": "queued",
         "products": accepted.products,
         "images": accepted.images,
-        "status_url": f"{settings.public_url}/status/{accepted.request_id}",
-    }, status=202)
+        "status_url": f"{request.app[SETTINGS].public_url}/status/{accepted.request_id}",
+    }, status=status)
+    response.headers.update(headers or {})
+    return response
+
+
+async def _idempotent_upload(request: web.Request, key: str, body: bytes, batch: Batch, filename: str,
+                             webhook_url: str) -> web.Response:
+    """Same key and body: the same request again, nothing new. Same key, other body: 422."""
+    if len(key) > 255 or not key.isprintable():
+        raise json_error(web.HTTPBadRequest, "invalid_idempotency_key",
+                         "Idempotency-Key must be at most 255 printable characters", field=IDEMPOTENCY_HEADER)
+    eventlog = request.app[EVENTLOG]
+    digest = hashlib.sha256(body + b"\0" + webhook_url.encode()).hexdigest()
+    request_id = idempotent_request_id(key)
+    try:
+        accepted = await accept(eventlog, batch, "upload", filename, request_id=request_id, webhook_url=webhook_url,
+                                idempotency_key=key, body_sha256=digest)
+        return await _accepted_response(request, accepted)
+    except StreamConflict:
+        records = await eventlog.read_stream(request_id)
+    first = records[0].event
+    assert isinstance(first, RequestAccepted)
+    if first.body_sha256 != digest:
+        raise json_error(web.HTTPUnprocessableEntity, "idempotency_key_reused",
+                         f"Idempotency-Key {key!r} was already used with a different body (request {request_id})",
+                         request_id=request_id)
+    log.info("upload_replayed", request_id=request_id, idempotency_key=key)
+    replay = Accepted(request_id, len(first.products), first.image_count, records[-1].position)
+    return await _accepted_response(request, replay, status=200, headers={"Idempotent-Replayed": "true"})
 
 
 def add_routes(app: web.Application) -> None:
