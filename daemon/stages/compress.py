@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -64,11 +65,7 @@ class CompressStage(Follower):
             return [ImageFailed(**where, stage="compress", error=str(exc))]
         except FileNotFoundError:
             return [ImageFailed(**where, stage="compress", error="the downloaded body is gone; upload the CSV again")]
-        return [ImageCompressed(
-            **where, name=result.name, format=result.format, width=result.width, height=result.height,
-            bytes_in=result.bytes_in, bytes_out=result.bytes_out, kept_original=result.kept_original,
-            quality=result.quality, note=result.note,
-        )]
+        return [ImageCompressed(**where, **dataclasses.asdict(result))]
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         event = record.event

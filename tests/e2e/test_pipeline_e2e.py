@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 from typing import Any
 
 import aiohttp
 from PIL import Image
 
-from daemon.testing import Origin, jpeg_bytes, photo
+from daemon.testing import Listener, Origin, jpeg_bytes, photo
 
 
 async def wait_finished(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
@@ -87,3 +88,29 @@ async def test_inbox_batch_ends_in_the_outbox(daemon: Any) -> None:
         rows = list(csv.reader(io.StringIO(result.read_text(encoding="utf-8"))))
         assert rows[1][:3] == ["7", "Hat", f"{origin.url}/img/a.jpg"]
         assert rows[1][3] == f"{daemon.base_url}/images/{request_id}_7_0.jpg"
+
+
+async def test_cli_redeliver_sends_the_same_webhook_id_again(daemon: Any) -> None:
+    """`imgpipe redeliver ID` makes the per-request listener receive the completion message again, same id."""
+    async with Origin({"a.jpg": jpeg_bytes(photo(300, 200, seed=14))}) as origin, Listener([200]) as listener, \
+            aiohttp.ClientSession() as session:
+        body = f"S. No.,Product Name,Input Image Urls\n1,Cap,{origin.url}/img/a.jpg\n".encode()
+        async with session.post(f"{daemon.base_url}/upload", params={"webhook_url": listener.url}, data=body,
+                                headers={"Content-Type": "text/csv"}) as response:
+            accepted = await response.json()
+        await wait_finished(session, accepted["status_url"])
+        for _ in range(400):
+            if listener.received:
+                break
+            await asyncio.sleep(0.05)
+        done = await asyncio.to_thread(daemon.cli, "redeliver", accepted["request_id"], "--config",
+                                       str(daemon.client_config))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["status"] == "queued"
+        for _ in range(400):
+            if len(listener.received) == 2:
+                break
+            await asyncio.sleep(0.05)
+    first, second = listener.received
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == json.loads(done.stdout)["message_id"]
+    assert json.loads(second.body)["data"]["request_id"] == accepted["request_id"]
