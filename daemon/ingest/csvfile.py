@@ -98,11 +98,13 @@ def parse_csv(data: bytes, limits: LimitSettings) -> Batch | list[Problem]:
         seen: dict[str, int] = {}
         slugs: set[str] = set()
         line = reader.line_num + 1
+        rows = 0
         for cells in reader:
             start, line = line, reader.line_num + 1
             if not any(c.strip() for c in cells):
                 continue
-            if len(products) + 1 > limits.max_rows:
+            rows += 1  # valid or not: a flood of bad rows is refused by count too
+            if rows > limits.max_rows:
                 problems.append(Problem(start, "", f"too many rows: the limit is {limits.max_rows}"))
                 break
             if len(cells) > len(header) and urls_last:

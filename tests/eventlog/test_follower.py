@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import pytest
 
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower, Retry
@@ -254,6 +253,7 @@ async def test_follower_survives_a_failed_commit(settings: Settings) -> None:
             running.cancel()
         await asyncio.gather(task, committed, return_exceptions=True)
         assert task not in done, f"run() ended: {task.exception()!r}"
+        assert FlakyWrite.failures == 1
         assert follower.checkpoint >= position
     finally:
         await eventlog.close()
