@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
@@ -50,6 +51,13 @@ def pipeline_settings(tmp_path: Path, **sections: dict[str, object]) -> Settings
     for name, values in sections.items():
         defaults[name] = {**defaults.get(name, {}), **values}
     return replace(base, **defaults)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90, **options: object) -> bytes:

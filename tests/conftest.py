@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from daemon.app import INBOX, build_app
 from daemon.config import Settings, load_settings, replace
 from daemon.ingest.csvfile import COLUMNS
 from daemon.ingest.inbox import Inbox
+from daemon.testing import free_port
 from daemon.web import STATUS_VIEW
 
 T = TypeVar("T")
@@ -36,11 +36,6 @@ SETTLE_SECONDS = 0.3
 DEADLINE = 10.0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def toml_string(value: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,12 @@ from typing import Any
 
 import pytest
 
+from daemon.testing import free_port
+
 START_DEADLINE = 30.0
 STOP_DEADLINE = 20.0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def imgpipe_command() -> list[str]:
