@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from daemon.eventlog.models import LOG_TABLES, Checkpoint, StoredEvent, Tracking
 
 T = TypeVar("T")
 INSERT_CHUNK = 2000
+READERS = 2
 
 
 class StreamConflict(Exception):
@@ -69,7 +71,7 @@ class EventLog:
     def __init__(self, db: peewee.Database) -> None:
         self.db = db
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
-        self._readers = ThreadPoolExecutor(2, thread_name_prefix="eventlog-reader")
+        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="eventlog-reader")
         self._subscribers: list[asyncio.Event] = []
         self.head = 0
         self._appended_head = 0
@@ -83,12 +85,17 @@ class EventLog:
         self.head = await self.write(create)
 
     async def close(self) -> None:
-        def close_thread_connection() -> None:
-            self.db.close()
+        """Close every thread's connection (peewee keeps one per thread), then the threads."""
+        loop = asyncio.get_running_loop()
+        for pool, workers in ((self._writer, 1), (self._readers, READERS)):
+            # The barrier holds each task until all have started, so each runs on a thread of its own.
+            barrier = threading.Barrier(workers)
 
-        for pool in (self._writer, self._readers):
-            for _ in range(getattr(pool, "_max_workers", 1)):
-                await asyncio.get_running_loop().run_in_executor(pool, close_thread_connection)
+            def close_thread_connection(barrier: threading.Barrier = barrier) -> None:
+                self.db.close()
+                barrier.wait(timeout=10)
+
+            await asyncio.gather(*(loop.run_in_executor(pool, close_thread_connection) for _ in range(workers)))
             pool.shutdown(wait=True)
 
     # threads ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import Callable
 from typing import Any
@@ -129,8 +130,8 @@ async def test_per_request_listener_and_redelivery_over_http(make_settings: Call
         settings = make_settings()
         app = build_app(settings)
         async with TestClient(TestServer(app)) as client:
-            form = {"file": f"S. No.,Product Name,Input Image Urls\n1,Shoe,{origin.url}/img/photo.jpg\n".encode(),
-                    "webhook_url": listener.url}
+            form = {"file": io.BytesIO(f"S. No.,Product Name,Input Image Urls\n1,Shoe,{origin.url}/img/photo.jpg\n"
+                                       .encode()), "webhook_url": listener.url}
             response = await client.post("/upload", data=form)
             assert response.status == 202
             request_id = (await response.json())["request_id"]
@@ -158,7 +159,7 @@ async def test_per_request_listener_and_redelivery_over_http(make_settings: Call
 async def test_invalid_webhook_url_is_refused_at_upload(make_settings: Callable[..., Settings]) -> None:
     """An upload whose webhook_url is not http(s) is refused with 400 naming the field."""
     async with TestClient(TestServer(build_app(make_settings()))) as client:
-        form = {"file": b"S. No.,Product Name,Input Image Urls\n1,a,http://x.example/a.jpg\n",
+        form = {"file": io.BytesIO(b"S. No.,Product Name,Input Image Urls\n1,a,http://x.example/a.jpg\n"),
                 "webhook_url": "ftp://example.com/hook"}
         response = await client.post("/upload", data=form)
         body = await response.json()
