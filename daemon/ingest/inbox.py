@@ -61,7 +61,8 @@ class Inbox:
     def __init__(self, folder: Path, eventlog: EventLog, limits: LimitSettings, settle_seconds: float) -> None:
         self.folder = folder
         self._eventlog, self._limits, self._settle = eventlog, limits, settle_seconds
-        self._pending: dict[Path, asyncio.Task[None]] = {}
+        self._pending: dict[Path, asyncio.Task[None]] = {}  # seen, not yet claimed
+        self._claimed: set[asyncio.Task[None]] = set()  # claimed, being ingested
         self._observer: Observer | None = None  # type: ignore[valid-type]
 
     async def start(self) -> None:
@@ -82,22 +83,22 @@ class Inbox:
             self._observer.stop()
             await asyncio.to_thread(self._observer.join)
             self._observer = None
-        tasks = list(self._pending.values())
+        tasks = [*self._pending.values(), *self._claimed]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def idle(self) -> None:
         """Wait until every file seen so far is ingested or rejected (tests)."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending.values()), return_exceptions=True)
+        while self._pending or self._claimed:
+            await asyncio.gather(*self._pending.values(), *self._claimed, return_exceptions=True)
 
     def _seen(self, path: Path) -> None:
         if path.parent != self.folder or not is_candidate(path.name) or path in self._pending:
             return
         task = asyncio.create_task(self._take(path), name=f"inbox:{path.name}")
         self._pending[path] = task
-        task.add_done_callback(lambda _t, p=path: self._pending.pop(p, None))
+        task.add_done_callback(lambda t, p=path: self._pending.pop(p, None) if self._pending.get(p) is t else None)
 
     async def _take(self, path: Path) -> None:
         try:
@@ -109,6 +110,11 @@ class Inbox:
                 os.rename(path, claimed)
             except FileNotFoundError:
                 return  # taken away (or claimed) meanwhile
+            # The name is free again: a new file dropped under it now is a new batch.
+            task = self._pending.pop(path, None)
+            if task is not None:
+                self._claimed.add(task)
+                task.add_done_callback(self._claimed.discard)
             await self._ingest_claimed(claimed)
         except asyncio.CancelledError:
             raise
