@@ -75,6 +75,9 @@ class Follower:
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         """After the commit: clean-up that must not happen before the results are durable."""
 
+    async def recover(self) -> None:
+        """Once at start: finish clean-up that a crash interrupted after a commit."""
+
     # running ---------------------------------------------------------------------------------
     @property
     def checkpoint(self) -> int:
@@ -107,6 +110,7 @@ class Follower:
             return
         self._checkpoint, self._skip = await self.eventlog.write(self.eventlog.load_tracking_sync, self.name)
         self._cursor = self._checkpoint
+        await self.recover()
         self._loaded = True
 
     async def _loop(self, until_idle: bool) -> None:

@@ -17,7 +17,7 @@ from daemon.eventlog.follower import Follower
 from daemon.eventlog.models import StoredEvent
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import IMAGE_TERMINAL, Event, decode, ImageFailed, RequestAccepted, RequestCompleted
-from daemon.stages.compress import remove_incoming
+from daemon.stages.download import remove_incoming
 
 
 @dataclass
@@ -73,6 +73,18 @@ class CompleteStage(Follower):
         tally.completed = True
         return [RequestCompleted(status=final_status(tally.images, tally.failed), images=tally.images,
                                  done=tally.done, failed=tally.failed)]
+
+    async def recover(self) -> None:
+        """Remove the download folders of requests that completed just before a crash."""
+        folders = await asyncio.to_thread(lambda: [p.name for p in self.incoming.iterdir()]
+                                          if self.incoming.is_dir() else [])
+
+        def completed(request_ids: list[str]) -> list[str]:
+            return [r for r in request_ids if StoredEvent.select().where(
+                (StoredEvent.stream == r) & (StoredEvent.type == "RequestCompleted")).exists()]
+
+        for request_id in await self.eventlog.read(completed, folders):
+            await asyncio.to_thread(remove_incoming, self.incoming, request_id)
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         if results:

@@ -6,7 +6,9 @@ import asyncio
 import dataclasses
 import multiprocessing
 import os
-import shutil
+import select
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
@@ -18,7 +20,7 @@ from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event, ImageCompressed, ImageDownloaded, ImageFailed
 from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file
-from daemon.stages.download import incoming_path
+from daemon.stages.download import incoming_path, remove_matching
 
 log = structlog.get_logger("compress")
 
@@ -31,7 +33,34 @@ def make_pool(settings: CompressSettings) -> ProcessPoolExecutor:
     # forkserver: workers do not inherit the daemon's threads (observer, DB writer) mid-flight.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["daemon.stages.codec"])
-    return ProcessPoolExecutor(max_workers=pool_size(settings), mp_context=context)
+    return ProcessPoolExecutor(max_workers=pool_size(settings), mp_context=context,
+                               initializer=exit_with, initargs=(os.getpid(),))
+
+
+def exit_with(pid: int) -> None:
+    """Pool initializer: end this worker when the daemon ends, even by kill -9.
+
+    A worker waits on its job queue, whose write end it holds itself, so it would never notice.
+    """
+
+    def watch() -> None:
+        try:
+            with os.fdopen(os.pidfd_open(pid), "rb", buffering=0) as handle:
+                select.select([handle], [], [])  # readable once the process has exited
+        except OSError:  # no pidfd (old kernel): poll
+            while os.getppid() != 1 and _alive(pid):
+                time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-daemon", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def encode_settings(settings: CompressSettings) -> EncodeSettings:
@@ -67,12 +96,12 @@ class CompressStage(Follower):
             return [ImageFailed(**where, stage="compress", error="the downloaded body is gone; upload the CSV again")]
         return [ImageCompressed(**where, **dataclasses.asdict(result))]
 
+    async def recover(self) -> None:
+        """Temp files of encodes that a crash cut short (workers end with the daemon)."""
+        await asyncio.to_thread(remove_matching, self.images, ".*.tmp")
+
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         event = record.event
         assert isinstance(event, ImageDownloaded)
         source = incoming_path(self.incoming, record.stream, event.product, event.index)
         await asyncio.to_thread(source.unlink, missing_ok=True)
-
-
-def remove_incoming(incoming: Path, request_id: str) -> None:
-    shutil.rmtree(incoming / request_id, ignore_errors=True)

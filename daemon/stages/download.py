@@ -10,6 +10,7 @@ import asyncio
 import email.utils
 import os
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,15 @@ class DownloadError(Exception):
 
 def incoming_path(incoming: Path, request_id: str, product: int, index: int) -> Path:
     return incoming / request_id / f"{product}-{index}"
+
+
+def remove_matching(folder: Path, pattern: str) -> None:
+    for path in folder.glob(pattern):
+        path.unlink(missing_ok=True)
+
+
+def remove_incoming(incoming: Path, request_id: str) -> None:
+    shutil.rmtree(incoming / request_id, ignore_errors=True)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -122,6 +132,10 @@ class DownloadStage(Follower):
         super().__init__(eventlog)
         self.client, self.incoming, self.settings = client, incoming, settings
         self.concurrency = settings.concurrency
+
+    async def recover(self) -> None:
+        """Partial bodies of downloads that a crash cut short; they are downloaded again."""
+        await asyncio.to_thread(remove_matching, self.incoming, "*/*.part")
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         computed = min(self.settings.backoff_max, self.settings.backoff_base * 2 ** (attempt - 1))
