@@ -11,16 +11,19 @@ import random
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
 from PIL import Image, ImageFilter
 
 from daemon.config import Settings, load_settings, replace
 from daemon.eventlog.follower import run_until_idle
+
+T = TypeVar("T")
 
 
 def photo(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
@@ -239,3 +242,16 @@ class Listener:
             await asyncio.sleep(self.hang_seconds)
             step = 200
         return web.json_response({"ok": step == 200}, status=int(step))
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 30.0,
+                     interval: float = 0.05) -> T:
+    """Await `check` until it returns something truthy; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)

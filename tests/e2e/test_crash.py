@@ -42,7 +42,7 @@ import pytest_asyncio
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from daemon.testing import Listener, Origin, Received, jpeg_bytes, photo
+from daemon.testing import Listener, Origin, Received, eventually, jpeg_bytes, photo
 
 T = TypeVar("T")
 
@@ -65,19 +65,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-async def until(check: Callable[[], Awaitable[T | None]], what: str, timeout: float,
-                interval: float = 0.01) -> T:
-    """Poll the coroutine function `check` until it returns something truthy; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def read_db(database: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -224,7 +211,7 @@ class Daemon:
             except (aiohttp.ClientError, TimeoutError):
                 return False
 
-        await until(healthy, f"/healthz after start #{self.starts}", START_DEADLINE, interval=0.05)
+        await eventually(healthy, f"/healthz after start #{self.starts}", START_DEADLINE, interval=0.05)
 
     async def kill(self) -> None:
         """SIGKILL, no warning; remember which of its descendants were running at that moment."""
@@ -332,7 +319,7 @@ async def run_scenario(root: Path) -> Outcome:
             async def some_downloaded() -> bool:
                 return (await counts())["ImageDownloaded"] >= 30
 
-            await until(some_downloaded, "30 ImageDownloaded", KILL_DEADLINE)
+            await eventually(some_downloaded, "30 ImageDownloaded", KILL_DEADLINE, interval=0.01)
             await daemon.kill()
             seen = await counts()
             evidence["mid_download"] = {"downloaded": seen["ImageDownloaded"], "compressed": seen["ImageCompressed"],
@@ -346,7 +333,7 @@ async def run_scenario(root: Path) -> Outcome:
                 now = await counts()
                 return now["ImageCompressed"] >= before + 30 and now["ImageDownloaded"] > now["ImageCompressed"]
 
-            await until(compressing, "30 more ImageCompressed", KILL_DEADLINE)
+            await eventually(compressing, "30 more ImageCompressed", KILL_DEADLINE, interval=0.01)
             await daemon.kill()
             seen = await counts()
             evidence["mid_compress"] = {"downloaded": seen["ImageDownloaded"], "compressed": seen["ImageCompressed"],
@@ -370,7 +357,7 @@ async def run_scenario(root: Path) -> Outcome:
 
             # A fast poll: the file is claimed (renamed out of the root) once it has settled, then stays in
             # .claimed/ while the daemon reads and parses 20 MB (the parse alone takes ~0.1 s) and records it.
-            await until(taken, f"{INBOX_NAME} to leave the inbox root", KILL_DEADLINE, interval=0.002)
+            await eventually(taken, f"{INBOX_NAME} to leave the inbox root", KILL_DEADLINE, interval=0.002)
             await daemon.kill()
             accepted = await asyncio.to_thread(
                 read_db, db, "SELECT COUNT(*) FROM events WHERE type = 'RequestAccepted' "
@@ -395,7 +382,7 @@ async def run_scenario(root: Path) -> Outcome:
             async def retry_pending() -> dict[str, Any] | None:
                 return await asyncio.to_thread(pending_retry)
 
-            pending = await until(retry_pending, "a completed request with a pending webhook retry", KILL_DEADLINE,
+            pending = await eventually(retry_pending, "a completed request with a pending webhook retry", KILL_DEADLINE,
                                   interval=0.02)
             await daemon.kill()
             at_kill = await asyncio.to_thread(read_db, db, "SELECT type, data FROM events WHERE stream = ? "
@@ -418,7 +405,7 @@ async def run_scenario(root: Path) -> Outcome:
             async def all_finished() -> list[str] | None:
                 return await asyncio.to_thread(finished)
 
-            request_ids = await until(all_finished, "both requests delivered", FINISH_DEADLINE, interval=0.05)
+            request_ids = await eventually(all_finished, "both requests delivered", FINISH_DEADLINE, interval=0.05)
 
             async def views_settled() -> dict[str, tuple[int, str]] | None:
                 """The /status bodies once both say completed with every delivery delivered."""
@@ -430,7 +417,7 @@ async def run_scenario(root: Path) -> Outcome:
                         return None
                 return bodies
 
-            status_before = await until(views_settled, "/status to show completed and delivered", FINISH_DEADLINE,
+            status_before = await eventually(views_settled, "/status to show completed and delivered", FINISH_DEADLINE,
                                         interval=0.05)
             await daemon.stop()
             views_before = await asyncio.to_thread(dump_views, db)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 
-from daemon.testing import Origin, jpeg_bytes, photo
+from daemon.testing import Origin, eventually, jpeg_bytes, photo
 
 T = TypeVar("T")
 SAMPLE_CSV = Path(__file__).resolve().parents[2] / "sample.csv"
@@ -25,18 +25,6 @@ DOCUMENTED_KEYS = {"request_id", "status", "source", "created_at", "updated_at",
                    "products"}
 STATUSES = {"queued", "processing", "completed", "completed_with_errors", "failed"}
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-async def poll(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 30.0) -> T:
-    """Await `check` until it returns something truthy, failing with `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def wait_until(check: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
@@ -100,7 +88,7 @@ async def test_csv_dropped_in_the_inbox_is_archived_processed_and_exported(daemo
         async def archived() -> list[Path]:
             return sorted(daemon.archive.glob("*--drop.csv"))
 
-        (path,) = await poll(archived, "drop.csv to appear in inbox/archive")
+        (path,) = await eventually(archived, "drop.csv to appear in inbox/archive")
         request_id = path.name.partition("--")[0]
         assert REQUEST_ID.match(request_id)
         assert path.read_text(encoding="utf-8") == data
@@ -112,10 +100,10 @@ async def test_csv_dropped_in_the_inbox_is_archived_processed_and_exported(daemo
                 body = await response.json()
                 return body if not done or body["completed_at"] else None
 
-        first = await poll(lambda: status_when(False), f"GET /status/{request_id} to answer 200")
+        first = await eventually(lambda: status_when(False), f"GET /status/{request_id} to answer 200")
         assert_status_shape(first)
         assert first["source"] == {"kind": "inbox", "name": "drop.csv"}
-        final = await poll(lambda: status_when(True), f"request {request_id} to complete")
+        final = await eventually(lambda: status_when(True), f"request {request_id} to complete")
         assert_status_shape(final)
         assert final["status"] == "completed", final
         assert final["progress"] == {"images": 3, "done": 3, "failed": 0, "pending": 0}
@@ -130,7 +118,7 @@ async def test_csv_dropped_in_the_inbox_is_archived_processed_and_exported(daemo
         async def exported() -> bool:
             return outbox_file.exists()
 
-        await poll(exported, f"{outbox_file.name} in the outbox")
+        await eventually(exported, f"{outbox_file.name} in the outbox")
     rows = list(csv.reader(io.StringIO(outbox_file.read_text(encoding="utf-8"))))
     assert rows[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls"]
     assert [(r[0], r[1], r[3].split(",")) for r in rows[1:]] == [("1", "Lamp", outputs[:2]), ("2", "Desk", outputs[2:])]
