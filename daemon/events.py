@@ -110,6 +110,7 @@ class ImageCompressed(ImageEvent):
 class ImageFailed(ImageEvent):
     stage: str  # "download" | "compress"
     error: str
+    attempts: int = 0  # download attempts made, when the download failed
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ class Origin:
         app.router.add_get("/html", self._html)
         app.router.add_get("/empty", self._empty)
         app.router.add_get("/huge", self._huge)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A short shutdown: /stall and /huge would otherwise hold stop() for aiohttp's 60 s default.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

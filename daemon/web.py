@@ -77,6 +77,23 @@ def bearer_auth(tokens: tuple[str, ...]) -> Callable[[web.Request, Handler], Awa
     return auth
 
 
+CHUNK = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    """A request body passed its limit while being read."""
+
+
+async def read_limited(read: Callable[[int], Awaitable[bytes]], limit: int) -> bytes:
+    """Read a stream in chunks, stopping as soon as it passes `limit` (never buffers a huge body)."""
+    data = bytearray()
+    while chunk := await read(CHUNK):
+        data += chunk
+        if len(data) > limit:
+            raise BodyTooLarge
+    return bytes(data)
+
+
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda v: json.dumps(v, ensure_ascii=False))
 

@@ -79,7 +79,8 @@ def parse_csv(data: bytes, limits: LimitSettings) -> Batch | list[Problem]:
         return [Problem(line, "", f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the file as UTF-8")]
     if not text.strip():  # only a UTF-8 BOM (Excel's empty "CSV UTF-8") and blank lines
         return empty
-    csv.field_size_limit(limits.max_cell_bytes)
+    # The csv module's limit is process-wide and counts characters; the byte limit is checked per row below.
+    csv.field_size_limit(max(csv.field_size_limit(), limits.max_cell_bytes))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     problems: list[Problem] = []
     products: list[Product] = []
@@ -107,6 +108,9 @@ def parse_csv(data: bytes, limits: LimitSettings) -> Batch | list[Problem]:
             if rows > limits.max_rows:
                 problems.append(Problem(start, "", f"too many rows: the limit is {limits.max_rows}"))
                 break
+            if any(len(c) * 4 > limits.max_cell_bytes and len(c.encode()) > limits.max_cell_bytes for c in cells):
+                problems.append(Problem(start, "", f"a cell is larger than {limits.max_cell_bytes} bytes"))
+                continue
             if len(cells) > len(header) and urls_last:
                 # An unquoted URL list spills into extra cells; they all belong to the last column.
                 cells = [*cells[: len(header) - 1], ",".join(cells[len(header) - 1:])]

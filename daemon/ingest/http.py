@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import functools
-from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import BodyPartReader, web
@@ -15,55 +13,53 @@ from daemon.eventlog.store import StreamConflict
 from daemon.events import RequestAccepted
 from daemon.ingest.accept import Accepted, accept, idempotent_request_id
 from daemon.ingest.csvfile import Batch, check_url, parse_csv
-from daemon.web import EVENTLOG, SETTINGS, STATUS_VIEW, json_error, json_response
+from daemon.web import EVENTLOG, SETTINGS, STATUS_VIEW, BodyTooLarge, json_error, json_response, read_limited
 
 log = structlog.get_logger("ingest")
 
 RAW_TYPES = frozenset({"text/csv", "application/csv", "text/plain", "application/vnd.ms-excel"})
 FIELD_LIMIT = 8192
-CHUNK = 64 * 1024
+MAX_FIELDS = 4
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 def too_large(limit: int) -> web.HTTPException:
-    # HTTPRequestEntityTooLarge requires max_size, so json_error's cls(text=...) cannot build it.
-    return json_error(functools.partial(web.HTTPRequestEntityTooLarge, limit), "too_large",  # type: ignore[arg-type]
-                      f"the CSV is larger than the limit of {limit} bytes", limit=limit)
-
-
-async def read_limited(read: Callable[[int], Awaitable[bytes]], limit: int) -> bytes:
-    """Read a stream in chunks, refusing as soon as it passes `limit` (never buffers a huge body)."""
-    data = bytearray()
-    while chunk := await read(CHUNK):
-        data += chunk
-        if len(data) > limit:
-            raise too_large(limit)
-    return bytes(data)
+    return json_error(web.HTTPRequestEntityTooLarge, "too_large", f"the CSV is larger than the limit of {limit} bytes",
+                      limit=limit)
 
 
 async def read_upload(request: web.Request, settings: Settings) -> tuple[bytes, str, dict[str, str]]:
-    """The CSV bytes, its file name and the other form fields."""
+    """The CSV bytes, its file name and the other form fields; 413 as soon as the body passes the limit."""
     limit = settings.limits.max_upload_bytes
-    if request.content_length is not None and request.content_length > limit + FIELD_LIMIT * 4:
+    budget = limit + FIELD_LIMIT * MAX_FIELDS  # the whole body: the file plus a few small form fields
+    if request.content_length is not None and request.content_length > budget:
         raise too_large(limit)
     fields: dict[str, str] = {}
-    if request.content_type == "multipart/form-data":
-        body: bytes | None = None
-        filename = "upload.csv"
-        async for part in await request.multipart():
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "file":
-                filename = part.filename or filename
-                body = await read_limited(part.read_chunk, limit)
-            elif part.name:
-                fields[part.name] = (await read_limited(part.read_chunk, FIELD_LIMIT)).decode("utf-8", "replace").strip()
-        if body is None:
-            raise json_error(web.HTTPBadRequest, "missing_file",
-                             "multipart upload has no 'file' field; send it as -F \"file=@batch.csv\"")
-        return body, filename, fields
-    if request.content_type in RAW_TYPES:
-        return await read_limited(request.content.read, limit), "upload.csv", fields
+    try:
+        if request.content_type == "multipart/form-data":
+            body: bytes | None = None
+            filename = "upload.csv"
+            async for part in await request.multipart():
+                if not isinstance(part, BodyPartReader):
+                    continue
+                if part.name == "file":
+                    filename = part.filename or filename
+                    body = await read_limited(part.read_chunk, min(limit, budget))
+                    budget -= len(body)
+                elif part.name and len(fields) < MAX_FIELDS:
+                    value = await read_limited(part.read_chunk, min(FIELD_LIMIT, budget))
+                    budget -= len(value)
+                    fields[part.name] = value.decode("utf-8", "replace").strip()
+                else:
+                    budget -= len(await read_limited(part.read_chunk, budget))
+            if body is None:
+                raise json_error(web.HTTPBadRequest, "missing_file",
+                                 "multipart upload has no 'file' field; send it as -F \"file=@batch.csv\"")
+            return body, filename, fields
+        if request.content_type in RAW_TYPES:
+            return await read_limited(request.content.read, limit), "upload.csv", fields
+    except BodyTooLarge:
+        raise too_large(limit) from None
     raise json_error(web.HTTPUnsupportedMediaType, "unsupported_media_type",
                      f"send the CSV as multipart/form-data (field 'file') or as text/csv, not {request.content_type!r}")
 

@@ -20,7 +20,7 @@ from watchdog.observers import Observer
 from daemon.config import LimitSettings
 from daemon.eventlog.store import EventLog, StreamConflict
 from daemon.ingest.accept import accept, new_request_id
-from daemon.ingest.csvfile import Problem, parse_csv
+from daemon.ingest.csvfile import Batch, Problem, parse_csv
 
 log = structlog.get_logger("inbox")
 
@@ -141,8 +141,12 @@ class Inbox:
             await self._ingest(claimed, request_id, name)
 
     async def _ingest(self, claimed: Path, request_id: str, name: str) -> None:
-        data = await asyncio.to_thread(claimed.read_bytes)
-        parsed = await asyncio.to_thread(parse_csv, data, self._limits)
+        limit = self._limits.max_upload_bytes
+        parsed: Batch | list[Problem]
+        if (await asyncio.to_thread(claimed.stat)).st_size > limit:  # the same limit as an upload; never read
+            parsed = [Problem(1, "", f"the CSV is larger than the limit of {limit} bytes")]
+        else:
+            parsed = await asyncio.to_thread(parse_csv, await asyncio.to_thread(claimed.read_bytes), self._limits)
         if isinstance(parsed, list):
             target = self.folder / REJECTED / claimed.name
             await asyncio.to_thread(_write_atomic, target.with_name(target.name + ".errors.txt"),

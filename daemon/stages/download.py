@@ -159,5 +159,5 @@ class DownloadStage(Follower):
                 )) from None
             suffix = f" (after {attempt} attempts)" if exc.transient else ""
             log.info("image_failed", request_id=record.stream, url=event.url, error=str(exc), **where)
-            return [ImageFailed(**where, stage="download", error=f"download failed: {exc}{suffix}")]
+            return [ImageFailed(**where, stage="download", error=f"download failed: {exc}{suffix}", attempts=attempt)]
         return [ImageDownloaded(**where, stem=event.stem, bytes=fetched.bytes, attempts=attempt)]

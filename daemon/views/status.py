@@ -183,7 +183,7 @@ def _image_changes(event: ImageEvent) -> dict[str, Any]:
             "bytes_out": event.bytes_out, "note": event.note or None, "error": None,
         }
     if isinstance(event, ImageFailed):
-        return {"status": "failed", "error": event.error}
+        return {"status": "failed", "error": event.error, **({"attempts": event.attempts} if event.attempts else {})}
     raise TypeError(event)
 
 

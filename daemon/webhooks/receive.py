@@ -16,8 +16,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from daemon.eventlog.store import EventLog
 from daemon.events import NotificationReceived
-from daemon.ingest.http import read_limited
-from daemon.web import EVENTLOG, SETTINGS, json_error, json_response
+from daemon.web import EVENTLOG, SETTINGS, BodyTooLarge, json_error, json_response, read_limited
 
 log = structlog.get_logger("webhooks")
 
@@ -70,9 +69,13 @@ async def receive(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         raise json_error(web.HTTPUnsupportedMediaType, "unsupported_media_type",
                          f"notifications must be application/json, not {request.content_type!r}")
+    too_large = json_error(web.HTTPRequestEntityTooLarge, "too_large", f"notification over {limit} bytes", limit=limit)
     if request.content_length is not None and request.content_length > limit:
-        raise json_error(web.HTTPRequestEntityTooLarge, "too_large", f"notification over {limit} bytes", limit=limit)
-    body = await read_limited(request.content.read, limit)
+        raise too_large
+    try:
+        body = await read_limited(request.content.read, limit)
+    except BodyTooLarge:
+        raise too_large from None
     webhook_id = request.headers.get("webhook-id", "")
     secret = settings.webhooks.inbound_secret
     verified = False
@@ -86,7 +89,7 @@ async def receive(request: web.Request) -> web.Response:
         verified = True
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise bad_request(f"malformed JSON: {exc}") from None
     request_id, kind, status = parse_notification(payload)
     structlog.contextvars.bind_contextvars(request_id=request_id)

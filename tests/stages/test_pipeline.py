@@ -135,7 +135,7 @@ async def test_transient_failures_give_up_after_the_configured_attempts(
         await drain(app)
         body = await status_of(app, accepted.request_id)
         failing, good = images_of(body)
-        assert failing["status"] == "failed" and failing["attempts"] == 2
+        assert failing["status"] == "failed" and failing["attempts"] == 3
         assert failing["error"] == "download failed: HTTP 503 Service Unavailable (after 3 attempts)"
         assert good["status"] == "compressed"
         assert origin.hits["/code/503"] == 3
