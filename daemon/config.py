@@ -117,7 +117,7 @@ class Settings:
         return url
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Settings) if f.name != "base_dir"}
+SECTIONS: frozenset[str] = frozenset(f.name for f in fields(Settings) if f.name != "base_dir")
 
 
 def _coerce(key: str, kind: Any, value: Any) -> Any:

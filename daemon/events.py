@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
-
-E = TypeVar("E", bound="Event")
+from typing import Any, ClassVar, Self
 
 
 @dataclass(frozen=True)
@@ -30,7 +28,7 @@ class Event:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
-    def from_data(cls: type[E], data: dict[str, Any]) -> E:
+    def from_data(cls, data: dict[str, Any]) -> Self:
         return cls(**data)
 
 
@@ -62,7 +60,7 @@ class RequestAccepted(Event):
     body_sha256: str = ""
 
     @classmethod
-    def from_data(cls, data: dict[str, Any]) -> RequestAccepted:
+    def from_data(cls, data: dict[str, Any]) -> Self:
         products = tuple(
             Product(**{**p, "input_urls": tuple(p["input_urls"])}) for p in data.pop("products")
         )

@@ -202,7 +202,8 @@ async def drain(app: web.Application) -> int:
     """Burst mode: run every consumer until the whole pipeline is idle; returns events handled."""
     from daemon.app import FOLLOWERS
 
-    return await run_until_idle(app[FOLLOWERS])
+    followers = app[FOLLOWERS]
+    return await run_until_idle(followers)
 
 
 @dataclass(frozen=True)

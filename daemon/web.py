@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from daemon.config import Settings
 from daemon.eventlog.store import EventLog
@@ -57,7 +58,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 OPEN_PATHS = frozenset({"/healthz"})
 
 
-def bearer_auth(tokens: tuple[str, ...]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def bearer_auth(tokens: tuple[str, ...]) -> Middleware:
     """When tokens are configured, every endpoint but /healthz needs `Authorization: Bearer <token>`."""
     expected = [t.encode() for t in tokens]
 

@@ -98,7 +98,11 @@ class Inbox:
             return
         task = asyncio.create_task(self._take(path), name=f"inbox:{path.name}")
         self._pending[path] = task
-        task.add_done_callback(lambda t, p=path: self._pending.pop(p, None) if self._pending.get(p) is t else None)
+        task.add_done_callback(lambda done: self._forget(path, done))
+
+    def _forget(self, path: Path, task: asyncio.Task[None]) -> None:
+        if self._pending.get(path) is task:
+            del self._pending[path]
 
     async def _take(self, path: Path) -> None:
         try:

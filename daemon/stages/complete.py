@@ -49,12 +49,11 @@ class CompleteStage(Follower):
         opening = StoredEvent.get((StoredEvent.stream == stream) & (StoredEvent.version == 1))
         accepted = decode(opening.type, opening.data)
         assert isinstance(accepted, RequestAccepted)
-        counts = dict(
-            StoredEvent.select(StoredEvent.type, peewee.fn.COUNT(StoredEvent.position))
-            .where((StoredEvent.stream == stream) & (StoredEvent.position < position)
-                   & StoredEvent.type.in_([*IMAGE_TERMINAL, "RequestCompleted"]))
-            .group_by(StoredEvent.type).tuples()
-        )
+        query = (StoredEvent.select(StoredEvent.type, peewee.fn.COUNT(StoredEvent.position))
+                 .where((StoredEvent.stream == stream) & (StoredEvent.position < position)
+                        & StoredEvent.type.in_([*IMAGE_TERMINAL, "RequestCompleted"]))
+                 .group_by(StoredEvent.type).tuples())
+        counts: dict[str, int] = {kind: count for kind, count in query}
         failed = counts.get("ImageFailed", 0)
         return _Tally(accepted.image_count, done=sum(counts.get(t, 0) for t in IMAGE_TERMINAL) - failed,
                       failed=failed, completed=bool(counts.get("RequestCompleted")))

@@ -94,7 +94,7 @@ class CompressStage(Follower):
             return [ImageFailed(**where, stage="compress", error=str(exc))]
         except FileNotFoundError:
             return [ImageFailed(**where, stage="compress", error="the downloaded body is gone; upload the CSV again")]
-        return [ImageCompressed(**where, **dataclasses.asdict(result))]
+        return [ImageCompressed(product=event.product, index=event.index, **dataclasses.asdict(result))]
 
     async def recover(self) -> None:
         """Temp files of encodes that a crash cut short (workers end with the daemon)."""

@@ -37,7 +37,7 @@ class StatusRequest(BaseModel):
 class StatusImage(BaseModel):
     request_id = peewee.CharField(max_length=64)
     product = peewee.IntegerField()
-    index = peewee.IntegerField()
+    index = peewee.IntegerField()  # type: ignore[assignment]  # the image's place in its URL cell
     serial = peewee.CharField()
     product_name = peewee.TextField()
     input_url = peewee.TextField()

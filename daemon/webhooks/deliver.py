@@ -7,7 +7,7 @@ so pending retries survive a restart. The `webhook-id` is derived from the compl
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import json
 import random
 import time
@@ -129,23 +129,27 @@ class WebhookDelivery(Follower):
         body = json.dumps(completion_payload(records[: records.index(completed) + 1], self.settings.public_url),
                           ensure_ascii=False, separators=(",", ":"))
         status, error, latency, retry_after = await self._post(queued, body)
-        common = {"message_id": queued.message_id, "listener": queued.listener, "round": queued.round,
-                  "attempt": number, "status_code": status, "error": error, "latency_ms": latency}
+        def attempted(outcome: str, retry_in: float | None = None) -> WebhookAttempted:
+            return WebhookAttempted(message_id=queued.message_id, listener=queued.listener, round=queued.round,
+                                    attempt=number, outcome=outcome, status_code=status, error=error,
+                                    latency_ms=latency, retry_in=retry_in)
+
         if status is not None and 200 <= status < 300:
-            log.info("webhook_delivered", request_id=record.stream, **common)
-            return [WebhookAttempted(**common, outcome="delivered")]
-        if status == 410:
-            log.info("webhook_gone", request_id=record.stream, **common)
-            return [WebhookAttempted(**common, outcome="gone")]
-        schedule = self.settings.webhooks.retry_schedule
-        if number > len(schedule):
-            log.warning("webhook_failed", request_id=record.stream, **common)
-            return [WebhookAttempted(**common, outcome="failed")]
-        delay = schedule[number - 1] * random.uniform(0.9, 1.1)
-        if retry_after is not None and status in (429, 503):
-            delay = max(delay, min(retry_after, max(schedule)))
-        log.info("webhook_retrying", request_id=record.stream, retry_in=round(delay, 3), **common)
-        raise Retry(defer=delay, events=(WebhookAttempted(**common, outcome="retrying", retry_in=round(delay, 3)),))
+            result = attempted("delivered")
+        elif status == 410:
+            result = attempted("gone")
+        elif number > len(schedule := self.settings.webhooks.retry_schedule):
+            result = attempted("failed")
+        else:
+            delay = schedule[number - 1] * random.uniform(0.9, 1.1)
+            if retry_after is not None and status in (429, 503):
+                delay = max(delay, min(retry_after, max(schedule)))
+            retrying = attempted("retrying", retry_in=round(delay, 3))
+            log.info("webhook_retrying", request_id=record.stream, **dataclasses.asdict(retrying))
+            raise Retry(defer=delay, events=(retrying,))
+        level = log.warning if result.outcome == "failed" else log.info
+        level(f"webhook_{result.outcome}", request_id=record.stream, **dataclasses.asdict(result))
+        return [result]
 
     async def _post(self, queued: WebhookQueued, body: str) -> tuple[int | None, str, float, float | None]:
         """One attempt: (status code, error, latency in ms, Retry-After seconds)."""
