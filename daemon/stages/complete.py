@@ -7,9 +7,10 @@ rebuilt from the log for a request first seen after a restart).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import peewee
 
@@ -53,7 +54,7 @@ class CompleteStage(Follower):
                  .where((StoredEvent.stream == stream) & (StoredEvent.position < position)
                         & StoredEvent.type.in_([*IMAGE_TERMINAL, "RequestCompleted"]))
                  .group_by(StoredEvent.type).tuples())
-        counts: dict[str, int] = {kind: count for kind, count in query}
+        counts = dict(cast(Iterable[tuple[str, int]], query))  # .tuples(): (type, count) rows
         failed = counts.get("ImageFailed", 0)
         return _Tally(accepted.image_count, done=sum(counts.get(t, 0) for t in IMAGE_TERMINAL) - failed,
                       failed=failed, completed=bool(counts.get("RequestCompleted")))
