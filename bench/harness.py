@@ -1,0 +1,244 @@
+"""What both bench scenarios share: generated photos, the daemon as a subprocess, its memory and CPU, uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
+from types import TracebackType
+
+import aiohttp
+
+from daemon.testing import Origin, jpeg_bytes, photo
+
+ACTIVE = ("queued", "processing")
+
+
+def make_image(seed: int, size: int) -> bytes:
+    return jpeg_bytes(photo(size, size, seed=seed), quality=90)
+
+
+def make_photos(count: int, size: int, workers: int) -> list[bytes]:
+    started = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        photos = list(pool.map(make_image, range(count), [size] * count))
+    print(f"generated {count} distinct {size}x{size} photos in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+    return photos
+
+
+def _serve(conn: Connection) -> None:
+    files = conn.recv()
+
+    async def serve() -> None:
+        async with Origin(files) as origin:
+            conn.send(origin.url)
+            await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+@contextlib.asynccontextmanager
+async def origin_process(files: dict[str, bytes]) -> AsyncIterator[str]:
+    """An `Origin` in a process of its own, so serving the images leaves the bench's event loop alone."""
+    context = multiprocessing.get_context("spawn")
+    mine, theirs = context.Pipe()
+    process = context.Process(target=_serve, args=(theirs,), daemon=True)
+    process.start()
+    theirs.close()  # should the child die, send() and recv() here fail instead of waiting forever
+
+    def handshake() -> str:
+        mine.send(files)
+        return str(mine.recv())
+
+    try:
+        yield await asyncio.to_thread(handshake)
+    finally:
+        process.terminate()
+        process.join(10)
+        mine.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kb(pid: int, field: str = "VmHWM") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: the pool workers are children of the forkserver, not of the daemon."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            kids = [int(p) for p in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+        for kid in kids:
+            found += [kid, *descendants(kid)]
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def csv_body(urls: list[str]) -> bytes:
+    return ("S. No.,Product Name,Input Image Urls\n" + "".join(
+        f"{i},Product {i},{url}\n" for i, url in enumerate(urls, start=1))).encode()
+
+
+class Daemon:
+    """`python -m daemon run` in `workdir` on a free loopback port; samples its memory until stopped."""
+
+    def __init__(self, workdir: Path, workers: int, quality: int) -> None:
+        self.workdir, self.workers, self.quality = workdir, workers, quality
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.peak_main_kb = self.peak_pool_kb = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sampler: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    async def __aenter__(self) -> Daemon:
+        env = {
+            **os.environ,
+            "IMGPIPE_SERVER_PORT": str(self.port),
+            "IMGPIPE_PATHS_INBOX": str(self.workdir / "inbox"),
+            "IMGPIPE_PATHS_OUTBOX": str(self.workdir / "outbox"),
+            "IMGPIPE_PATHS_IMAGES": str(self.workdir / "images"),
+            "IMGPIPE_PATHS_DATABASE": f"sqlite:///{self.workdir / 'imgpipe.db'}",
+            "IMGPIPE_COMPRESS_WORKERS": str(self.workers),
+            "IMGPIPE_COMPRESS_QUALITY": str(self.quality),
+            "IMGPIPE_NETWORK_ALLOW_PRIVATE": "true",
+        }
+        with open(self.workdir / "daemon.log", "wb") as log:
+            self._proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=self.workdir, env=env,
+                                          stdout=log, stderr=subprocess.STDOUT)
+        try:
+            await self._wait_healthy()
+        except BaseException:
+            self._stop()
+            raise
+        self._sampler = asyncio.create_task(self._sample_forever())
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+        self.sample()
+        self._stop()
+
+    async def _wait_healthy(self) -> None:
+        async with aiohttp.ClientSession() as client:
+            for _ in range(300):
+                if self._proc is not None and self._proc.poll() is not None:
+                    break
+                try:
+                    async with client.get(f"{self.base}/healthz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"the daemon did not start; see {self.workdir / 'daemon.log'}")
+
+    def _stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(30)
+
+    async def _sample_forever(self, interval: float = 0.05) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(interval)
+
+    def sample(self) -> None:
+        """Main process: the kernel's high-water mark. Pool (forkserver, workers, resource tracker): summed RSS."""
+        self.peak_main_kb = max(self.peak_main_kb, rss_kb(self.pid))
+        self.peak_pool_kb = max(self.peak_pool_kb, sum(rss_kb(p, "VmRSS") for p in descendants(self.pid)))
+
+    def memory(self) -> dict[str, float]:
+        return {"daemon_peak_rss_mb": round(self.peak_main_kb / 1024, 1),
+                "pool_rss_mb": round(self.peak_pool_kb / 1024, 1)}
+
+
+@dataclass(frozen=True)
+class CpuMark:
+    at: float
+    machine: tuple[int, int]
+    processes: dict[int, float]
+
+
+def cpu_mark() -> CpuMark:
+    """Start a CPU-use window over the machine and this process with everything below it."""
+    me = os.getpid()
+    return CpuMark(time.perf_counter(), cpu_busy(), {p: cpu_seconds(p) for p in [me, *descendants(me)]})
+
+
+def cpu_use(mark: CpuMark, daemon: int) -> dict[str, float]:
+    """CPU use since `mark`, in cores: the daemon's main process, its pool, the bench (client and origin), and
+    whatever else ran on the machine meanwhile (other users: not 0 means the figures are disturbed)."""
+    wall = time.perf_counter() - mark.at
+    busy, total = cpu_busy()
+    me, pool = os.getpid(), set(descendants(daemon))
+    used = {"daemon_main": 0.0, "pool": 0.0, "bench": 0.0}
+    for pid in [me, *descendants(me)]:
+        part = "daemon_main" if pid == daemon else "pool" if pid in pool else "bench"
+        used[part] += cpu_seconds(pid) - mark.processes.get(pid, 0.0)
+    share = (busy - mark.machine[0]) / max(total - mark.machine[1], 1)
+    machine = share * (os.cpu_count() or 1)
+    return {"machine_cpu_busy_pct": round(100 * share, 1),
+            **{f"{part}_cpu_cores": round(seconds / wall, 2) for part, seconds in used.items()},
+            "other_cpu_cores": round(machine - sum(used.values()) / wall, 2)}
+
+
+async def upload(client: aiohttp.ClientSession, base: str, urls: list[str]) -> dict[str, object]:
+    """POST one CSV as text/csv; returns the 202 body or raises."""
+    async with client.post(f"{base}/upload", data=csv_body(urls), headers={"Content-Type": "text/csv"}) as r:
+        body = await r.json()
+        if r.status != 202:
+            raise RuntimeError(f"upload answered {r.status}: {body}")
+        return dict(body)
