@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from types import TracebackType
 
 import aiohttp
 
-from daemon.testing import Origin, jpeg_bytes, photo
+from daemon.testing import Origin, free_port, jpeg_bytes, photo
 
 ACTIVE = ("queued", "processing")
 
@@ -69,10 +68,6 @@ async def origin_process(files: dict[str, bytes]) -> AsyncIterator[str]:
         mine.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_kb(pid: int, field: str = "VmHWM") -> int:

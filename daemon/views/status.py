@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import peewee
 
@@ -199,24 +199,21 @@ def request_status(request_id: str, public_url: str, with_products: bool = True)
     products: list[dict[str, Any]] = []
     if not with_products:
         return {"request_id": request_id, "status": request.status, "progress": progress(request)}
-    images = StatusImage.select().where(StatusImage.request_id == request_id).order_by(
-        StatusImage.product, StatusImage.index)
-    for image in images:
-        if not products or products[-1]["_product"] != image.product:
-            products.append({"_product": image.product, "serial": image.serial,
-                             "product_name": image.product_name, "images": []})
+    # Plain rows, not model instances: this runs for every poll and the ORM objects cost most of it.
+    columns = (StatusImage.product, StatusImage.serial, StatusImage.product_name, StatusImage.input_url,
+               StatusImage.status, StatusImage.output_name, StatusImage.bytes_in, StatusImage.bytes_out,
+               StatusImage.width, StatusImage.height, StatusImage.format, StatusImage.attempts, StatusImage.note,
+               StatusImage.error)
+    rows = StatusImage.select(*columns).where(StatusImage.request_id == request_id).order_by(
+        StatusImage.product, StatusImage.index).tuples()
+    for (product, serial, name, input_url, state, output_name, bytes_in, bytes_out, width, height, fmt, attempts,
+         note, error) in cast(Iterable[tuple[Any, ...]], rows):
+        if not products or products[-1]["_product"] != product:
+            products.append({"_product": product, "serial": serial, "product_name": name, "images": []})
         products[-1]["images"].append({
-            "input_url": image.input_url,
-            "status": image.status,
-            "output_url": image_url(public_url, image.output_name),
-            "bytes_in": image.bytes_in,
-            "bytes_out": image.bytes_out,
-            "width": image.width,
-            "height": image.height,
-            "format": image.format,
-            "attempts": image.attempts,
-            "note": image.note,
-            "error": image.error,
+            "input_url": input_url, "status": state, "output_url": image_url(public_url, output_name),
+            "bytes_in": bytes_in, "bytes_out": bytes_out, "width": width, "height": height, "format": fmt,
+            "attempts": attempts, "note": note, "error": error,
         })
     for product in products:
         del product["_product"]
