@@ -23,6 +23,7 @@ from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file
 from daemon.stages.download import incoming_path, remove_matching
 
 log = structlog.get_logger("compress")
+WORKER_NICENESS = 10
 
 
 def pool_size(settings: CompressSettings) -> int:
@@ -34,11 +35,18 @@ def make_pool(settings: CompressSettings) -> ProcessPoolExecutor:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["daemon.stages.codec"])
     return ProcessPoolExecutor(max_workers=pool_size(settings), mp_context=context,
-                               initializer=exit_with, initargs=(os.getpid(),))
+                               initializer=start_worker, initargs=(os.getpid(),))
+
+
+def start_worker(daemon_pid: int) -> None:
+    """Pool initializer: yield the CPU to the daemon's event loop, and end with the daemon."""
+    # The loop feeds the pool and answers /status; at equal priority a saturated pool starves both.
+    os.nice(WORKER_NICENESS)
+    exit_with(daemon_pid)
 
 
 def exit_with(pid: int) -> None:
-    """Pool initializer: end this worker when the daemon ends, even by kill -9.
+    """End this worker when the daemon ends, even by kill -9.
 
     A worker waits on its job queue, whose write end it holds itself, so it would never notice.
     """
