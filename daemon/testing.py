@@ -214,9 +214,10 @@ class Received:
 
 
 class Listener:
-    """A loopback webhook receiver that answers from a script: e.g. [500, 500, 200], "hang", 410."""
+    """A loopback webhook receiver that answers from a script: e.g. [500, (503, {"Retry-After": "1"}), "hang", 200]."""
 
-    def __init__(self, script: list[int | str] | None = None, hang_seconds: float = 30.0) -> None:
+    def __init__(self, script: list[int | str | tuple[int, dict[str, str]]] | None = None,
+                 hang_seconds: float = 30.0) -> None:
         self.script = list(script or [200])
         self.hang_seconds = hang_seconds
         self.received: list[Received] = []
@@ -243,7 +244,8 @@ class Listener:
         if step == "hang":
             await asyncio.sleep(self.hang_seconds)
             step = 200
-        return web.json_response({"ok": step == 200}, status=int(step))
+        code, headers = step if isinstance(step, tuple) else (int(step), {})
+        return web.json_response({"ok": code == 200}, status=code, headers=headers)
 
 
 async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 30.0,

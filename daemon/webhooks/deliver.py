@@ -34,6 +34,7 @@ from daemon.web import EVENTLOG, json_error, json_response
 log = structlog.get_logger("webhooks")
 
 TERMINAL = frozenset({"delivered", "failed", "gone"})
+MAX_RETRY_AFTER = 86_400.0  # a listener may ask for a pause, not for a message to wait forever
 
 
 def message_id(request_id: str, completed_version: int) -> str:
@@ -143,7 +144,7 @@ class WebhookDelivery(Follower):
         else:
             delay = schedule[number - 1] * random.uniform(0.9, 1.1)
             if retry_after is not None and status in (429, 503):
-                delay = max(delay, min(retry_after, max(schedule)))
+                delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
             retrying = attempted("retrying", retry_in=round(delay, 3))
             log.info("webhook_retrying", request_id=record.stream, **dataclasses.asdict(retrying))
             raise Retry(defer=delay, events=(retrying,))

@@ -164,3 +164,21 @@ async def test_invalid_webhook_url_is_refused_at_upload(make_settings: Callable[
         response = await client.post("/upload", data=form)
         body = await response.json()
     assert response.status == 400 and body["error"] == "invalid_webhook_url" and body["field"] == "webhook_url"
+
+
+async def test_redirects_are_failures_and_retry_after_is_honoured(make_settings: Callable[..., Settings],
+                                                                   origin: Origin) -> None:
+    """A 302 is not followed and counts as a failure; a 503's Retry-After stretches the next wait beyond the schedule."""
+    async with Listener([302, (503, {"Retry-After": "1"}), 200]) as listener:
+        settings = make_settings(webhooks={"urls": (listener.url,), "retry_schedule": FAST})
+        async with daemon_app(settings) as app:
+            accepted = await submit(app, origin)
+            await drain(app)
+            (delivery,) = (await status_of(app, accepted.request_id))["webhooks"]
+    first, second, third = delivery["attempts"]
+    assert first["status_code"] == 302 and first["error"] == "HTTP 302 Found (redirects are not followed)"
+    assert first["outcome"] == "retrying" and first["retry_in"] < 0.1
+    assert second["status_code"] == 503 and second["retry_in"] >= 1.0
+    assert third["outcome"] == "delivered" and delivery["state"] == "delivered"
+    assert listener.received[2].at - listener.received[1].at >= 0.95
+    assert len({r.headers["webhook-id"] for r in listener.received}) == 1
