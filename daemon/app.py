@@ -26,10 +26,16 @@ from daemon.stages.compress import CompressStage, make_pool
 from daemon.stages.download import DownloadStage
 from daemon.views.export import OutboxWriter
 from daemon.views.status import STATUS_TABLES, StatusView
-from daemon.webhooks import receive
-from daemon.webhooks import deliver
+from daemon.web import (
+    EVENTLOG,
+    SETTINGS,
+    STATUS_VIEW,
+    add_routes,
+    bearer_auth,
+    json_errors,
+)
+from daemon.webhooks import deliver, receive
 from daemon.webhooks.deliver import WebhookDelivery
-from daemon.web import EVENTLOG, SETTINGS, STATUS_VIEW, add_routes, bearer_auth, json_errors
 
 log = structlog.get_logger("daemon")
 

@@ -9,7 +9,9 @@ import asyncio
 import io
 import random
 import socket
+import struct
 import time
+import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -61,6 +63,20 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A decompression bomb: a valid 1-bit PNG of all-black rows, built without ever holding the pixels."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    row_block = bytes(1 + (width + 7) // 8) * 1000  # filter byte 0 + packed zero bits, 1000 rows
+    compressor = zlib.compressobj(9)
+    parts = [compressor.compress(row_block) for _ in range(height // 1000)]
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90, **options: object) -> bytes:

@@ -19,10 +19,8 @@ import io
 import json
 import os
 import random
-import struct
-import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,7 +38,14 @@ from standardwebhooks.webhooks import Webhook
 
 from daemon.app import build_app
 from daemon.config import Settings
-from daemon.testing import Origin, jpeg_bytes, photo, pipeline_settings
+from daemon.testing import (
+    Origin,
+    bomb_png,
+    eventually,
+    jpeg_bytes,
+    photo,
+    pipeline_settings,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -114,20 +119,6 @@ class GatedOrigin(Origin):
 # --- generated files ------------------------------------------------------------------------------
 
 
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid 1-bit greyscale PNG of all-black rows, compressed without ever holding the pixels."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    row_block = bytes(1 + (width + 7) // 8) * 1000  # filter byte 0 + packed zero bits, 1000 rows
-    compressor = zlib.compressobj(9)
-    parts = [compressor.compress(row_block) for _ in range(height // 1000)]
-    parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
-
-
 def animated_gif(frames: int) -> bytes:
     """A 16x16 GIF cycling red, green, blue for `frames` frames."""
     colours = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
@@ -181,18 +172,6 @@ class NormalBatch:
     gate: str
 
 
-async def poll(what: str, probe: Callable[[], Awaitable[T | None]], timeout: float = DEADLINE) -> T:
-    """Call `probe` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def status_of(client: Client, request_id: str) -> dict[str, Any]:
     response = await client.get(f"/status/{request_id}")
     assert response.status == 200, await response.text()
@@ -207,7 +186,7 @@ async def finished(client: Client, request_id: str) -> dict[str, Any]:
         body = await status_of(client, request_id)
         return body if body["status"] in FINISHED else None
 
-    return await poll(f"request {request_id} to finish", probe)
+    return await eventually(probe, f"request {request_id} to finish", DEADLINE, interval=0.02)
 
 
 def images_of(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -240,7 +219,7 @@ async def normal_batch(daemon: Daemon, min_done: int) -> AsyncIterator[NormalBat
             body = await status_of(daemon.client, request_id)
             return body["status"] == "processing" and body["progress"]["done"] >= min_done
 
-        await poll(f"the normal batch to be processing with {min_done} image(s) done", busy)
+        await eventually(busy, f"the normal batch to be processing with {min_done} image(s) done", DEADLINE, interval=0.02)
         yield batch
     finally:
         origin.open(gate)
@@ -392,7 +371,7 @@ async def test_invalid_inbox_file_is_rejected_with_a_report(main: Daemon, case: 
         async def outcome() -> list[Path]:
             return [*(folder / "rejected").glob(f"*--{filename}"), *(folder / "archive").glob(f"*--{filename}")]
 
-        (moved,) = await poll(f"{filename} to be rejected or archived", outcome)
+        (moved,) = await eventually(outcome, f"{filename} to be rejected or archived", DEADLINE, interval=0.02)
         await assert_still_processing(main, batch)
     assert moved.parent.name == "rejected", f"{filename} was accepted and archived"
     assert moved.read_bytes() == data
@@ -668,7 +647,7 @@ async def image_run(origin: GatedOrigin, tmp_path_factory: pytest.TempPathFactor
             async def all_requested() -> bool:
                 return all(origin.hits[urlsplit(path).path] >= 1 for path in IMAGE_PATHS)
 
-            await poll("every hostile URL to be requested", all_requested)
+            await eventually(all_requested, "every hostile URL to be requested", DEADLINE, interval=0.02)
             meanwhile = await assert_still_processing(daemon, batch)
         hostile = await finished(daemon.client, hostile_id)
         yield ImageRun(daemon, batch, meanwhile, hostile_id, hostile)

@@ -13,7 +13,15 @@ from daemon.config import NetworkSettings
 from daemon.ingest.accept import accept
 from daemon.ingest.csvfile import Batch, parse_csv
 from daemon.network import AddressPolicy
-from daemon.testing import Listener, Origin, daemon_app, drain, jpeg_bytes, photo, pipeline_settings
+from daemon.testing import (
+    Listener,
+    Origin,
+    daemon_app,
+    drain,
+    jpeg_bytes,
+    photo,
+    pipeline_settings,
+)
 from daemon.views.status import request_status
 from daemon.web import SETTINGS
 

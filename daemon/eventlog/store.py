@@ -10,8 +10,8 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -19,8 +19,14 @@ from typing import Any, TypeVar
 import peewee
 from playhouse.db_url import connect
 
+from daemon.eventlog.models import (
+    LOG_TABLES,
+    Checkpoint,
+    StoredEvent,
+    Tracking,
+    database,
+)
 from daemon.events import Event, decode
-from daemon.eventlog.models import LOG_TABLES, Checkpoint, StoredEvent, Tracking, database
 
 T = TypeVar("T")
 INSERT_CHUNK = 2000

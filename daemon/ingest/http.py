@@ -13,7 +13,15 @@ from daemon.eventlog.store import StreamConflict
 from daemon.events import RequestAccepted
 from daemon.ingest.accept import Accepted, accept, idempotent_request_id
 from daemon.ingest.csvfile import Batch, check_url, parse_csv
-from daemon.web import EVENTLOG, SETTINGS, STATUS_VIEW, BodyTooLarge, json_error, json_response, read_limited
+from daemon.web import (
+    EVENTLOG,
+    SETTINGS,
+    STATUS_VIEW,
+    BodyTooLarge,
+    json_error,
+    json_response,
+    read_limited,
+)
 
 log = structlog.get_logger("ingest")
 

@@ -17,7 +17,14 @@ import peewee
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.models import StoredEvent
 from daemon.eventlog.store import EventLog, RecordedEvent
-from daemon.events import IMAGE_TERMINAL, Event, decode, ImageFailed, RequestAccepted, RequestCompleted
+from daemon.events import (
+    IMAGE_TERMINAL,
+    Event,
+    ImageFailed,
+    RequestAccepted,
+    RequestCompleted,
+    decode,
+)
 from daemon.stages.download import remove_incoming
 
 

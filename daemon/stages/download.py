@@ -20,10 +20,16 @@ import aiohttp
 import structlog
 
 from daemon.config import DownloadSettings
-from daemon.network import AddressNotAllowed
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
-from daemon.events import Event, ImageDownloaded, ImageDownloadRetried, ImageFailed, ImageRequested
+from daemon.events import (
+    Event,
+    ImageDownloaded,
+    ImageDownloadRetried,
+    ImageFailed,
+    ImageRequested,
+)
+from daemon.network import AddressNotAllowed
 
 log = structlog.get_logger("download")
 

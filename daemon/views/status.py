@@ -11,8 +11,17 @@ from daemon.eventlog.follower import Follower
 from daemon.eventlog.models import BaseModel
 from daemon.eventlog.store import RecordedEvent
 from daemon.events import (
-    Event, ImageCompressed, ImageDownloaded, ImageDownloadRetried, ImageEvent, ImageFailed, NotificationReceived,
-    RequestAccepted, RequestCompleted, WebhookAttempted, WebhookQueued,
+    Event,
+    ImageCompressed,
+    ImageDownloaded,
+    ImageDownloadRetried,
+    ImageEvent,
+    ImageFailed,
+    NotificationReceived,
+    RequestAccepted,
+    RequestCompleted,
+    WebhookAttempted,
+    WebhookQueued,
 )
 
 DONE_STATES = ("compressed", "kept_original")

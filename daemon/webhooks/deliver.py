@@ -24,7 +24,12 @@ from daemon.config import Settings
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import (
-    Event, RequestAccepted, RequestCompleted, WebhookAttempted, WebhookQueued, WebhookRedeliveryRequested,
+    Event,
+    RequestAccepted,
+    RequestCompleted,
+    WebhookAttempted,
+    WebhookQueued,
+    WebhookRedeliveryRequested,
 )
 from daemon.stages.download import retry_after_seconds
 from daemon.views.export import stream_images

@@ -16,7 +16,14 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from daemon.eventlog.store import EventLog
 from daemon.events import NotificationReceived
-from daemon.web import EVENTLOG, SETTINGS, BodyTooLarge, json_error, json_response, read_limited
+from daemon.web import (
+    EVENTLOG,
+    SETTINGS,
+    BodyTooLarge,
+    json_error,
+    json_response,
+    read_limited,
+)
 
 log = structlog.get_logger("webhooks")
 

@@ -12,7 +12,14 @@ import pytest
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, RecordedEvent, StreamConflict, open_database
-from daemon.events import Event, ImageFailed, ImageRequested, Product, RequestAccepted, RequestCompleted
+from daemon.events import (
+    Event,
+    ImageFailed,
+    ImageRequested,
+    Product,
+    RequestAccepted,
+    RequestCompleted,
+)
 
 
 def failed(index: int) -> ImageFailed:

@@ -9,7 +9,6 @@ import pickle
 import random
 import struct
 import warnings
-import zlib
 from array import array
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +24,7 @@ from daemon.stages.codec import (
     compress_file,
     compress_many,
 )
+from daemon.testing import bomb_png
 
 DEFAULTS = EncodeSettings()
 RED, BLUE = (220, 30, 30), (30, 30, 220)
@@ -437,20 +437,6 @@ def test_gif_with_thousands_of_frames_is_kept_quickly(tmp_path: Path) -> None:
 
     assert result.kept_original and (out / result.name).read_bytes() == data
     assert frame_count(out / result.name) == 3000
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid 1-bit greyscale PNG of all-black rows, compressed without ever holding the pixels."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    row_block = bytes(1 + (width + 7) // 8) * 1000  # filter byte 0 + packed zero bits, 1000 rows
-    compressor = zlib.compressobj(9)
-    parts = [compressor.compress(row_block) for _ in range(height // 1000)]
-    parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
 
 def test_decompression_bomb_is_rejected_before_decoding(tmp_path: Path) -> None:

@@ -13,8 +13,15 @@ import aiohttp
 
 from daemon.config import Settings
 from daemon.events import (
-    Event, ImageCompressed, ImageDownloaded, ImageDownloadRetried, ImageFailed, NotificationReceived,
-    RequestCompleted, WebhookAttempted, WebhookQueued,
+    Event,
+    ImageCompressed,
+    ImageDownloaded,
+    ImageDownloadRetried,
+    ImageFailed,
+    NotificationReceived,
+    RequestCompleted,
+    WebhookAttempted,
+    WebhookQueued,
 )
 from daemon.replay import replay
 from daemon.views.status import StatusView
