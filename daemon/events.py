@@ -92,7 +92,9 @@ class ImageDownloaded(ImageEvent):
 
 
 @dataclass(frozen=True)
-class ImageCompressed(ImageEvent):
+class Compressed:
+    """What the codec wrote for one image (daemon.stages.codec returns it; ImageCompressed records it)."""
+
     name: str
     format: str
     width: int
@@ -101,7 +103,12 @@ class ImageCompressed(ImageEvent):
     bytes_out: int
     kept_original: bool
     quality: int | None
-    note: str = ""
+    note: str
+
+
+@dataclass(frozen=True)
+class ImageCompressed(ImageEvent, Compressed):
+    pass
 
 
 @dataclass(frozen=True)

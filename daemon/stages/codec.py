@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from daemon.events import Compressed
+
 
 @dataclass(frozen=True)
 class EncodeSettings:
@@ -23,19 +25,6 @@ class EncodeSettings:
     optimize: bool = False
     progressive: bool = False
     max_pixels: int = 50_000_000
-
-
-@dataclass(frozen=True)
-class Compressed:
-    name: str
-    format: str
-    width: int
-    height: int
-    bytes_in: int
-    bytes_out: int
-    kept_original: bool
-    quality: int | None
-    note: str
 
 
 class ImageRejected(Exception):
