@@ -56,7 +56,7 @@ class Follower:
 
     def __init__(self, eventlog: EventLog) -> None:
         self.eventlog = eventlog
-        self._wake = eventlog.subscribe()
+        self._wake = eventlog.subscribe(self.types)
         self._state = _State()
         self._cursor = 0
         self._checkpoint = 0
@@ -121,7 +121,8 @@ class Follower:
             await self._commit()
             free = self.concurrency - len(state.in_flight)
             page: list[RecordedEvent] = []
-            if free > 0:
+            # Woken but nothing new in the log since the last read: no query.
+            if free > 0 and self.eventlog.head > self._cursor:
                 head = self.eventlog.head
                 limit = min(free, self.page_size)
                 page = await self.eventlog.write(self.eventlog.read_after_sync, self._cursor, self.types, limit)
@@ -220,8 +221,9 @@ class Follower:
             if done.final:
                 await self.committed(done.record, done.results)
         state.handled += len(finished)
-        if any(d.results for d in ready):
-            self.eventlog.notify()
+        appended = {e.type for d in ready for e in d.results}
+        if appended:
+            self.eventlog.notify(appended)
         await self._advance(checkpoint)
 
     async def _advance(self, checkpoint: int) -> None:

@@ -78,7 +78,7 @@ class EventLog:
         self.db = db
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="eventlog-reader")
-        self._subscribers: list[asyncio.Event] = []
+        self._subscribers: list[tuple[asyncio.Event, frozenset[str] | None]] = []
         self.head = 0
         self._appended_head = 0
 
@@ -123,18 +123,21 @@ class EventLog:
         self.head = max(self.head, self._appended_head)
 
     # subscribers -------------------------------------------------------------------------------
-    def subscribe(self) -> asyncio.Event:
+    def subscribe(self, types: frozenset[str] | None = None) -> asyncio.Event:
+        """An event set whenever events of `types` (None: any) are appended."""
         wake = asyncio.Event()
-        self._subscribers.append(wake)
+        self._subscribers.append((wake, types))
         return wake
 
     def unsubscribe(self, wake: asyncio.Event) -> None:
-        if wake in self._subscribers:
-            self._subscribers.remove(wake)
+        self._subscribers = [(w, t) for w, t in self._subscribers if w is not wake]
 
-    def notify(self) -> None:
-        for wake in self._subscribers:
-            wake.set()
+    def notify(self, types: Iterable[str] | None = None) -> None:
+        """Wake the subscribers interested in `types` (None: everyone)."""
+        appended = None if types is None else set(types)
+        for wake, wanted in self._subscribers:
+            if wanted is None or appended is None or not wanted.isdisjoint(appended):
+                wake.set()
 
     # events ----------------------------------------------------------------------------------
     def append_sync(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
@@ -164,7 +167,7 @@ class EventLog:
                 return self.append_sync(stream, events, expected_version)
 
         position = await self.write(run)
-        self.notify()
+        self.notify(e.type for e in events)
         return position
 
     def read_after_sync(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent]:

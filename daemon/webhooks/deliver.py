@@ -199,7 +199,7 @@ async def redeliver(request: web.Request) -> web.Response:
     msg_id = await eventlog.write(request_redelivery, eventlog, request_id)
     if msg_id is None:
         raise json_error(web.HTTPConflict, "not_finished", f"request {request_id} has not completed yet")
-    eventlog.notify()
+    eventlog.notify(["WebhookRedeliveryRequested"])
     log.info("webhook_redelivery_requested", request_id=request_id, message_id=msg_id)
     return json_response({"request_id": request_id, "message_id": msg_id, "status": "queued"}, status=202)
 

@@ -106,7 +106,7 @@ async def receive(request: web.Request) -> web.Response:
     if outcome == "unknown":
         raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
     if outcome == "recorded":
-        eventlog.notify()
+        eventlog.notify([notification.type])
     log.info("notification_received", kind=kind, status=status, verified=verified, webhook_id=webhook_id,
              duplicate=outcome == "duplicate")
     return json_response({"request_id": request_id, "recorded": outcome == "recorded",

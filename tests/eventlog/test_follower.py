@@ -266,6 +266,7 @@ async def test_an_event_appended_while_the_follower_reads_is_handled_once(settin
         await ping(eventlog, 1)
         follower = Recorder(eventlog, concurrency=4)  # room for more than one event: pages come back short
         assert await follower.run_until_idle() == 1
+        await ping(eventlog, 2)  # committed and unread, so the follower has a reason to read
         started, release = threading.Event(), threading.Event()
 
         def hold_the_writer() -> None:
@@ -275,14 +276,15 @@ async def test_an_event_appended_while_the_follower_reads_is_handled_once(settin
         holding = asyncio.ensure_future(eventlog.write(hold_the_writer))
         await helpers.eventually(started.is_set, "the writer thread to be held")
         queue = eventlog._writer._work_queue  # the writer's FIFO of pending jobs
-        appending = asyncio.ensure_future(eventlog.append("s2", [SpinePinged(n=2)]))
+        appending = asyncio.ensure_future(eventlog.append("s3", [SpinePinged(n=3)]))
         await helpers.eventually(lambda: queue.qsize() == 1, "the append to queue behind the held writer")
         following = asyncio.ensure_future(follower.run_until_idle())  # notes head, then queues its read
         await helpers.eventually(lambda: queue.qsize() == 2, "the follower's read to queue behind the append")
         release.set()
         await asyncio.gather(holding, appending)
         await following
-        assert follower.calls == [(1, 1), (2, 1)]
-        assert pongs(helpers, settings) == {1: 1, 2: 1}
+        await follower.run_until_idle()
+        assert follower.calls == [(1, 1), (2, 1), (3, 1)]
+        assert pongs(helpers, settings) == {1: 1, 2: 1, 3: 1}
     finally:
         await eventlog.close()
