@@ -35,9 +35,18 @@ class AddressNotAllowed(aiohttp.ClientError):
     """The host resolves to an address the daemon must not connect to; never retried."""
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def _unmapped(address: Address) -> Address:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64), so it is judged as that."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.sixtofour is not None:
+            return address.sixtofour
+        if address in NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address
 
 
@@ -54,12 +63,14 @@ class AddressPolicy:
         ip = _unmapped(ipaddress.ip_address(address.split("%", 1)[0]))
         if any(ip in net for net in self.allowed_networks):
             return None
-        for net, kind in BLOCKED:
-            if ip.version == net.version and ip in net:
-                where = f"{host} resolves to {ip}" if host != address else f"{ip}"
-                return (f"refused to connect: {where}, a {kind} address "
-                        "(set [network] allow_private = true or list it in [network] allow)")
-        return None
+        kind = next((kind for net, kind in BLOCKED if ip.version == net.version and ip in net), None)
+        if kind is None and not ip.is_global:
+            kind = "reserved"  # everything else that is not publicly routable (benchmarking, documentation...)
+        if kind is None:
+            return None
+        where = f"{host} resolves to {ip}" if host != address else f"{ip}"
+        return (f"refused to connect: {where}, a {kind} address "
+                "(set [network] allow_private = true or list it in [network] allow)")
 
 
 def _is_network(value: str) -> bool:

@@ -61,3 +61,15 @@ async def test_idempotency_key_replays_and_refuses_a_different_body(tmp_path: Pa
     assert other.status == 422 and other_body["error"] == "idempotency_key_reused"
     assert other_body["request_id"] == first_body["request_id"]
     assert fresh.status == 202 and fresh_body["request_id"] != first_body["request_id"]
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b"x", "multipart/form-data"),
+    (b"garbage without any boundary", "multipart/form-data; boundary=abc"),
+])
+async def test_malformed_multipart_is_a_400(tmp_path: Path, body: bytes, content_type: str) -> None:
+    """A broken multipart body answers 400 invalid_multipart, not a 500."""
+    async with TestClient(TestServer(build_app(pipeline_settings(tmp_path)))) as client:
+        response = await client.post("/upload", data=body, headers={"Content-Type": content_type})
+        payload = await response.json()
+    assert response.status == 400 and payload["error"] == "invalid_multipart"

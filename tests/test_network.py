@@ -94,6 +94,8 @@ async def test_webhook_listeners_are_guarded_too(tmp_path: Path, origin: Origin)
     ("127.0.0.1", "loopback"), ("10.1.2.3", "private"), ("172.20.0.1", "private"), ("192.168.1.1", "private"),
     ("169.254.169.254", "link-local"), ("fe80::1", "link-local"), ("fd00::1", "private"), ("224.0.0.1", "multicast"),
     ("0.0.0.0", "unspecified"), ("::ffff:127.0.0.1", "loopback"), ("93.184.216.34", None), ("2606:4700::1", None),
+    ("64:ff9b::a00:5", "private"), ("2002:a00:5::1", "private"), ("198.18.0.1", "reserved"),
+    ("2001:db8::1", "reserved"),
 ])
 def test_policy_classifies_addresses(address: str, refused: str | None) -> None:
     """Every internal range is refused with its kind named; public addresses pass."""

@@ -68,6 +68,9 @@ async def read_upload(request: web.Request, settings: Settings) -> tuple[bytes, 
             return await read_limited(request.content.read, limit), "upload.csv", fields
     except BodyTooLarge:
         raise too_large(limit) from None
+    except (KeyError, ValueError, AssertionError) as exc:  # what aiohttp raises for a broken multipart body
+        raise json_error(web.HTTPBadRequest, "invalid_multipart", f"malformed multipart/form-data body: {exc!r}",
+                         field="file") from None
     raise json_error(web.HTTPUnsupportedMediaType, "unsupported_media_type",
                      f"send the CSV as multipart/form-data (field 'file') or as text/csv, not {request.content_type!r}")
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
+import peewee
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -25,6 +27,7 @@ from daemon.ingest.csvfile import Batch, Problem, parse_csv
 log = structlog.get_logger("inbox")
 
 CLAIMED, ARCHIVE, REJECTED = ".claimed", "archive", "rejected"
+INGEST_ATTEMPTS = 5
 TEMPORARY_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".swp", ".swx", ".download")
 
 
@@ -119,19 +122,34 @@ class Inbox:
             if task is not None:
                 self._claimed.add(task)
                 task.add_done_callback(self._claimed.discard)
-            await self._ingest_claimed(claimed)
+            await self._retrying(claimed)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("inbox_error", file=path.name)
+
+    async def _retrying(self, claimed: Path) -> None:
+        """Ingest a claimed file, again after a pause if it failed (e.g. the database was locked)."""
+        for attempt in range(1, INGEST_ATTEMPTS + 1):
+            try:
+                await self._ingest_claimed(claimed)
+                return
+            except (OSError, peewee.DatabaseError):
+                if attempt == INGEST_ATTEMPTS:
+                    raise  # logged by the caller; the claim is retried at the next start
+                log.warning("inbox_retrying", file=claimed.name, attempt=attempt, exc_info=True)
+                await asyncio.sleep(min(30.0, 2.0 ** attempt))
 
     async def _settled(self, path: Path) -> bool:
         """Wait until size and mtime stop changing; False if the file went away."""
         last: tuple[int, int] | None = None
         while True:
             try:
-                st = path.stat()
+                st = path.lstat()
             except FileNotFoundError:
+                return False
+            if not stat.S_ISREG(st.st_mode):
+                log.info("inbox_skipped", file=path.name, reason="not a regular file (symlinks are not followed)")
                 return False
             now = (st.st_size, st.st_mtime_ns)
             if now == last:

@@ -125,6 +125,6 @@ class OutboxWriter(Follower):
         accepted, images = stream_images(await self.eventlog.read_stream(record.stream))
         rows = rows_from_images(images, self.public_url)
         path = self.outbox / outbox_name(record.stream, accepted)
-        await asyncio.to_thread(write_atomic, path, to_csv(rows).encode("utf-8"))
+        await asyncio.to_thread(lambda: write_atomic(path, to_csv(rows).encode("utf-8")))
         log.info("outbox_written", request_id=record.stream, file=str(path), products=len(rows))
         return ()

@@ -144,6 +144,22 @@ async def test_hidden_temporary_and_editor_files_are_never_taken(serve_app: Serv
     assert [p.name for p in (inbox / ARCHIVE).iterdir()] == [sentinel.name]
 
 
+async def test_symlinked_csv_is_not_followed(serve_app: Serve, settings: Settings, helpers: Any,
+                                             tmp_path: Path) -> None:
+    """A symlink named like a CSV is left alone: the daemon never reads what it points at."""
+    secret = tmp_path / "secret.csv"
+    secret.write_bytes(helpers.sample_csv.read_bytes())
+    inbox = settings.path("inbox")
+    inbox.mkdir(parents=True)
+    (inbox / "link.csv").symlink_to(secret)
+    async with serve_app(settings) as served:
+        (inbox / "sentinel.csv").write_bytes(helpers.sample_csv.read_bytes())
+        sentinel = await wait_archived(helpers, settings, "sentinel.csv")
+        await served.inbox.idle()
+    assert (inbox / "link.csv").is_symlink()
+    assert [stream for stream, _ in accepted_requests(helpers, settings)] == [request_id_of(sentinel)]
+
+
 async def test_temporary_file_renamed_to_csv_inside_the_inbox_is_taken(serve_app: Serve, settings: Settings,
                                                                        helpers: Any) -> None:
     """A file written as batch.csv.part and then renamed to batch.csv in the inbox is ingested."""
