@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -22,7 +21,7 @@ from daemon.ingest import http as ingest_http
 from daemon.ingest.inbox import Inbox
 from daemon.network import AddressPolicy, GuardedConnector
 from daemon.stages.complete import CompleteStage
-from daemon.stages.compress import CompressStage, make_pool
+from daemon.stages.compress import CodecPool, CompressStage
 from daemon.stages.download import DownloadStage
 from daemon.views.export import OutboxWriter
 from daemon.views.status import STATUS_TABLES, StatusView
@@ -42,7 +41,7 @@ log = structlog.get_logger("daemon")
 FOLLOWERS = web.AppKey("followers", list[Follower])
 FOLLOW = web.AppKey("follow", bool)
 INBOX = web.AppKey("inbox", Inbox)
-POOL = web.AppKey("pool", ProcessPoolExecutor)
+POOL = web.AppKey("pool", CodecPool)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 VIEW_TABLES = (*STATUS_TABLES,)
 
@@ -90,9 +89,9 @@ async def eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[POOL] = make_pool(app[SETTINGS].compress)
+    app[POOL] = CodecPool(app[SETTINGS].compress)
     yield
-    app[POOL].shutdown(wait=True, cancel_futures=True)
+    app[POOL].shutdown()
 
 
 async def client_ctx(app: web.Application) -> AsyncIterator[None]:

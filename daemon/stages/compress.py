@@ -9,20 +9,24 @@ import os
 import select
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 
 from daemon.config import CompressSettings
-from daemon.eventlog.follower import Follower
+from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event, ImageCompressed, ImageDownloaded, ImageFailed
 from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file
 from daemon.stages.download import incoming_path, remove_matching
 
 log = structlog.get_logger("compress")
+CODEC_ATTEMPTS = 3
+T = TypeVar("T")
 WORKER_NICENESS = 10
 
 
@@ -76,11 +80,33 @@ def encode_settings(settings: CompressSettings) -> EncodeSettings:
                           progressive=settings.progressive, max_pixels=settings.max_pixels)
 
 
+class CodecPool:
+    """The process pool, replaced when a worker dies (the OOM killer, a crash inside a codec library)."""
+
+    def __init__(self, settings: CompressSettings) -> None:
+        self.settings = settings
+        self.executor = make_pool(settings)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        executor = self.executor
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        except BrokenProcessPool:
+            if executor is self.executor:  # the first to notice replaces it; the others just retry
+                log.warning("codec_pool_replaced", reason="a worker process died")
+                executor.shutdown(wait=False, cancel_futures=True)
+                self.executor = make_pool(self.settings)
+            raise
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
 class CompressStage(Follower):
     name = "stage.compress"
     types = frozenset({"ImageDownloaded"})
 
-    def __init__(self, eventlog: EventLog, pool: Executor, incoming: Path, images: Path,
+    def __init__(self, eventlog: EventLog, pool: CodecPool, incoming: Path, images: Path,
                  settings: CompressSettings) -> None:
         super().__init__(eventlog)
         self.pool, self.incoming, self.images = pool, incoming, images
@@ -93,15 +119,19 @@ class CompressStage(Follower):
         assert isinstance(event, ImageDownloaded)
         where = {"product": event.product, "index": event.index}
         source = incoming_path(self.incoming, record.stream, event.product, event.index)
-        loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self.pool, compress_file, str(source), str(self.images),
-                                                event.stem, self.encode)
+            result = await self.pool.run(compress_file, str(source), str(self.images), event.stem, self.encode)
         except ImageRejected as exc:
             log.info("image_failed", request_id=record.stream, error=str(exc), **where)
             return [ImageFailed(**where, stage="compress", error=str(exc))]
         except FileNotFoundError:
             return [ImageFailed(**where, stage="compress", error="the downloaded body is gone; upload the CSV again")]
+        except Exception as exc:  # a dead worker, MemoryError...: try again, but never forever
+            if attempt >= CODEC_ATTEMPTS:
+                error = f"could not compress it in {attempt} attempts: {type(exc).__name__}: {exc}".rstrip(": ")
+                log.warning("image_failed", request_id=record.stream, error=error, **where)
+                return [ImageFailed(**where, stage="compress", error=error)]
+            raise Retry(defer=0.2 * attempt) from None
         return [ImageCompressed(product=event.product, index=event.index, **dataclasses.asdict(result))]
 
     async def recover(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import signal
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -11,8 +13,9 @@ from typing import Any
 
 from aiohttp import web
 from PIL import Image
+from structlog.testing import capture_logs
 
-from daemon.app import EVENTLOG, FOLLOWERS, incoming_folder
+from daemon.app import EVENTLOG, FOLLOWERS, POOL, incoming_folder
 from daemon.config import Settings
 from daemon.eventlog.store import EventLog
 from daemon.events import ImageRequested
@@ -192,3 +195,20 @@ async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Cal
 
     async with daemon_app(settings) as app:  # a third start has nothing left to do
         assert await drain(app) == 0
+
+
+async def test_a_dead_worker_is_replaced_and_the_batch_completes(app: web.Application, origin: Origin) -> None:
+    """When a pool worker is killed (as the OOM killer would), the pool is rebuilt and every image still completes."""
+    first = await submit(app, [[f"{origin.url}/img/photo.jpg"]])
+    await drain(app)
+    executor = app[POOL].executor
+    victim = next(iter(executor._processes))  # noqa: SLF001 - the test needs a real worker's pid
+    os.kill(victim, signal.SIGKILL)
+    second = await submit(app, [[f"{origin.url}/img/photo2.jpg", f"{origin.url}/img/rotated.jpg"]])
+    with capture_logs() as logs:
+        await drain(app)
+    assert (await status_of(app, first.request_id))["status"] == "completed"
+    body = await status_of(app, second.request_id)
+    assert body["status"] == "completed" and [i["status"] for i in images_of(body)] == ["compressed", "compressed"]
+    assert app[POOL].executor is not executor
+    assert [entry["event"] for entry in logs].count("codec_pool_replaced") == 1
