@@ -43,6 +43,7 @@ class _State:
     done: list[_Done] = field(default_factory=list)
     handled: int = 0
     failed_commits: int = 0
+    deferred: set[int] = field(default_factory=set)  # in flight but only waiting for a Retry's defer
 
 
 class Follower:
@@ -119,7 +120,7 @@ class Follower:
         while True:
             self._wake.clear()
             await self._commit()
-            free = self.concurrency - len(state.in_flight)
+            free = self.concurrency - len(state.in_flight) + len(state.deferred)
             page: list[RecordedEvent] = []
             # Woken but nothing new in the log since the last read: no query.
             if free > 0 and self.eventlog.head > self._cursor:
@@ -159,7 +160,14 @@ class Follower:
                     interim = _Done(record, retry.events, final=False)
                     self._finish(interim)
                     await interim.committed.wait()  # the next attempt must see these in the log
-                await asyncio.sleep(retry.defer)
+                # A waiting retry gives its slot back (a dead webhook listener must not block the others);
+                # it stays in flight, so the checkpoint does not pass it.
+                self._state.deferred.add(record.position)
+                self._wake.set()
+                try:
+                    await asyncio.sleep(retry.defer)
+                finally:
+                    self._state.deferred.discard(record.position)
                 attempt += 1
                 continue
             except asyncio.CancelledError:

@@ -288,3 +288,34 @@ async def test_an_event_appended_while_the_follower_reads_is_handled_once(settin
         assert pongs(helpers, settings) == {1: 1, 2: 1, 3: 1}
     finally:
         await eventlog.close()
+
+
+class Deferring(Recorder):
+    """Answers ping 1 with a long Retry on its first attempt; handles every other ping at once."""
+
+    name = "test.deferring"
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        if record.event.n == 1 and attempt == 1:  # type: ignore[attr-defined]
+            self.calls.append((1, attempt))
+            raise Retry(defer=0.5)
+        return await super().handle(record, attempt)
+
+
+async def test_a_waiting_retry_does_not_hold_a_slot(settings: Settings, helpers: Any) -> None:
+    """With one slot, a later event is handled while an earlier one waits out its Retry, and the checkpoint waits."""
+    eventlog = await open_log(settings)
+    try:
+        follower = Deferring(eventlog, concurrency=1)
+        task = asyncio.create_task(follower.run())
+        first, second = await ping(eventlog, 1, 2)
+        await helpers.eventually(lambda: (2, 1) in follower.calls, "ping 2 to be handled during ping 1's wait")
+        assert follower.calls[:2] == [(1, 1), (2, 1)]
+        assert follower.checkpoint < first  # ping 1 is not done, so nothing at or after it is checkpointed
+        assert await follower.wait_for(second, timeout=10)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert follower.calls == [(1, 1), (2, 1), (1, 2)]
+        assert pongs(helpers, settings) == {1: 1, 2: 1}
+    finally:
+        await eventlog.close()
