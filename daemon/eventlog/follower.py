@@ -63,6 +63,7 @@ class Follower:
         self._checkpoint = 0
         self._skip: set[int] = set()
         self._loaded = False
+        self.head_at_start = 0
         self._progress = asyncio.Condition()
 
     # what subclasses write ---------------------------------------------------------------------
@@ -110,6 +111,7 @@ class Follower:
         if self._loaded:
             return
         self._checkpoint, self._skip = await self.eventlog.write(self.eventlog.load_tracking_sync, self.name)
+        self.head_at_start = self.eventlog.head  # events up to here may have been half handled before a restart
         self._cursor = self._checkpoint
         await self.recover()
         self._loaded = True

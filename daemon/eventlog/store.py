@@ -176,8 +176,10 @@ class EventLog:
             query = query.where(StoredEvent.type.in_(list(types)))
         return [_recorded(row) for row in query.order_by(StoredEvent.position).limit(limit)]
 
-    def read_stream_sync(self, stream: str) -> list[RecordedEvent]:
+    def read_stream_sync(self, stream: str, types: frozenset[str] | None = None) -> list[RecordedEvent]:
         query = StoredEvent.select().where(StoredEvent.stream == stream).order_by(StoredEvent.version)
+        if types is not None:
+            query = query.where(StoredEvent.type.in_(list(types)))
         return [_recorded(row) for row in query]
 
     async def read_stream(self, stream: str) -> list[RecordedEvent]:

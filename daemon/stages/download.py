@@ -26,6 +26,7 @@ from daemon.events import (
     Event,
     ImageDownloaded,
     ImageDownloadRetried,
+    ImageEvent,
     ImageFailed,
     ImageRequested,
 )
@@ -138,6 +139,7 @@ class DownloadStage(Follower):
         super().__init__(eventlog)
         self.client, self.incoming, self.settings = client, incoming, settings
         self.concurrency = settings.concurrency
+        self._earlier: dict[int, int] = {}  # position -> attempts made before a restart
 
     async def recover(self) -> None:
         """Partial bodies of downloads that a crash cut short; they are downloaded again."""
@@ -155,6 +157,9 @@ class DownloadStage(Follower):
         assert isinstance(event, ImageRequested)
         where = {"product": event.product, "index": event.index}
         target = incoming_path(self.incoming, record.stream, event.product, event.index)
+        if attempt == 1 and record.position <= self.head_at_start:
+            self._earlier[record.position] = await self._attempts_before_restart(record.stream, event)
+        attempt += self._earlier.get(record.position, 0)
         try:
             fetched = await fetch(self.client, event.url, target, self.settings)
         except DownloadError as exc:
@@ -167,3 +172,12 @@ class DownloadStage(Follower):
             log.info("image_failed", request_id=record.stream, url=event.url, error=str(exc), **where)
             return [ImageFailed(**where, stage="download", error=f"download failed: {exc}{suffix}", attempts=attempt)]
         return [ImageDownloaded(**where, stem=event.stem, bytes=fetched.bytes, attempts=attempt)]
+
+    async def _attempts_before_restart(self, stream: str, event: ImageRequested) -> int:
+        """Attempts already made for an image this daemon took over mid-retry (counted from the log)."""
+        records = await self.eventlog.read(self.eventlog.read_stream_sync, stream, frozenset({"ImageDownloadRetried"}))
+        return sum(1 for r in records if isinstance(r.event, ImageEvent)
+                   and (r.event.product, r.event.index) == (event.product, event.index))
+
+    async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        self._earlier.pop(record.position, None)

@@ -23,7 +23,7 @@ from daemon.ingest.accept import Accepted, accept
 from daemon.ingest.csvfile import Batch, parse_csv
 from daemon.stages.codec import compress_file
 from daemon.stages.compress import encode_settings
-from daemon.testing import Origin, daemon_app, drain
+from daemon.testing import Origin, daemon_app, drain, eventually
 from daemon.views.export import export_rows, to_csv
 from daemon.views.status import request_status
 from daemon.web import SETTINGS
@@ -212,3 +212,22 @@ async def test_a_dead_worker_is_replaced_and_the_batch_completes(app: web.Applic
     assert body["status"] == "completed" and [i["status"] for i in images_of(body)] == ["compressed", "compressed"]
     assert app[POOL].executor is not executor
     assert [entry["event"] for entry in logs].count("codec_pool_replaced") == 1
+
+
+async def test_attempts_made_before_a_restart_count(make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """A download retrying when the daemon stops gets only its remaining attempts after the restart."""
+    waiting = make_settings(download={"attempts": 3, "backoff_base": 30.0, "backoff_max": 30.0})
+    async with daemon_app(waiting, follow=True) as app:
+        accepted = await submit(app, [[f"{origin.url}/code/503"]])
+
+        async def retried() -> bool:
+            return event_types(app[EVENTLOG], accepted.request_id)["ImageDownloadRetried"] == 1
+
+        await eventually(retried, "the first attempt to fail and wait", 10, interval=0.02)
+    assert origin.hits["/code/503"] == 1
+    async with daemon_app(make_settings(download={"attempts": 3})) as app:
+        await drain(app)
+        (image,) = images_of(await status_of(app, accepted.request_id))
+    assert origin.hits["/code/503"] == 3  # two more, not three
+    assert image["attempts"] == 3
+    assert image["error"] == "download failed: HTTP 503 Service Unavailable (after 3 attempts)"
