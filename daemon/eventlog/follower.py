@@ -62,6 +62,7 @@ class Follower:
         self._cursor = 0
         self._checkpoint = 0
         self._skip: set[int] = set()
+        self._tracked: set[int] = set()  # positions with a tracking row (all above the stored checkpoint)
         self._loaded = False
         self.head_at_start = 0
         self._progress = asyncio.Condition()
@@ -111,6 +112,7 @@ class Follower:
         if self._loaded:
             return
         self._checkpoint, self._skip = await self.eventlog.write(self.eventlog.load_tracking_sync, self.name)
+        self._tracked = set(self._skip)
         self.head_at_start = self.eventlog.head  # events up to here may have been half handled before a restart
         self._cursor = self._checkpoint
         await self.recover()
@@ -203,6 +205,7 @@ class Follower:
         finished = [d.record.position for d in ready if d.final]
         remaining = [p for p in state.in_flight if p not in finished]
         checkpoint = min(remaining) - 1 if remaining else self._cursor
+        prune = any(p <= checkpoint for p in self._tracked)
 
         def commit() -> None:
             with self.eventlog.transaction():
@@ -210,7 +213,7 @@ class Follower:
                     self.eventlog.append_sync(done.record.stream, done.results)
                     if done.final:
                         self.write(done.record, done.results)
-                self.eventlog.save_tracking_sync(self.name, checkpoint, finished)
+                self.eventlog.save_tracking_sync(self.name, checkpoint, finished, prune)
 
         try:
             await self.eventlog.write(commit)
@@ -224,6 +227,7 @@ class Follower:
             self._wake.set()
             return
         state.failed_commits = 0
+        self._tracked = {p for p in (*self._tracked, *finished) if p > checkpoint}
         for position in finished:
             state.in_flight.pop(position, None)
         for done in ready:

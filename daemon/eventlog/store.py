@@ -155,9 +155,12 @@ class EventLog:
             {"stream": stream, "version": current + i, "type": e.type, "data": e.to_json(), "recorded_at": at}
             for i, e in enumerate(events, start=1)
         ]
+        inserted: object = None
         for start in range(0, len(rows), INSERT_CHUNK):
-            StoredEvent.insert_many(rows[start:start + INSERT_CHUNK]).execute()
-        last: int = StoredEvent.select(peewee.fn.MAX(StoredEvent.position)).scalar()
+            inserted = StoredEvent.insert_many(rows[start:start + INSERT_CHUNK]).execute()
+        # SQLite answers with the last rowid (the position); other databases may not, so ask then.
+        last: int = inserted if isinstance(inserted, int) else StoredEvent.select(
+            peewee.fn.MAX(StoredEvent.position)).scalar()
         self._appended_head = max(self._appended_head, last)
         return last
 
@@ -196,12 +199,16 @@ class EventLog:
             (Tracking.consumer == consumer) & (Tracking.position > checkpoint))}
         return checkpoint, done
 
-    def save_tracking_sync(self, consumer: str, checkpoint: int, handled: Iterable[int]) -> None:
-        """Record handled positions and the new low-water mark, in the caller's transaction."""
+    def save_tracking_sync(self, consumer: str, checkpoint: int, handled: Iterable[int], prune: bool = True) -> None:
+        """Record handled positions and the new low-water mark, in the caller's transaction.
+
+        `prune=False` says no tracking row at or below the mark exists, so there is nothing to delete.
+        """
         above = [{"consumer": consumer, "position": p} for p in handled if p > checkpoint]
         if above:
             Tracking.insert_many(above).on_conflict_ignore().execute()
-        Tracking.delete().where((Tracking.consumer == consumer) & (Tracking.position <= checkpoint)).execute()
+        if prune:
+            Tracking.delete().where((Tracking.consumer == consumer) & (Tracking.position <= checkpoint)).execute()
         Checkpoint.insert(consumer=consumer, position=checkpoint).on_conflict_replace().execute()
 
     def reset_consumer_sync(self, consumer: str) -> None:

@@ -170,14 +170,17 @@ def apply(record: RecordedEvent) -> None:
     image = StatusImage.update(**_image_changes(event)).where(
         (StatusImage.request_id == rid) & (StatusImage.product == event.product) & (StatusImage.index == event.index))
     image.execute()
-    request: dict[Any, Any] = {StatusRequest.updated_at: at}
+    request: dict[Any, Any] = {
+        StatusRequest.updated_at: at,
+        # queued -> processing with the first image event; one statement, it runs for every image event.
+        StatusRequest.status: peewee.Case(None, [(StatusRequest.status == "queued", "processing")],
+                                          StatusRequest.status),
+    }
     if isinstance(event, ImageCompressed):
         request[StatusRequest.done] = StatusRequest.done + 1
     elif isinstance(event, ImageFailed):
         request[StatusRequest.failed] = StatusRequest.failed + 1
     StatusRequest.update(request).where(StatusRequest.request_id == rid).execute()
-    StatusRequest.update(status="processing").where(
-        (StatusRequest.request_id == rid) & (StatusRequest.status == "queued")).execute()
 
 
 def _image_changes(event: ImageEvent) -> dict[str, Any]:
