@@ -21,6 +21,7 @@ from watchdog.observers import Observer
 
 from daemon.config import LimitSettings
 from daemon.eventlog.store import EventLog, StreamConflict
+from daemon.files import write_atomic
 from daemon.ingest.accept import accept, new_request_id
 from daemon.ingest.csvfile import Batch, Problem, parse_csv
 
@@ -171,8 +172,8 @@ class Inbox:
             parsed = await asyncio.to_thread(parse_csv, await asyncio.to_thread(claimed.read_bytes), self._limits)
         if isinstance(parsed, list):
             target = self.folder / REJECTED / claimed.name
-            await asyncio.to_thread(_write_atomic, target.with_name(target.name + ".errors.txt"),
-                                    report_text(name, parsed))
+            await asyncio.to_thread(write_atomic, target.with_name(target.name + ".errors.txt"),
+                                    report_text(name, parsed).encode("utf-8"))
             os.replace(claimed, target)
             log.info("csv_rejected", source="inbox", source_name=name, problems=len(parsed),
                      first_problem=str(parsed[0]), moved_to=str(target))
@@ -182,9 +183,3 @@ class Inbox:
         except StreamConflict:
             log.info("inbox_claim_recovered", source_name=name, note="accepted before a restart")
         os.replace(claimed, self.folder / ARCHIVE / claimed.name)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)

@@ -6,16 +6,15 @@ picklable values (str paths, frozen dataclasses). No network, no asyncio.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import os
-import secrets
 from dataclasses import dataclass
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from daemon.events import Compressed
+from daemon.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def compress_file(source: str, directory: str, stem: str, settings: EncodeSettin
         data = f.read()
     payload, fmt, width, height, quality, note = _compress(data, settings)
     name = stem + _extension(fmt)
-    _write_atomic(os.path.join(directory, name), payload)
+    write_atomic(os.path.join(directory, name), payload)
     return Compressed(
         name=name,
         format="JPEG" if fmt == "MPO" else fmt,  # an MPO file is a JPEG with extra pictures appended
@@ -286,19 +285,3 @@ def _extension(fmt: str) -> str:
         if registered == fmt:
             return extension
     return "." + fmt.lower()
-
-
-def _write_atomic(path: str, payload: bytes) -> None:
-    # Hidden temp name in the same directory so os.replace is atomic and listings skip it;
-    # O_EXCL with 0o666 lets the umask decide permissions like an ordinary file.
-    directory, name = os.path.split(path)
-    temp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with open(fd, "wb") as f:
-            f.write(payload)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise

@@ -13,7 +13,6 @@ import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -73,13 +72,8 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-@dataclass(frozen=True)
-class Fetched:
-    bytes: int
-
-
-async def fetch(client: aiohttp.ClientSession, url: str, target: Path, settings: DownloadSettings) -> Fetched:
-    """Stream `url` into `target` (atomically); raise DownloadError with a user-facing reason."""
+async def fetch(client: aiohttp.ClientSession, url: str, target: Path, settings: DownloadSettings) -> int:
+    """Stream `url` into `target` (atomically); its size in bytes, or DownloadError with a user-facing reason."""
     timeout = aiohttp.ClientTimeout(total=settings.total_timeout, sock_connect=settings.connect_timeout,
                                     connect=settings.connect_timeout)
     limit = settings.max_bytes
@@ -109,7 +103,7 @@ async def fetch(client: aiohttp.ClientSession, url: str, target: Path, settings:
                         buffer.clear()
                 await asyncio.to_thread(out.write, bytes(buffer))
             os.replace(partial, target)
-            return Fetched(size)
+            return size
     except DownloadError:
         partial.unlink(missing_ok=True)
         raise
@@ -161,7 +155,7 @@ class DownloadStage(Follower):
             self._earlier[record.position] = await self._attempts_before_restart(record.stream, event)
         attempt += self._earlier.get(record.position, 0)
         try:
-            fetched = await fetch(self.client, event.url, target, self.settings)
+            size = await fetch(self.client, event.url, target, self.settings)
         except DownloadError as exc:
             if exc.transient and attempt < self.settings.attempts:
                 delay = self.backoff(attempt, exc.retry_after)
@@ -171,7 +165,7 @@ class DownloadStage(Follower):
             suffix = f" (after {attempt} attempts)" if exc.transient else ""
             log.info("image_failed", request_id=record.stream, url=event.url, error=str(exc), **where)
             return [ImageFailed(**where, stage="download", error=f"download failed: {exc}{suffix}", attempts=attempt)]
-        return [ImageDownloaded(**where, stem=event.stem, bytes=fetched.bytes, attempts=attempt)]
+        return [ImageDownloaded(**where, stem=event.stem, bytes=size, attempts=attempt)]
 
     async def _attempts_before_restart(self, stream: str, event: ImageRequested) -> int:
         """Attempts already made for an image this daemon took over mid-retry (counted from the log)."""

@@ -6,7 +6,6 @@ import asyncio
 import csv
 import io
 import itertools
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import structlog
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event, ImageCompressed, RequestAccepted
+from daemon.files import write_atomic
 from daemon.views.status import StatusImage, StatusRequest, image_url
 
 log = structlog.get_logger("export")
@@ -99,15 +99,6 @@ def outbox_name(request_id: str, accepted: RequestAccepted) -> str:
 def safe_file_name(name: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._ -]+", "_", Path(name).name).strip(". ")
     return cleaned[:120] or "batch.csv"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, path)
 
 
 class OutboxWriter(Follower):

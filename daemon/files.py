@@ -1,0 +1,24 @@
+"""Writing files so that a reader, a retry or a crash never sees half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` through a hidden temp file in the same folder, then rename it into place."""
+    # Same folder so os.replace is atomic; hidden so listings and /images skip it; O_EXCL with 0o666 lets
+    # the umask decide permissions like an ordinary file; a random part so concurrent writers never collide.
+    directory, name = os.path.split(os.fspath(path))
+    temp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
