@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
-from bench.harness import Daemon, make_photos, upload
+from bench.harness import Daemon, cpu_mark, cpu_use, make_photos, upload
 from bench.load import add_load_arguments, run_load
 from daemon.testing import Origin
 
@@ -54,6 +54,7 @@ def ceiling(files: list[bytes], workers: int, quality: int) -> float:
 
 async def run_daemon(urls: list[str], workers: int, quality: int, workdir: Path) -> dict[str, Any]:
     async with Daemon(workdir, workers, quality) as daemon, aiohttp.ClientSession() as client:
+        mark = cpu_mark()
         start = time.perf_counter()
         accepted = await upload(client, daemon.base, urls)
         ack = time.perf_counter() - start
@@ -66,10 +67,11 @@ async def run_daemon(urls: list[str], workers: int, quality: int, workdir: Path)
                     break
             await asyncio.sleep(0.05)
         elapsed = time.perf_counter() - start
+        cpu = cpu_use(mark, daemon.pid)
         async with client.get(f"{daemon.base}/status/{accepted['request_id']}") as r:
             status = await r.json()
     return {"elapsed_s": elapsed, "ack_s": ack, "status": status["status"], "progress": status["progress"],
-            **daemon.memory()}
+            **daemon.memory(), "cpu": cpu}
 
 
 async def throughput(photos: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
@@ -92,6 +94,7 @@ async def throughput(photos: list[bytes], args: argparse.Namespace) -> dict[str,
         "upload_ack_ms": round(daemon["ack_s"] * 1000, 1),
         "daemon_peak_rss_mb": daemon["daemon_peak_rss_mb"],
         "pool_rss_mb": daemon["pool_rss_mb"],
+        "cpu_cores_while_running": daemon["cpu"],
         "final_status": daemon["status"],
         "progress": daemon["progress"],
     }

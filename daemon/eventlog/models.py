@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import peewee
 from playhouse.sqlite_ext import AutoIncrementField
 
 # Bound to the real database by eventlog.store.open_database; view tables share it.
 database = peewee.DatabaseProxy()
+
+
+def execute(sql: str, params: Sequence[Any] = ()) -> Any:
+    """Run SQL text with `?` placeholders on this thread's connection; returns the DB-API cursor.
+
+    For the statements that run for every event: peewee builds a query's SQL anew on each call, and
+    on the hot path that building cost several times what SQLite took to run it.
+    """
+    if database.param != "?":
+        sql = sql.replace("?", database.param)
+    return database.execute_sql(sql, params)
+
+
+def placeholders(count: int) -> str:
+    return ", ".join("?" * count)
 
 
 class BaseModel(peewee.Model):

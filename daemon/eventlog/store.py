@@ -25,6 +25,8 @@ from daemon.eventlog.models import (
     StoredEvent,
     Tracking,
     database,
+    execute,
+    placeholders,
 )
 from daemon.events import Event, decode
 
@@ -144,23 +146,19 @@ class EventLog:
         """Append to `stream` inside the caller's `transaction()`; returns the last position (writer thread)."""
         if not events:
             return self.head
-        current = (
-            StoredEvent.select(peewee.fn.MAX(StoredEvent.version)).where(StoredEvent.stream == stream).scalar()
-            or 0
-        )
+        current = execute("SELECT MAX(version) FROM events WHERE stream = ?", (stream,)).fetchone()[0] or 0
         if expected_version is not None and current != expected_version:
             raise StreamConflict(f"stream {stream} is at version {current}, expected {expected_version}")
         at = now_iso()
-        rows = [
-            {"stream": stream, "version": current + i, "type": e.type, "data": e.to_json(), "recorded_at": at}
-            for i, e in enumerate(events, start=1)
-        ]
-        inserted: object = None
+        rows = [(stream, current + i, e.type, e.to_json(), at) for i, e in enumerate(events, start=1)]
+        cursor: Any = None
         for start in range(0, len(rows), INSERT_CHUNK):
-            inserted = StoredEvent.insert_many(rows[start:start + INSERT_CHUNK]).execute()
-        # SQLite answers with the last rowid (the position); other databases may not, so ask then.
-        last: int = inserted if isinstance(inserted, int) else StoredEvent.select(
-            peewee.fn.MAX(StoredEvent.position)).scalar()
+            chunk = rows[start:start + INSERT_CHUNK]
+            cursor = execute("INSERT INTO events (stream, version, type, data, recorded_at) VALUES "
+                             + ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)), [v for row in chunk for v in row])
+        # SQLite's last rowid is the last position; other databases are asked.
+        last = int(cursor.lastrowid if isinstance(self.db, peewee.SqliteDatabase)
+                   else execute("SELECT MAX(position) FROM events").fetchone()[0])
         self._appended_head = max(self._appended_head, last)
         return last
 
@@ -174,16 +172,21 @@ class EventLog:
         return position
 
     def read_after_sync(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent]:
-        query = StoredEvent.select().where(StoredEvent.position > position)
-        if types is not None:
-            query = query.where(StoredEvent.type.in_(list(types)))
-        return [_recorded(row) for row in query.order_by(StoredEvent.position).limit(limit)]
+        if types is None:
+            rows = execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
+                           (position, limit))
+        else:
+            wanted = sorted(types)  # one statement text per follower, so SQLite's statement cache keeps it
+            rows = execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? AND type IN "
+                           f"({placeholders(len(wanted))}) ORDER BY position LIMIT ?", (position, *wanted, limit))
+        return [_recorded(*row) for row in rows]
 
     def read_stream_sync(self, stream: str, types: frozenset[str] | None = None) -> list[RecordedEvent]:
-        query = StoredEvent.select().where(StoredEvent.stream == stream).order_by(StoredEvent.version)
-        if types is not None:
-            query = query.where(StoredEvent.type.in_(list(types)))
-        return [_recorded(row) for row in query]
+        wanted = sorted(types) if types is not None else []
+        only = f" AND type IN ({placeholders(len(wanted))})" if types is not None else ""
+        rows = execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE stream = ?{only} ORDER BY version",
+                       (stream, *wanted))
+        return [_recorded(*row) for row in rows]
 
     async def read_stream(self, stream: str) -> list[RecordedEvent]:
         return await self.read(self.read_stream_sync, stream)
@@ -204,23 +207,27 @@ class EventLog:
 
         `prune=False` says no tracking row at or below the mark exists, so there is nothing to delete.
         """
-        above = [{"consumer": consumer, "position": p} for p in handled if p > checkpoint]
-        if above:
-            Tracking.insert_many(above).on_conflict_ignore().execute()
+        above = [(consumer, p) for p in handled if p > checkpoint]
+        for start in range(0, len(above), INSERT_CHUNK):
+            chunk = above[start:start + INSERT_CHUNK]
+            execute("INSERT INTO tracking (consumer, position) VALUES " + ", ".join(["(?, ?)"] * len(chunk))
+                    + " ON CONFLICT DO NOTHING", [v for row in chunk for v in row])
         if prune:
-            Tracking.delete().where((Tracking.consumer == consumer) & (Tracking.position <= checkpoint)).execute()
-        Checkpoint.insert(consumer=consumer, position=checkpoint).on_conflict_replace().execute()
+            execute("DELETE FROM tracking WHERE consumer = ? AND position <= ?", (consumer, checkpoint))
+        execute("INSERT INTO checkpoints (consumer, position) VALUES (?, ?) "
+                "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position", (consumer, checkpoint))
 
     def reset_consumer_sync(self, consumer: str) -> None:
         Tracking.delete().where(Tracking.consumer == consumer).execute()
         Checkpoint.delete().where(Checkpoint.consumer == consumer).execute()
 
 
-def _recorded(row: StoredEvent) -> RecordedEvent:
-    return RecordedEvent(
-        position=row.position, stream=row.stream, version=row.version, recorded_at=row.recorded_at,
-        event=decode(row.type, row.data),
-    )
+EVENT_COLUMNS = "position, stream, version, recorded_at, type, data"
+
+
+def _recorded(position: int, stream: str, version: int, recorded_at: str, type_: str, data: str) -> RecordedEvent:
+    return RecordedEvent(position=position, stream=stream, version=version, recorded_at=recorded_at,
+                         event=decode(type_, data))
 
 
 def dumps(value: Any) -> str:

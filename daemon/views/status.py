@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import peewee
 
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.models import BaseModel
+from daemon.eventlog.models import BaseModel, execute
 from daemon.eventlog.store import RecordedEvent
 from daemon.events import (
     Event,
@@ -167,20 +168,25 @@ def apply(record: RecordedEvent) -> None:
                                   verified=event.verified, received_at=at).execute()
         return
     assert isinstance(event, ImageEvent)
-    image = StatusImage.update(**_image_changes(event)).where(
-        (StatusImage.request_id == rid) & (StatusImage.product == event.product) & (StatusImage.index == event.index))
-    image.execute()
-    request: dict[Any, Any] = {
-        StatusRequest.updated_at: at,
-        # queued -> processing with the first image event; one statement, it runs for every image event.
-        StatusRequest.status: peewee.Case(None, [(StatusRequest.status == "queued", "processing")],
-                                          StatusRequest.status),
-    }
-    if isinstance(event, ImageCompressed):
-        request[StatusRequest.done] = StatusRequest.done + 1
-    elif isinstance(event, ImageFailed):
-        request[StatusRequest.failed] = StatusRequest.failed + 1
-    StatusRequest.update(request).where(StatusRequest.request_id == rid).execute()
+    changes = _image_changes(event)
+    execute(_image_update(tuple(changes)), (*changes.values(), rid, event.product, event.index))
+    done, failed = int(isinstance(event, ImageCompressed)), int(isinstance(event, ImageFailed))
+    execute(_REQUEST_UPDATE, (at, done, failed, rid))
+
+
+# Hand-written: these two run for every image event (see eventlog.models.execute).
+# queued -> processing with the first image event, in the same statement.
+_REQUEST_UPDATE = (
+    'UPDATE view_status_requests SET updated_at = ?, '
+    "status = CASE WHEN status = 'queued' THEN 'processing' ELSE status END, "
+    'done = done + ?, failed = failed + ? WHERE request_id = ?'
+)
+
+
+@functools.cache
+def _image_update(columns: tuple[str, ...]) -> str:
+    assignments = ", ".join(f'"{c}" = ?' for c in columns)
+    return f'UPDATE view_status_images SET {assignments} WHERE request_id = ? AND product = ? AND "index" = ?'
 
 
 def _image_changes(event: ImageEvent) -> dict[str, Any]:
