@@ -78,7 +78,7 @@ def build_followers(app: web.Application) -> list[Follower]:
         CompressStage(eventlog, app[POOL], incoming, settings.path("images"), settings.compress),
         CompleteStage(eventlog, incoming),
         OutboxWriter(eventlog, settings.path("outbox"), settings.public_url),
-        WebhookDelivery(eventlog, app[CLIENT], settings),
+        WebhookDelivery(eventlog, app[CLIENT], settings, status_view),
     ]
 
 

@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from daemon.events import Event, ImageCompressed, ImageFailed, Product, RequestAccepted, decode
+from daemon.events import (
+    Event,
+    ImageCompressed,
+    ImageFailed,
+    Product,
+    RequestAccepted,
+    decode,
+)
 
 EXAMPLES: list[Event] = [
     RequestAccepted(source="upload", source_name="batch.csv", webhook_url="https://hooks.example/x",

@@ -54,6 +54,10 @@ class Follower:
     concurrency: int = 1
     ordered: ClassVar[bool] = False  # views: commit strictly in log order
     page_size: ClassVar[int] = 500
+    # Seconds to wait after a wake-up for more events to arrive, so a follower that takes every event
+    # (views) reads and commits them in batches rather than one transaction per event. Skipped while
+    # someone waits in `wait_for`, and in burst mode.
+    linger: ClassVar[float] = 0.0
 
     def __init__(self, eventlog: EventLog) -> None:
         self.eventlog = eventlog
@@ -66,6 +70,9 @@ class Follower:
         self._loaded = False
         self.head_at_start = 0
         self._progress = asyncio.Condition()
+        self._waiters = 0
+        self._bursts = False  # driven by run_until_idle (tests, replay), not by run
+        self._hurry = asyncio.Event()
 
     # what subclasses write ---------------------------------------------------------------------
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
@@ -95,18 +102,29 @@ class Follower:
 
     async def run_until_idle(self) -> int:
         """Burst mode: handle everything there is, wait for in-flight work, return how many events."""
+        self._bursts = True
         before = self._state.handled
         await self._loop(until_idle=True)
         return self._state.handled - before
 
     async def wait_for(self, position: int, timeout: float = 10.0) -> bool:
-        """Wait until everything up to `position` is committed (read-your-writes for views)."""
-        async with self._progress:
-            try:
-                await asyncio.wait_for(self._progress.wait_for(lambda: self._checkpoint >= position), timeout)
-            except TimeoutError:
-                return False
-        return True
+        """Wait until everything up to `position` is committed (read-your-writes for views).
+
+        A follower driven in burst mode is not waited for: nothing would move it meanwhile.
+        """
+        if self._bursts:
+            return self._checkpoint >= position
+        self._waiters += 1
+        self._hurry.set()
+        try:
+            async with self._progress:
+                try:
+                    await asyncio.wait_for(self._progress.wait_for(lambda: self._checkpoint >= position), timeout)
+                except TimeoutError:
+                    return False
+            return True
+        finally:
+            self._waiters -= 1
 
     async def _load(self) -> None:
         if self._loaded:
@@ -147,6 +165,18 @@ class Follower:
             if until_idle and not state.in_flight and not state.done:
                 return
             await self._wake.wait()
+            if self.linger and not until_idle:
+                await self._linger()
+
+    async def _linger(self) -> None:
+        if self._waiters:
+            return
+        self._hurry.clear()
+        try:
+            async with asyncio.timeout(self.linger):
+                await self._hurry.wait()
+        except TimeoutError:
+            pass
 
     def _start(self, record: RecordedEvent) -> None:
         if record.position in self._state.in_flight:

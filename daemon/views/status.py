@@ -125,6 +125,7 @@ class StatusView(Follower):
     })
     ordered = True
     concurrency = 500
+    linger = 0.05  # one image event after another: batch them
 
     def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         apply(record)

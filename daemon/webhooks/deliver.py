@@ -91,9 +91,10 @@ class WebhookDelivery(Follower):
     types = frozenset({"RequestCompleted", "WebhookQueued", "WebhookRedeliveryRequested"})
     concurrency = 256  # a waiting retry holds a slot; these are cheap sleeping tasks
 
-    def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, settings: Settings) -> None:
+    def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, settings: Settings,
+                 status_view: Follower | None = None) -> None:
         super().__init__(eventlog)
-        self.client, self.settings = client, settings
+        self.client, self.settings, self.status_view = client, settings, status_view
 
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         event = record.event
@@ -114,6 +115,9 @@ class WebhookDelivery(Follower):
             next_round = max(rounds, default=-1) + 1
         else:
             msg_id, next_round = message_id(record.stream, record.version), 0
+            if self.status_view is not None:
+                # A listener told "completed" may fetch /status or /export at once: they must agree.
+                await self.status_view.wait_for(record.position)
         return [WebhookQueued(message_id=msg_id, listener=url, round=next_round) for url in listeners]
 
     async def _deliver(self, record: RecordedEvent, queued: WebhookQueued) -> list[Event]:

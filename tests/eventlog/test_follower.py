@@ -13,6 +13,7 @@ from daemon.config import Settings
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent, open_database
 from daemon.events import Event
+from daemon.testing import eventually
 
 
 @dataclass(frozen=True)
@@ -317,5 +318,63 @@ async def test_a_waiting_retry_does_not_hold_a_slot(settings: Settings, helpers:
         await asyncio.gather(task, return_exceptions=True)
         assert follower.calls == [(1, 1), (2, 1), (1, 2)]
         assert pongs(helpers, settings) == {1: 1, 2: 1}
+    finally:
+        await eventlog.close()
+
+
+class Batcher(Recorder):
+    """A lingering view-like follower that notes which positions each commit carried."""
+
+    name = "test.batcher"
+    ordered = True
+
+    def __init__(self, eventlog: EventLog, linger: float) -> None:
+        super().__init__(eventlog, concurrency=100)
+        self.linger = linger  # type: ignore[misc]
+        self.writing: list[int] = []
+        self.commits: list[list[int]] = []
+
+    def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        self.writing.append(record.position)
+
+    async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        if self.writing:
+            self.commits.append(self.writing)
+            self.writing = []
+
+
+async def test_a_lingering_follower_commits_a_burst_of_events_together(settings: Settings) -> None:
+    """Events appended one by one within the linger are read and committed in one transaction."""
+    eventlog = await open_log(settings)
+    try:
+        follower = Batcher(eventlog, linger=1.0)
+        task = asyncio.create_task(follower.run())
+        (first,) = await ping(eventlog, 1)
+        assert await follower.wait_for(first)  # now idle, waiting for a wake-up
+        positions = await ping(eventlog, 2, 3, 4, 5, 6)
+
+        async def caught_up() -> bool:
+            return follower.checkpoint >= positions[-1]
+
+        await eventually(caught_up, "the follower to commit the burst")
+        assert follower.commits == [[first], positions]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await eventlog.close()
+
+
+async def test_wait_for_cuts_a_linger_short(settings: Settings) -> None:
+    """Someone waiting for a position does not wait out the linger (an upload's read-your-writes)."""
+    eventlog = await open_log(settings)
+    try:
+        follower = Batcher(eventlog, linger=60.0)
+        task = asyncio.create_task(follower.run())
+        await asyncio.sleep(0)  # the follower is now waiting for a wake-up
+        (position,) = await ping(eventlog, 1)
+        assert await follower.wait_for(position, timeout=10) is True
+        assert follower.commits == [[position]]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
     finally:
         await eventlog.close()

@@ -16,8 +16,8 @@ from daemon.app import EVENTLOG, build_app
 from daemon.config import Settings
 from daemon.ingest.accept import Accepted, accept
 from daemon.ingest.csvfile import Batch, parse_csv
-from daemon.testing import Listener, Origin, daemon_app, drain
-from daemon.views.status import request_status
+from daemon.testing import Listener, Origin, daemon_app, drain, eventually
+from daemon.views.status import StatusView, request_status
 from daemon.web import SETTINGS
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -147,13 +147,17 @@ async def test_per_request_listener_and_redelivery_over_http(make_settings: Call
                 await asyncio.sleep(0.025)
             unknown = await client.post("/redeliver/nope")
             assert unknown.status == 404 and (await unknown.json())["error"] == "unknown_request"
-            status = await (await client.get(f"/status/{request_id}")).json()
+
+            async def both_rounds_recorded() -> dict[str, Any] | None:
+                status = await (await client.get(f"/status/{request_id}")).json()
+                return status if [d["state"] for d in status["webhooks"]] == ["delivered"] * 2 else None
+
+            status = await eventually(both_rounds_recorded, "both delivery rounds in the status view")
     assert len(listener.received) == 2
     first, second = listener.received
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
     assert json.loads(first.body) == json.loads(second.body)
     assert [d["round"] for d in status["webhooks"]] == [0, 1]
-    assert {d["state"] for d in status["webhooks"]} == {"delivered"}
 
 
 async def test_invalid_webhook_url_is_refused_at_upload(make_settings: Callable[..., Settings]) -> None:
@@ -182,3 +186,33 @@ async def test_redirects_are_failures_and_retry_after_is_honoured(make_settings:
     assert third["outcome"] == "delivered" and delivery["state"] == "delivered"
     assert listener.received[2].at - listener.received[1].at >= 0.95
     assert len({r.headers["webhook-id"] for r in listener.received}) == 1
+
+
+async def test_a_listener_told_of_completion_finds_status_and_export_complete(
+        make_settings: Callable[..., Settings], origin: Origin, monkeypatch: Any) -> None:
+    """Delivery waits for the status view, so a listener that calls back at once sees the request finished."""
+    monkeypatch.setattr(StatusView, "linger", 2.0)  # a slow view: without the wait the callbacks see 409
+    seen: list[tuple[int, str]] = []
+    app = build_app(make_settings())
+    async with TestClient(TestServer(app)) as client:
+
+        async def on_webhook(request: web.Request) -> web.Response:
+            request_id = (await request.json())["data"]["request_id"]
+            export = await client.get(f"/export/{request_id}")
+            status = await (await client.get(f"/status/{request_id}")).json()
+            seen.append((export.status, status["status"]))
+            return web.Response(status=204)
+
+        listener_app = web.Application()
+        listener_app.router.add_post("/hook", on_webhook)
+        async with TestServer(listener_app) as listener:
+            form = {"file": io.BytesIO(f"S. No.,Product Name,Input Image Urls\n1,Shoe,{origin.url}/img/photo.jpg\n"
+                                       .encode()), "webhook_url": str(listener.make_url("/hook"))}
+            response = await client.post("/upload", data=form)
+            assert response.status == 202
+
+            async def called_back() -> bool:
+                return bool(seen)
+
+            await eventually(called_back, "the webhook")
+    assert seen == [(200, "completed")]
