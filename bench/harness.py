@@ -230,9 +230,10 @@ def cpu_use(mark: CpuMark, daemon: int) -> dict[str, float]:
             "other_cpu_cores": round(machine - sum(used.values()) / wall, 2)}
 
 
-async def upload(client: aiohttp.ClientSession, base: str, urls: list[str]) -> dict[str, object]:
-    """POST one CSV as text/csv; returns the 202 body or raises."""
-    async with client.post(f"{base}/upload", data=csv_body(urls), headers={"Content-Type": "text/csv"}) as r:
+async def upload(client: aiohttp.ClientSession, base: str, urls: list[str], webhook_url: str = "") -> dict[str, object]:
+    """POST one CSV as text/csv (with a per-request webhook if given); returns the 202 body or raises."""
+    async with client.post(f"{base}/upload", data=csv_body(urls), headers={"Content-Type": "text/csv"},
+                           params={"webhook_url": webhook_url} if webhook_url else None) as r:
         body = await r.json()
         if r.status != 202:
             raise RuntimeError(f"upload answered {r.status}: {body}")

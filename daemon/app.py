@@ -90,6 +90,7 @@ async def eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = CodecPool(app[SETTINGS].compress)
+    await app[POOL].start()
     yield
     app[POOL].shutdown()
 

@@ -47,6 +47,12 @@ _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
+def warm_up() -> int:
+    """Run once per pool worker before the first image: load the format plugins; returns the worker's pid."""
+    Image.preinit()
+    return os.getpid()
+
+
 def compress_file(source: str, directory: str, stem: str, settings: EncodeSettings) -> Compressed:
     """Compress `source` into `directory/stem.<ext>`; raises ImageRejected (writing nothing) for bad input."""
     if stem in ("", ".", "..") or os.path.basename(stem) != stem:

@@ -48,7 +48,7 @@ class CompleteStage(Follower):
     # Many at once so commits are batched; a per-request lock keeps each request's counts in log order.
     concurrency = 500
     ordered = True
-    linger = 0.05  # one image event after another: batch them
+    linger = 0.01  # batch image events a little; this one is on the way to the completion webhook
 
     def __init__(self, eventlog: EventLog, incoming: Path) -> None:
         super().__init__(eventlog)

@@ -21,7 +21,7 @@ from daemon.config import CompressSettings
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event, ImageCompressed, ImageDownloaded, ImageFailed
-from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file
+from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file, warm_up
 from daemon.stages.download import incoming_path, remove_matching
 
 log = structlog.get_logger("compress")
@@ -97,6 +97,14 @@ class CodecPool:
                 executor.shutdown(wait=False, cancel_futures=True)
                 self.executor = make_pool(self.settings)
             raise
+
+    async def start(self) -> set[int]:
+        """Start every worker now, not with the first image: a batch should not wait for the forkserver
+        and the imports. Returns the workers' pids."""
+        loop = asyncio.get_running_loop()
+        # Submitted together, so none is idle yet and each submission spawns a worker of its own.
+        futures = [loop.run_in_executor(self.executor, warm_up) for _ in range(pool_size(self.settings))]
+        return set(await asyncio.gather(*futures))
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -197,6 +197,16 @@ async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Cal
         assert await drain(app) == 0
 
 
+async def test_every_codec_worker_is_running_before_the_first_image(app: web.Application) -> None:
+    """The daemon starts its whole pool at start-up, so the first batch does not wait for workers to spawn."""
+    workers = set(app[POOL].executor._processes)  # noqa: SLF001 - the pool's real worker pids
+    assert len(workers) == app[SETTINGS].compress.workers == 2
+    for pid in workers:
+        os.kill(pid, 0)  # alive: raises ProcessLookupError otherwise
+    assert await app[POOL].start() <= workers  # warming up again runs in them, spawning nothing
+    assert set(app[POOL].executor._processes) == workers  # noqa: SLF001
+
+
 async def test_a_dead_worker_is_replaced_and_the_batch_completes(app: web.Application, origin: Origin) -> None:
     """When a pool worker is killed (as the OOM killer would), the pool is rebuilt and every image still completes."""
     first = await submit(app, [[f"{origin.url}/img/photo.jpg"]])
