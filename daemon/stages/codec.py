@@ -75,17 +75,6 @@ def compress_file(source: str, directory: str, stem: str, settings: EncodeSettin
     )
 
 
-def compress_many(jobs: list[tuple[str, str, str]], settings: EncodeSettings) -> list[Compressed | str]:
-    """Batch form for the process pool: each job is (source, directory, stem); a rejected job yields its error string instead of raising."""
-    results: list[Compressed | str] = []
-    for source, directory, stem in jobs:
-        try:
-            results.append(compress_file(source, directory, stem, settings))
-        except ImageRejected as exc:
-            results.append(str(exc))
-    return results
-
-
 def _compress(data: bytes, settings: EncodeSettings) -> tuple[bytes, str, int, int, int | None, str]:
     """Return (payload, format, width, height, quality, note); quality is None when the original is kept."""
     im, animated = _decode(data, settings.max_pixels)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
-import pickle
 import random
 import struct
 import warnings
@@ -22,7 +21,6 @@ from daemon.stages.codec import (
     EncodeSettings,
     ImageRejected,
     compress_file,
-    compress_many,
 )
 from daemon.testing import bomb_png
 
@@ -607,29 +605,8 @@ def test_failed_write_leaves_no_temp_file(tmp_path: Path) -> None:
     assert listing(out) == ["abc_1_0.jpg"]
 
 
-def test_compress_many_returns_results_and_errors_in_order(tmp_path: Path) -> None:
-    """compress_many gives a Compressed or the rejection message for each job, in job order."""
-    good = photo_jpeg(tmp_path)
-    html = tmp_path / "page"
-    html.write_bytes(b"<!doctype html><p>hi</p>")
-    empty = tmp_path / "empty"
-    empty.write_bytes(b"")
-    out = tmp_path / "out"
-    out.mkdir()
-    jobs = [(good, str(out), "a"), (str(html), str(out), "b"), (str(empty), str(out), "c"), (good, str(out), "d")]
-    results = compress_many(jobs, DEFAULTS)
-
-    assert [r.name if isinstance(r, Compressed) else r for r in results] == [
-        "a.jpg",
-        "not an image: content looks like HTML",
-        "empty body (0 bytes)",
-        "d.jpg",
-    ]
-    assert listing(out) == ["a.jpg", "d.jpg"]
-
-
 def test_works_in_a_process_pool(tmp_path: Path) -> None:
-    """compress_many runs in a ProcessPoolExecutor worker, and its results and rejections pickle."""
+    """compress_file runs in a ProcessPoolExecutor worker, and its result and its rejections pickle back."""
     good = photo_jpeg(tmp_path)
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
@@ -637,8 +614,9 @@ def test_works_in_a_process_pool(tmp_path: Path) -> None:
     out.mkdir()
     # spawn: the worker must import everything by name, as it would under any start method.
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = pool.submit(compress_many, [(good, str(out), "a"), (str(empty), str(out), "b")], DEFAULTS).result()
+        result = pool.submit(compress_file, good, str(out), "a", DEFAULTS).result()
+        with pytest.raises(ImageRejected, match=r"^empty body \(0 bytes\)$"):
+            pool.submit(compress_file, str(empty), str(out), "b", DEFAULTS).result()
 
-    assert isinstance(results[0], Compressed) and results[0].name == "a.jpg"
-    assert results[1] == "empty body (0 bytes)"
-    assert str(pickle.loads(pickle.dumps(ImageRejected("empty body (0 bytes)")))) == "empty body (0 bytes)"
+    assert isinstance(result, Compressed) and result.name == "a.jpg"
+    assert listing(out) == ["a.jpg"]
