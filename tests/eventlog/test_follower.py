@@ -370,10 +370,11 @@ async def test_wait_for_cuts_a_linger_short(settings: Settings) -> None:
     try:
         follower = Batcher(eventlog, linger=60.0)
         task = asyncio.create_task(follower.run())
-        await asyncio.sleep(0)  # the follower is now waiting for a wake-up
-        (position,) = await ping(eventlog, 1)
-        assert await follower.wait_for(position, timeout=10) is True
-        assert follower.commits == [[position]]
+        (first,) = await ping(eventlog, 1)
+        assert await follower.wait_for(first, timeout=10) is True  # now idle, waiting for a wake-up
+        (second,) = await ping(eventlog, 2)  # wakes it: it would linger for a minute
+        assert await follower.wait_for(second, timeout=10) is True
+        assert follower.commits == [[first], [second]]
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     finally:
