@@ -148,7 +148,9 @@ class Follower:
             if free > 0 and self.eventlog.head > self._cursor:
                 head = self.eventlog.head
                 limit = min(free, self.page_size)
-                page = await self.eventlog.write(self.eventlog.read_after_sync, self._cursor, self.types, limit)
+                page = self.eventlog.read_recent(self._cursor, self.types, limit)
+                if page is None:
+                    page = await self.eventlog.write(self.eventlog.read_after_sync, self._cursor, self.types, limit)
                 for record in page:
                     if record.position in self._skip:
                         self._skip.discard(record.position)

@@ -2,6 +2,9 @@
 
 All writes go through one thread (the writer), so positions are committed in order and a reader
 that has seen position N has seen every event before it.
+
+The most recent events are also kept in memory, as committed: a consumer close behind the head (the usual
+case) reads its next page from there, without a trip to the writer thread, SQL or JSON decoding.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,6 +37,7 @@ from daemon.events import Event, decode
 T = TypeVar("T")
 INSERT_CHUNK = 2000
 READERS = 2
+RECENT_EVENTS = 10_000  # at least this many of the newest events are kept in memory
 
 
 class StreamConflict(Exception):
@@ -83,6 +88,11 @@ class EventLog:
         self._subscribers: list[tuple[asyncio.Event, frozenset[str] | None]] = []
         self.head = 0
         self._appended_head = 0
+        # Positions are known at append time only where SQLite assigns them (the last rowid).
+        self._keeps_recent = isinstance(db, peewee.SqliteDatabase)
+        self._appended: list[RecordedEvent] = []  # in the open transaction (writer thread)
+        self._committed: deque[RecordedEvent] = deque()  # handed from the writer thread to the loop
+        self._recent: list[RecordedEvent] = []  # consecutive positions, newest last (loop thread)
 
     # lifecycle -------------------------------------------------------------------------------
     async def open(self, extra_tables: Iterable[type[peewee.Model]] = ()) -> None:
@@ -120,8 +130,12 @@ class EventLog:
         """A write transaction (writer thread); `head` moves only once it has committed."""
         atomic = self.db.atomic("IMMEDIATE") if isinstance(self.db, peewee.SqliteDatabase) else self.db.atomic()
         self._appended_head = self.head
+        self._appended = []
         with atomic:
             yield
+        # Before `head` moves, so a reader that sees the new head finds its events in memory.
+        self._committed.extend(self._appended)
+        self._appended = []
         self.head = max(self.head, self._appended_head)
 
     # subscribers -------------------------------------------------------------------------------
@@ -157,9 +171,13 @@ class EventLog:
             cursor = execute("INSERT INTO events (stream, version, type, data, recorded_at) VALUES "
                              + ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)), [v for row in chunk for v in row])
         # SQLite's last rowid is the last position; other databases are asked.
-        last = int(cursor.lastrowid if isinstance(self.db, peewee.SqliteDatabase)
-                   else execute("SELECT MAX(position) FROM events").fetchone()[0])
+        last = int(cursor.lastrowid if self._keeps_recent else execute("SELECT MAX(position) FROM events").fetchone()[0])
         self._appended_head = max(self._appended_head, last)
+        if self._keeps_recent:
+            # One writer in an IMMEDIATE transaction: the rows got consecutive positions ending at `last`.
+            first = last - len(events) + 1
+            self._appended.extend(RecordedEvent(first + i, stream, current + 1 + i, at, event)
+                                  for i, event in enumerate(events))
         return last
 
     async def append(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
@@ -180,6 +198,29 @@ class EventLog:
             rows = execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? AND type IN "
                            f"({placeholders(len(wanted))}) ORDER BY position LIMIT ?", (position, *wanted, limit))
         return [_recorded(*row) for row in rows]
+
+    def read_recent(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent] | None:
+        """What `read_after_sync` would return, from memory; None when memory does not reach back that far
+        (loop thread)."""
+        recent = self._recent
+        committed = self._committed
+        while committed:
+            record = committed.popleft()
+            if recent and record.position != recent[-1].position + 1:
+                recent.clear()  # a gap (positions not known here): start again from this one
+            recent.append(record)
+        if len(recent) > 2 * RECENT_EVENTS:
+            del recent[:-RECENT_EVENTS]
+        if not recent or recent[0].position > position + 1 or recent[-1].position < self.head:
+            return None
+        page: list[RecordedEvent] = []
+        for i in range(max(0, position + 1 - recent[0].position), len(recent)):
+            record = recent[i]
+            if types is None or record.event.type in types:
+                page.append(record)
+                if len(page) == limit:
+                    break
+        return page
 
     def read_stream_sync(self, stream: str, types: frozenset[str] | None = None) -> list[RecordedEvent]:
         wanted = sorted(types) if types is not None else []

@@ -117,6 +117,51 @@ async def test_head_is_restored_when_the_log_is_reopened(settings: Settings) -> 
         await second.close()
 
 
+async def pages(eventlog: EventLog, position: int) -> list[tuple[object, object]]:
+    """(memory, database) pages after `position` for every kind of follower query."""
+    pairs: list[tuple[object, object]] = []
+    for types in (None, frozenset({"ImageFailed"}), frozenset({"RequestCompleted", "ImageRequested"})):
+        for limit in (1, 2, 100):
+            pairs.append((eventlog.read_recent(position, types, limit),
+                          await eventlog.write(eventlog.read_after_sync, position, types, limit)))
+    return pairs
+
+
+async def test_recent_events_are_read_from_memory_as_the_database_has_them(eventlog: EventLog) -> None:
+    """A follower close behind the head gets from memory exactly the page the database would give it."""
+    await eventlog.append("a", [failed(0), failed(1)])
+    await eventlog.append("b", [ImageRequested(product=0, index=0, url="https://a/1", stem="b_1_0"),
+                                RequestCompleted(status="completed", images=1, done=1, failed=0)])
+    await eventlog.append("a", [failed(2)])
+    for position in range(0, 6):
+        for memory, database in await pages(eventlog, position):
+            assert memory == database
+
+
+async def test_memory_does_not_answer_for_events_it_never_saw(settings: Settings, helpers: Any) -> None:
+    """Events from before a restart, or written past the store, are read from the database."""
+    first = await open_log(settings)
+    await first.append("a", [failed(0), failed(1)])
+    await first.close()
+    eventlog = await open_log(settings)
+    try:
+        assert eventlog.read_recent(0, None, 10) is None  # nothing in memory yet
+        await eventlog.append("a", [failed(2)])
+        assert eventlog.read_recent(1, None, 10) is None
+        assert [r.position for r in eventlog.read_recent(2, None, 10) or []] == [3]
+        connection = sqlite3.connect(helpers.db_file(settings))
+        with connection:  # a row this store did not append leaves a gap in what it holds
+            connection.execute("INSERT INTO events (stream, version, type, data, recorded_at) "
+                               "VALUES ('x', 1, 'ImageFailed', ?, '2026-01-01T00:00:00.000Z')", (failed(9).to_json(),))
+        connection.close()
+        await eventlog.append("a", [failed(3)])
+        assert eventlog.read_recent(3, None, 10) is None
+        for memory, database in await pages(eventlog, 4):
+            assert memory == database
+    finally:
+        await eventlog.close()
+
+
 class _BrokenWrite(Follower):
     """Appends a result, then its own table write fails: the commit transaction rolls back."""
 
@@ -159,6 +204,7 @@ async def test_a_rolled_back_append_does_not_make_followers_skip_later_events(ev
     await asyncio.gather(task, return_exceptions=True)
     assert [kind for *_, kind, _ in helpers.stored_events(settings)] == ["ImageFailed"]
     assert eventlog.head == 1
+    assert [r.event for r in eventlog.read_recent(0, None, 10) or []] == [failed(0)]
     watcher = _Watcher(eventlog)
     await watcher.run_until_idle()
     await eventlog.append("r", [failed(1)])
