@@ -1,14 +1,13 @@
 """The aiohttp application: routes, and the daemon's resources in dependency order.
 
 cleanup_ctx runs set-up top to bottom and teardown bottom to top:
-event log -> process pool -> HTTP client -> consumers -> inbox.
+event log -> downloaded bodies -> process pool -> HTTP client -> consumers -> inbox.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import structlog
@@ -20,6 +19,7 @@ from daemon.eventlog.store import EventLog, open_database
 from daemon.ingest import http as ingest_http
 from daemon.ingest.inbox import Inbox
 from daemon.network import AddressPolicy, GuardedConnector
+from daemon.stages.bodies import Bodies
 from daemon.stages.complete import CompleteStage
 from daemon.stages.compress import CodecPool, CompressStage
 from daemon.stages.download import DownloadStage
@@ -43,12 +43,8 @@ FOLLOW = web.AppKey("follow", bool)
 INBOX = web.AppKey("inbox", Inbox)
 POOL = web.AppKey("pool", CodecPool)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
+BODIES = web.AppKey("bodies", Bodies)
 VIEW_TABLES = (*STATUS_TABLES,)
-
-
-def incoming_folder(settings: Settings) -> Path:
-    """Downloaded bodies wait here for the compress stage (hidden, so never served)."""
-    return settings.path("images") / ".incoming"
 
 
 async def open_eventlog(settings: Settings) -> EventLog:
@@ -71,12 +67,12 @@ def build_followers(app: web.Application) -> list[Follower]:
     status_view = views[0]
     assert isinstance(status_view, StatusView)
     app[STATUS_VIEW] = status_view
-    incoming = incoming_folder(settings)
+    bodies = app[BODIES]
     return [
         *views,
-        DownloadStage(eventlog, app[CLIENT], incoming, settings.download),
-        CompressStage(eventlog, app[POOL], incoming, settings.path("images"), settings.compress),
-        CompleteStage(eventlog, incoming),
+        DownloadStage(eventlog, app[CLIENT], bodies, settings.download),
+        CompressStage(eventlog, app[POOL], bodies, settings.path("images"), settings.compress),
+        CompleteStage(eventlog, bodies),
         OutboxWriter(eventlog, settings.path("outbox"), settings.public_url),
         WebhookDelivery(eventlog, app[CLIENT], settings, status_view),
     ]
@@ -86,6 +82,14 @@ async def eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
     app[EVENTLOG] = await open_eventlog(app[SETTINGS])
     yield
     await app[EVENTLOG].close()
+
+
+async def bodies_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    # Hidden inside images/, so never served.
+    bodies = app[BODIES] = Bodies(settings.path("images") / ".incoming", settings.download.backlog)
+    await asyncio.to_thread(bodies.load)
+    yield
 
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -141,7 +145,7 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
                           client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
     app[SETTINGS] = settings
     app[FOLLOW] = follow
-    app.cleanup_ctx.extend([eventlog_ctx, pool_ctx, client_ctx, followers_ctx, inbox_ctx, announce_ctx])
+    app.cleanup_ctx.extend([eventlog_ctx, bodies_ctx, pool_ctx, client_ctx, followers_ctx, inbox_ctx, announce_ctx])
     add_routes(app)
     ingest_http.add_routes(app)
     receive.add_routes(app)

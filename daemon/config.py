@@ -53,6 +53,7 @@ class InboxSettings:
 @dataclass(frozen=True)
 class DownloadSettings:
     concurrency: int = 16
+    backlog: int = 64
     connect_timeout: float = 5.0
     total_timeout: float = 30.0
     max_redirects: int = 5
@@ -189,6 +190,8 @@ def _check(name: str, section: Any) -> None:
         raise ConfigError(f"config key server.port: must be 0..65535, got {section.port}")
     if name == "download" and section.concurrency < 1:
         raise ConfigError(f"config key download.concurrency: must be at least 1, got {section.concurrency}")
+    if name == "download" and section.backlog < 1:
+        raise ConfigError(f"config key download.backlog: must be at least 1, got {section.backlog}")
     if name == "download" and section.attempts < 1:
         raise ConfigError(f"config key download.attempts: must be at least 1, got {section.attempts}")
 

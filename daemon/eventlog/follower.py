@@ -88,10 +88,18 @@ class Follower:
     async def recover(self) -> None:
         """Once at start: finish clean-up that a crash interrupted after a commit."""
 
+    def room(self, busy: int) -> int:
+        """How many more events to start now, with `busy` in flight (retries waiting to try again not counted)."""
+        return self.concurrency - busy
+
     # running ---------------------------------------------------------------------------------
     @property
     def checkpoint(self) -> int:
         return self._checkpoint
+
+    def wake(self) -> None:
+        """Look at the log again now: something other than an append may have made room."""
+        self._wake.set()
 
     async def run(self) -> None:
         """Follow the log forever (until cancelled)."""
@@ -142,15 +150,15 @@ class Follower:
         while True:
             self._wake.clear()
             await self._commit()
-            free = self.concurrency - len(state.in_flight) + len(state.deferred)
+            free = self.room(len(state.in_flight) - len(state.deferred))
             page: list[RecordedEvent] = []
             # Woken but nothing new in the log since the last read: no query.
             if free > 0 and self.eventlog.head > self._cursor:
                 head = self.eventlog.head
                 limit = min(free, self.page_size)
-                page = self.eventlog.read_recent(self._cursor, self.types, limit)
-                if page is None:
-                    page = await self.eventlog.write(self.eventlog.read_after_sync, self._cursor, self.types, limit)
+                recent = self.eventlog.read_recent(self._cursor, self.types, limit)
+                page = recent if recent is not None else await self.eventlog.write(
+                    self.eventlog.read_after_sync, self._cursor, self.types, limit)
                 for record in page:
                     if record.position in self._skip:
                         self._skip.discard(record.position)

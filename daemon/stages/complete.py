@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 import peewee
@@ -25,7 +24,7 @@ from daemon.events import (
     RequestCompleted,
     decode,
 )
-from daemon.stages.download import remove_incoming
+from daemon.stages.bodies import Bodies
 
 
 @dataclass
@@ -50,9 +49,9 @@ class CompleteStage(Follower):
     ordered = True
     linger = 0.01  # batch image events a little; this one is on the way to the completion webhook
 
-    def __init__(self, eventlog: EventLog, incoming: Path) -> None:
+    def __init__(self, eventlog: EventLog, bodies: Bodies) -> None:
         super().__init__(eventlog)
-        self.incoming = incoming
+        self.bodies = bodies
         self._tallies: dict[str, _Tally] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -93,18 +92,17 @@ class CompleteStage(Follower):
 
     async def recover(self) -> None:
         """Remove the download folders of requests that completed just before a crash."""
-        folders = await asyncio.to_thread(lambda: [p.name for p in self.incoming.iterdir()]
-                                          if self.incoming.is_dir() else [])
+        folders = [p.name for p in await asyncio.to_thread(self.bodies.request_folders)]
 
         def completed(request_ids: list[str]) -> list[str]:
             return [r for r in request_ids if StoredEvent.select().where(
                 (StoredEvent.stream == r) & (StoredEvent.type == "RequestCompleted")).exists()]
 
         for request_id in await self.eventlog.read(completed, folders):
-            await asyncio.to_thread(remove_incoming, self.incoming, request_id)
+            await self.bodies.remove_request(request_id)
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         if results:
             self._tallies.pop(record.stream, None)
             self._locks.pop(record.stream, None)
-            await asyncio.to_thread(remove_incoming, self.incoming, record.stream)
+            await self.bodies.remove_request(record.stream)

@@ -21,8 +21,9 @@ from daemon.config import CompressSettings
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event, ImageCompressed, ImageDownloaded, ImageFailed
+from daemon.files import remove_matching
+from daemon.stages.bodies import Bodies
 from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file, warm_up
-from daemon.stages.download import incoming_path, remove_matching
 
 log = structlog.get_logger("compress")
 CODEC_ATTEMPTS = 3
@@ -114,10 +115,10 @@ class CompressStage(Follower):
     name = "stage.compress"
     types = frozenset({"ImageDownloaded"})
 
-    def __init__(self, eventlog: EventLog, pool: CodecPool, incoming: Path, images: Path,
+    def __init__(self, eventlog: EventLog, pool: CodecPool, bodies: Bodies, images: Path,
                  settings: CompressSettings) -> None:
         super().__init__(eventlog)
-        self.pool, self.incoming, self.images = pool, incoming, images
+        self.pool, self.bodies, self.images = pool, bodies, images
         self.encode = encode_settings(settings)
         # Enough queued work that no worker waits for the loop between two images.
         self.concurrency = 2 * pool_size(settings)
@@ -126,7 +127,7 @@ class CompressStage(Follower):
         event = record.event
         assert isinstance(event, ImageDownloaded)
         where = {"product": event.product, "index": event.index}
-        source = incoming_path(self.incoming, record.stream, event.product, event.index)
+        source = self.bodies.path(record.stream, event.product, event.index)
         try:
             result = await self.pool.run(compress_file, str(source), str(self.images), event.stem, self.encode)
         except ImageRejected as exc:
@@ -149,5 +150,4 @@ class CompressStage(Follower):
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         event = record.event
         assert isinstance(event, ImageDownloaded)
-        source = incoming_path(self.incoming, record.stream, event.product, event.index)
-        await asyncio.to_thread(source.unlink, missing_ok=True)
+        await self.bodies.release(self.bodies.path(record.stream, event.product, event.index), event.bytes)

@@ -1,19 +1,16 @@
 """Download stage: ImageRequested -> ImageDownloaded | ImageDownloadRetried... | ImageFailed.
 
-Bodies are streamed to `<images>/.incoming/<request_id>/<product>-<index>` under a byte cap; what they
-are is decided later by decoding them, never by URL or Content-Type.
+Bodies are streamed to disk (see `bodies`) under a byte cap, at most `backlog` of them waiting for the
+compress stage; what they are is decided later by decoding them, never by URL or Content-Type.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import os
 import random
-import shutil
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import aiohttp
 import structlog
@@ -30,6 +27,7 @@ from daemon.events import (
     ImageRequested,
 )
 from daemon.network import AddressNotAllowed
+from daemon.stages.bodies import Bodies, BodyWriter
 
 log = structlog.get_logger("download")
 
@@ -43,19 +41,6 @@ class DownloadError(Exception):
     def __init__(self, message: str, transient: bool = False, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.transient, self.retry_after = transient, retry_after
-
-
-def incoming_path(incoming: Path, request_id: str, product: int, index: int) -> Path:
-    return incoming / request_id / f"{product}-{index}"
-
-
-def remove_matching(folder: Path, pattern: str) -> None:
-    for path in folder.glob(pattern):
-        path.unlink(missing_ok=True)
-
-
-def remove_incoming(incoming: Path, request_id: str) -> None:
-    shutil.rmtree(incoming / request_id, ignore_errors=True)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -72,12 +57,11 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-async def fetch(client: aiohttp.ClientSession, url: str, target: Path, settings: DownloadSettings) -> int:
-    """Stream `url` into `target` (atomically); its size in bytes, or DownloadError with a user-facing reason."""
+async def fetch(client: aiohttp.ClientSession, url: str, body: BodyWriter, settings: DownloadSettings) -> int:
+    """Stream `url` into `body`; its size in bytes, or DownloadError with a user-facing reason."""
     timeout = aiohttp.ClientTimeout(total=settings.total_timeout, sock_connect=settings.connect_timeout,
                                     connect=settings.connect_timeout)
     limit = settings.max_bytes
-    partial = target.with_name(target.name + ".part")
     try:
         # aiohttp raises on the N-th redirect response; +1 lets exactly `max_redirects` be followed.
         async with client.get(url, timeout=timeout, max_redirects=settings.max_redirects + 1,
@@ -89,15 +73,10 @@ async def fetch(client: aiohttp.ClientSession, url: str, target: Path, settings:
                 raise DownloadError(f"HTTP {response.status} {response.reason or ''}".strip())
             if response.content_length is not None and response.content_length > limit:
                 raise DownloadError(f"image is {response.content_length} bytes, over the limit of {limit} bytes")
-            try:
-                out = open(partial, "wb")
-            except FileNotFoundError:  # the request's first image: its folder is made once, off the loop
-                await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-                out = open(partial, "wb")
             size = 0
             pending: list[bytes] = []  # written in ~1 MB batches: one thread hop for a typical photo
             pending_bytes = 0
-            with out:
+            try:
                 async for chunk in response.content.iter_any():
                     size += len(chunk)
                     if size > limit:
@@ -105,15 +84,13 @@ async def fetch(client: aiohttp.ClientSession, url: str, target: Path, settings:
                     pending.append(chunk)
                     pending_bytes += len(chunk)
                     if pending_bytes >= FLUSH_BYTES:
-                        await asyncio.to_thread(out.writelines, pending)
+                        await asyncio.to_thread(body.write, pending)
                         pending, pending_bytes = [], 0
-                if pending:
-                    await asyncio.to_thread(out.writelines, pending)
-            os.replace(partial, target)
+                await asyncio.to_thread(body.finish, pending)
+            except BaseException:
+                body.discard()
+                raise
             return size
-    except DownloadError:
-        partial.unlink(missing_ok=True)
-        raise
     except AddressNotAllowed as exc:
         raise DownloadError(str(exc)) from None
     except aiohttp.TooManyRedirects:
@@ -121,13 +98,11 @@ async def fetch(client: aiohttp.ClientSession, url: str, target: Path, settings:
     except aiohttp.InvalidURL as exc:
         raise DownloadError(f"invalid URL: {exc}") from None
     except TimeoutError:
-        partial.unlink(missing_ok=True)
         raise DownloadError(f"timed out (connect {settings.connect_timeout:g} s, total {settings.total_timeout:g} s)",
                             transient=True) from None
     except aiohttp.ClientConnectorError as exc:
         raise DownloadError(f"cannot connect to {exc.host}:{exc.port}: {exc.os_error or exc}", transient=True) from None
     except aiohttp.ClientError as exc:
-        partial.unlink(missing_ok=True)
         raise DownloadError(f"connection failed: {exc.__class__.__name__}: {exc}", transient=True) from None
 
 
@@ -135,16 +110,20 @@ class DownloadStage(Follower):
     name = "stage.download"
     types = frozenset({"ImageRequested"})
 
-    def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, incoming: Path,
+    def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, bodies: Bodies,
                  settings: DownloadSettings) -> None:
         super().__init__(eventlog)
-        self.client, self.incoming, self.settings = client, incoming, settings
+        self.client, self.bodies, self.settings = client, bodies, settings
         self.concurrency = settings.concurrency
         self._earlier: dict[int, int] = {}  # position -> attempts made before a restart
+        bodies.listen(self.wake)
 
-    async def recover(self) -> None:
-        """Partial bodies of downloads that a crash cut short; they are downloaded again."""
-        await asyncio.to_thread(remove_matching, self.incoming, "*/*.part")
+    def room(self, busy: int) -> int:
+        """Every download in flight becomes a waiting body: together they stay within the backlog. Once
+        the backlog is full, downloads start again in batches, not one per compressed image: each start
+        costs a read of the log and a commit."""
+        room = min(self.concurrency, self.bodies.room) - busy
+        return room if room >= min(self.concurrency, self.bodies.limit) // 2 else 0
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         computed = min(self.settings.backoff_max, self.settings.backoff_base * 2 ** (attempt - 1))
@@ -157,12 +136,12 @@ class DownloadStage(Follower):
         event = record.event
         assert isinstance(event, ImageRequested)
         where = {"product": event.product, "index": event.index}
-        target = incoming_path(self.incoming, record.stream, event.product, event.index)
+        target = self.bodies.path(record.stream, event.product, event.index)
         if attempt == 1 and record.position <= self.head_at_start:
             self._earlier[record.position] = await self._attempts_before_restart(record.stream, event)
         attempt += self._earlier.get(record.position, 0)
         try:
-            size = await fetch(self.client, event.url, target, self.settings)
+            size = await fetch(self.client, event.url, self.bodies.writer(target), self.settings)
         except DownloadError as exc:
             if exc.transient and attempt < self.settings.attempts:
                 delay = self.backoff(attempt, exc.retry_after)
@@ -172,6 +151,7 @@ class DownloadStage(Follower):
             suffix = f" (after {attempt} attempts)" if exc.transient else ""
             log.info("image_failed", request_id=record.stream, url=event.url, error=str(exc), **where)
             return [ImageFailed(**where, stage="download", error=f"download failed: {exc}{suffix}", attempts=attempt)]
+        self.bodies.arrived(target)
         return [ImageDownloaded(**where, stem=event.stem, bytes=size, attempts=attempt)]
 
     async def _attempts_before_restart(self, stream: str, event: ImageRequested) -> int:

@@ -15,7 +15,7 @@ from aiohttp import web
 from PIL import Image
 from structlog.testing import capture_logs
 
-from daemon.app import EVENTLOG, FOLLOWERS, POOL, incoming_folder
+from daemon.app import BODIES, EVENTLOG, FOLLOWERS, POOL
 from daemon.config import Settings
 from daemon.eventlog.store import EventLog
 from daemon.events import ImageRequested
@@ -106,8 +106,8 @@ async def test_every_kind_of_image_gets_the_right_outcome(app: web.Application, 
 
     types = event_types(app[EVENTLOG], accepted.request_id)
     assert types["ImageDownloadRetried"] == 2 and types["RequestCompleted"] == 1
-    assert not list(incoming_folder(settings).glob("**/*")) or not any(
-        p.is_file() for p in incoming_folder(settings).glob("**/*"))
+    assert app[BODIES].request_folders() == []  # no body left: each became a spare or was removed
+    assert len(list(app[BODIES].spares_folder.iterdir())) <= settings.download.backlog
     assert not [p for p in settings.path("images").iterdir() if p.name.endswith(".tmp")]
 
 
@@ -179,7 +179,7 @@ async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Cal
         requested = [r.event for r in app[EVENTLOG].read_stream_sync(accepted.request_id)
                      if isinstance(r.event, ImageRequested)]
         first = requested[0]
-        compress_file(str(incoming_folder(settings) / accepted.request_id / "0-0"), str(settings.path("images")),
+        compress_file(str(app[BODIES].path(accepted.request_id, 0, 0)), str(settings.path("images")),
                       first.stem, encode_settings(settings.compress))
     downloads_before = sum(origin.hits.values())
     async with daemon_app(settings) as app:
@@ -191,7 +191,8 @@ async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Cal
     assert body["status"] == "completed"
     outputs = sorted(p.name for p in settings.path("images").iterdir() if p.is_file())
     assert outputs == sorted(f"{r.stem}.jpg" for r in requested)
-    assert not [p for p in settings.path("images").rglob("*") if p.is_file() and p.parent != settings.path("images")]
+    assert not [p for p in settings.path("images").rglob("*")
+                if p.is_file() and p.parent not in (settings.path("images"), app[BODIES].spares_folder)]
 
     async with daemon_app(settings) as app:  # a third start has nothing left to do
         assert await drain(app) == 0
@@ -241,3 +242,43 @@ async def test_attempts_made_before_a_restart_count(make_settings: Callable[...,
     assert origin.hits["/code/503"] == 3  # two more, not three
     assert image["attempts"] == 3
     assert image["error"] == "download failed: HTTP 503 Service Unavailable (after 3 attempts)"
+
+
+def bodies_on_disk(app: web.Application) -> list[Path]:
+    return [p for folder in app[BODIES].request_folders() for p in folder.iterdir()]
+
+
+async def test_downloads_wait_while_the_backlog_is_full(make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """With backlog 2, the download stage stops at two bodies on disk and goes on as compression takes them."""
+    async with daemon_app(make_settings(download={"backlog": 2})) as app:
+        accepted = await submit(app, [[f"{origin.url}/img/photo.jpg"] * 5])
+        followers = {f.name: f for f in app[FOLLOWERS]}
+        await followers["stage.download"].run_until_idle()
+        assert len(bodies_on_disk(app)) == 2
+        assert event_types(app[EVENTLOG], accepted.request_id)["ImageDownloaded"] == 2
+        await followers["stage.compress"].run_until_idle()
+        assert bodies_on_disk(app) == []
+        await followers["stage.download"].run_until_idle()
+        assert len(bodies_on_disk(app)) == 2
+        await drain(app)
+        body = await status_of(app, accepted.request_id)
+    assert body["status"] == "completed" and body["progress"]["done"] == 5
+
+
+async def test_a_spare_body_is_overwritten_to_the_new_length(make_settings: Callable[..., Settings], origin: Origin,
+                                                            image_files: dict[str, bytes]) -> None:
+    """A compressed image's body is reused for the next download, cut to that download's own bytes."""
+    settings = make_settings(download={"backlog": 1})
+    async with daemon_app(settings) as app:
+        big = await submit(app, [[f"{origin.url}/img/photo2.jpg"]])
+        await drain(app)
+        spares = list(app[BODIES].spares_folder.iterdir())
+        assert len(spares) == 1 and spares[0].stat().st_size == len(image_files["photo2.jpg"])
+        small = await submit(app, [[f"{origin.url}/img/low.jpg", f"{origin.url}/img/photo.jpg"]])
+        await drain(app)
+        kept, photo = images_of(await status_of(app, small.request_id))
+        assert (await status_of(app, big.request_id))["status"] == "completed"
+    assert kept["status"] == "kept_original" and kept["bytes_in"] == len(image_files["low.jpg"])
+    assert output_file(settings, kept).read_bytes() == image_files["low.jpg"]
+    assert photo["status"] == "compressed" and photo["bytes_in"] == len(image_files["photo.jpg"])
+    assert len(list(app[BODIES].spares_folder.iterdir())) == 1  # at most `backlog` spares are kept

@@ -1,0 +1,161 @@
+"""Downloaded bodies between the download and the compress stage: where they live and how many may wait.
+
+A body is `<incoming>/<request_id>/<product>-<index>`, written as `.part` and renamed when complete. At most
+`limit` bodies wait for the compress stage at once, so a 10,000-image batch holds a bounded amount of disk,
+not the whole batch, and downloads keep pace with compression instead of racing ahead of it.
+
+A compressed body is not deleted but kept as a spare, and the next download overwrites it. Rewriting a file
+whose pages are cached costs about a quarter of creating, filling and deleting a new one; on ext4 without a
+journal, creating a file also scans past every inode deleted in the last minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+SPARE_FOLDER = ".spare"
+# A bigger body is deleted, not kept: idle spares hold at most `limit` x 4 MB of disk.
+SPARE_MAX_BYTES = 4 * 1024 * 1024
+PART_SUFFIX = ".part"
+
+
+class Bodies:
+    """The incoming folder. Bookkeeping runs on the event loop; methods marked (thread) touch the disk."""
+
+    def __init__(self, incoming: Path, limit: int) -> None:
+        self.incoming, self.limit = incoming, limit
+        self.spares_folder = incoming / SPARE_FOLDER
+        self._waiting: set[Path] = set()
+        self._spares: list[Path] = []  # list.pop and list.append are atomic, so threads share it safely
+        self._names = itertools.count()
+        self._run = secrets.token_hex(4)  # spare names of this run never collide with adopted ones
+        self._listeners: list[Callable[[], None]] = []
+
+    def path(self, request_id: str, product: int, index: int) -> Path:
+        return self.incoming / request_id / f"{product}-{index}"
+
+    @property
+    def room(self) -> int:
+        """How many more bodies may be downloaded before the compress stage takes some."""
+        return self.limit - len(self._waiting)
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the loop) whenever a body stops waiting, i.e. when room appears."""
+        self._listeners.append(callback)
+
+    def load(self) -> None:
+        """(thread) At start: adopt the bodies and spares a previous run left, remove half-written bodies."""
+        self.spares_folder.mkdir(parents=True, exist_ok=True)
+        for spare in sorted(self.spares_folder.iterdir()):
+            if len(self._spares) < self.limit:
+                self._spares.append(spare)
+            else:
+                spare.unlink(missing_ok=True)
+        for folder in self.request_folders():
+            for path in folder.iterdir():
+                if path.name.endswith(PART_SUFFIX):
+                    path.unlink(missing_ok=True)
+                else:
+                    self._waiting.add(path)
+
+    def request_folders(self) -> list[Path]:
+        """(thread) The folders of requests that have bodies on disk."""
+        return [p for p in self.incoming.iterdir() if p.name != SPARE_FOLDER] if self.incoming.is_dir() else []
+
+    # the download stage ----------------------------------------------------------------------
+    def writer(self, path: Path) -> BodyWriter:
+        return BodyWriter(self, path)
+
+    def arrived(self, path: Path) -> None:
+        """A body is complete on disk and waits for the compress stage."""
+        self._waiting.add(path)
+
+    def open_for_writing(self, path: Path) -> BinaryIO:
+        """(thread) A file to write a new body into: a spare when there is one, else a new file."""
+        try:
+            return self._reuse_spare(path) or open(path, "wb")
+        except FileNotFoundError:  # the request's first body: its folder does not exist yet
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return self._reuse_spare(path) or open(path, "wb")
+
+    def _reuse_spare(self, path: Path) -> BinaryIO | None:
+        try:
+            spare = self._spares.pop()
+        except IndexError:
+            return None
+        try:
+            os.replace(spare, path)
+        except FileNotFoundError:
+            if spare.exists():  # it was `path`'s folder that is missing
+                self._spares.append(spare)
+                raise
+            return self._reuse_spare(path)  # removed behind our back: take the next
+        return open(path, "r+b")  # the writer truncates it to the new body's length
+
+    # the compress stage and completion ---------------------------------------------------------
+    async def release(self, path: Path, size: int) -> None:
+        """The compress stage is done with a body: it stops waiting and becomes a spare."""
+        self._waiting.discard(path)
+        self._notify()
+        await asyncio.to_thread(self._recycle, path, size)
+
+    def _recycle(self, path: Path, size: int) -> None:
+        """(thread)"""
+        try:
+            if size > SPARE_MAX_BYTES or len(self._spares) >= self.limit:
+                path.unlink()
+                return
+            spare = self.spares_folder / f"{self._run}-{next(self._names)}"
+            os.replace(path, spare)
+        except FileNotFoundError:  # its request's folder went first
+            return
+        self._spares.append(spare)
+
+    async def remove_request(self, request_id: str) -> None:
+        """Remove what is left of a finished request's bodies."""
+        folder = self.incoming / request_id
+        self._waiting = {p for p in self._waiting if p.parent != folder}
+        self._notify()
+        await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
+
+    def _notify(self) -> None:
+        for callback in self._listeners:
+            callback()
+
+
+class BodyWriter:
+    """One body being downloaded: batches of chunks are written off the loop, then it is renamed into place."""
+
+    def __init__(self, bodies: Bodies, path: Path) -> None:
+        self.bodies, self.path = bodies, path
+        self.partial = path.with_name(path.name + PART_SUFFIX)
+        self._file: BinaryIO | None = None
+
+    def write(self, chunks: list[bytes]) -> None:
+        """(thread)"""
+        if self._file is None:
+            self._file = self.bodies.open_for_writing(self.partial)
+        self._file.writelines(chunks)
+
+    def finish(self, chunks: list[bytes]) -> None:
+        """(thread) Write the last chunks and rename the body into place."""
+        self.write(chunks)
+        assert self._file is not None
+        with self._file:
+            self._file.truncate()  # a spare may be longer than this body
+        self._file = None
+        os.replace(self.partial, self.path)
+
+    def discard(self) -> None:
+        """The download failed or was cancelled: nothing of it stays (on the loop: a rare path)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.partial.unlink(missing_ok=True)

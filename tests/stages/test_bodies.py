@@ -1,0 +1,43 @@
+"""The downloaded bodies' folder on a real disk: what a restart finds, and what a finished request leaves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from daemon.stages.bodies import Bodies
+
+
+async def test_a_restart_counts_waiting_bodies_and_clears_half_written_ones(tmp_path: Path) -> None:
+    """At start, finished bodies count against the backlog, .part files go, and spares beyond it are deleted."""
+    incoming = tmp_path / ".incoming"
+    (incoming / "r1").mkdir(parents=True)
+    (incoming / "r1" / "0-0").write_bytes(b"a whole body")
+    (incoming / "r1" / "0-1.part").write_bytes(b"half a bo")
+    (incoming / ".spare").mkdir()
+    for name in range(5):
+        (incoming / ".spare" / str(name)).write_bytes(b"spent")
+    bodies = Bodies(incoming, limit=3)
+    bodies.load()
+    assert bodies.room == 2
+    assert sorted(p.name for p in (incoming / "r1").iterdir()) == ["0-0"]
+    assert len(list(bodies.spares_folder.iterdir())) == 3
+    await bodies.remove_request("r1")
+    assert bodies.room == 3 and not (incoming / "r1").exists()
+
+
+async def test_a_new_body_overwrites_a_spare_and_a_released_one_becomes_a_spare(tmp_path: Path) -> None:
+    """Writing takes a spare file and cuts it to the new body; releasing turns the body into a spare again."""
+    (tmp_path / ".incoming" / ".spare").mkdir(parents=True)
+    (tmp_path / ".incoming" / ".spare" / "old").write_bytes(b"x" * 1000)  # left by an earlier run
+    bodies = Bodies(tmp_path / ".incoming", limit=2)
+    bodies.load()
+    target = bodies.path("r1", 0, 0)
+    writer = bodies.writer(target)
+    writer.write([b"new "])
+    writer.finish([b"body"])
+    bodies.arrived(target)
+    assert target.read_bytes() == b"new body" and bodies.room == 1
+    assert list(bodies.spares_folder.iterdir()) == []
+    await bodies.release(target, len(b"new body"))
+    assert bodies.room == 2 and not target.exists()
+    assert [p.read_bytes() for p in bodies.spares_folder.iterdir()] == [b"new body"]
