@@ -29,7 +29,7 @@ class Retry(Exception):
     events: tuple[Event, ...] = ()
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: field-wise equality made each commit quadratic
 class _Done:
     record: RecordedEvent
     results: Sequence[Event]
@@ -236,15 +236,19 @@ class Follower:
         ready = sorted(state.done, key=lambda d: d.record.position)
         if self.ordered:
             finishing = {d.record.position for d in ready if d.final}
-            waiting = [p for p in state.in_flight if p not in finishing]
-            if waiting:
-                ready = [d for d in ready if d.record.position < min(waiting)]
+            first_waiting = min((p for p in state.in_flight if p not in finishing), default=None)
+            if first_waiting is not None:
+                ready = [d for d in ready if d.record.position < first_waiting]
         if not ready:
             return
-        state.done = [d for d in state.done if d not in ready]
+        if len(ready) == len(state.done):
+            state.done = []
+        else:
+            taken = {id(d) for d in ready}
+            state.done = [d for d in state.done if id(d) not in taken]
         finished = [d.record.position for d in ready if d.final]
-        remaining = [p for p in state.in_flight if p not in finished]
-        checkpoint = min(remaining) - 1 if remaining else self._cursor
+        finished_set = set(finished)
+        checkpoint = min((p for p in state.in_flight if p not in finished_set), default=self._cursor + 1) - 1
         prune = any(p <= checkpoint for p in self._tracked)
 
         def commit() -> None:
