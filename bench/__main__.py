@@ -62,8 +62,7 @@ async def run_daemon(urls: list[str], workers: int, quality: int, workdir: Path)
         ack = time.perf_counter() - start
         # The end is the daemon's own announcement, the completion webhook: polling the daemon would cost
         # it CPU and add up to a poll interval to the time. Waiting here costs the daemon nothing.
-        while not listener.received:
-            await asyncio.sleep(0.002)
+        await listener.wait_for(1, timeout=3600)
         elapsed = time.perf_counter() - start
         cpu = cpu_use(mark, daemon.pid)
         async with client.get(f"{daemon.base}/status/{accepted['request_id']}") as r:

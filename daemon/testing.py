@@ -237,8 +237,15 @@ class Listener:
         self.script = list(script or [200])
         self.hang_seconds = hang_seconds
         self.received: list[Received] = []
+        self._arrived = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.url = ""
+
+    async def wait_for(self, count: int = 1, timeout: float = 30.0) -> list[Received]:
+        """Wait until `count` deliveries have arrived (without polling); the deliveries so far."""
+        async with self._arrived:
+            await asyncio.wait_for(self._arrived.wait_for(lambda: len(self.received) >= count), timeout)
+        return self.received
 
     async def __aenter__(self) -> Listener:
         app = web.Application()
@@ -256,6 +263,8 @@ class Listener:
 
     async def _hook(self, request: web.Request) -> web.Response:
         self.received.append(Received(dict(request.headers), await request.read(), time.time()))
+        async with self._arrived:
+            self._arrived.notify_all()
         step = self.script[min(len(self.received), len(self.script)) - 1]
         if step == "hang":
             await asyncio.sleep(self.hang_seconds)

@@ -99,18 +99,12 @@ async def test_cli_redeliver_sends_the_same_webhook_id_again(daemon: Any) -> Non
                                 headers={"Content-Type": "text/csv"}) as response:
             accepted = await response.json()
         await wait_finished(session, accepted["status_url"])
-        for _ in range(400):
-            if listener.received:
-                break
-            await asyncio.sleep(0.05)
+        await listener.wait_for(1, timeout=20)
         done = await asyncio.to_thread(daemon.cli, "redeliver", accepted["request_id"], "--config",
                                        str(daemon.client_config))
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["status"] == "queued"
-        for _ in range(400):
-            if len(listener.received) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await listener.wait_for(2, timeout=20)
     first, second = listener.received
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == json.loads(done.stdout)["message_id"]
     assert json.loads(second.body)["data"]["request_id"] == accepted["request_id"]

@@ -104,10 +104,7 @@ async def test_pending_retry_survives_a_restart(make_settings: Callable[..., Set
         settings = make_settings(webhooks={"urls": (listener.url,), "retry_schedule": (1.0, 1.0)})
         async with daemon_app(settings, follow=True) as app:
             accepted = await submit(app, origin)
-            for _ in range(400):
-                if listener.received:
-                    break
-                await asyncio.sleep(0.025)
+            await listener.wait_for(1, timeout=20)
             for _ in range(400):  # until the failed attempt is in the log
                 status = await status_of(app, accepted.request_id)
                 if status["webhooks"] and status["webhooks"][0]["attempts"]:
@@ -135,16 +132,10 @@ async def test_per_request_listener_and_redelivery_over_http(make_settings: Call
             response = await client.post("/upload", data=form)
             assert response.status == 202
             request_id = (await response.json())["request_id"]
-            for _ in range(400):
-                if listener.received:
-                    break
-                await asyncio.sleep(0.025)
+            await listener.wait_for(1, timeout=20)
             response = await client.post(f"/redeliver/{request_id}")
             assert response.status == 202
-            for _ in range(400):
-                if len(listener.received) == 2:
-                    break
-                await asyncio.sleep(0.025)
+            await listener.wait_for(2, timeout=20)
             unknown = await client.post("/redeliver/nope")
             assert unknown.status == 404 and (await unknown.json())["error"] == "unknown_request"
 
