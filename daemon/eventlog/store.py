@@ -199,9 +199,8 @@ class EventLog:
                            f"({placeholders(len(wanted))}) ORDER BY position LIMIT ?", (position, *wanted, limit))
         return [_recorded(*row) for row in rows]
 
-    def read_recent(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent] | None:
-        """What `read_after_sync` would return, from memory; None when memory does not reach back that far
-        (loop thread)."""
+    def _recent_to_head(self) -> list[RecordedEvent] | None:
+        """The events in memory, oldest first, once they reach the head; None if they do not (loop thread)."""
         recent = self._recent
         committed = self._committed
         while committed:
@@ -211,7 +210,13 @@ class EventLog:
             recent.append(record)
         if len(recent) > 2 * RECENT_EVENTS:
             del recent[:-RECENT_EVENTS]
-        if not recent or recent[0].position > position + 1 or recent[-1].position < self.head:
+        return recent if recent and recent[-1].position >= self.head else None
+
+    def read_recent(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent] | None:
+        """What `read_after_sync` would return, from memory; None when memory does not reach back that far
+        (loop thread)."""
+        recent = self._recent_to_head()
+        if recent is None or recent[0].position > position + 1:
             return None
         page: list[RecordedEvent] = []
         for i in range(max(0, position + 1 - recent[0].position), len(recent)):
@@ -222,6 +227,15 @@ class EventLog:
                     break
         return page
 
+    def read_stream_recent(self, stream: str) -> list[RecordedEvent] | None:
+        """What `read_stream_sync` would return, from memory; None unless memory holds the stream from its
+        first event (loop thread)."""
+        recent = self._recent_to_head()
+        if recent is None:
+            return None
+        records = [r for r in recent if r.stream == stream]
+        return records if records and records[0].version == 1 else None
+
     def read_stream_sync(self, stream: str, types: frozenset[str] | None = None) -> list[RecordedEvent]:
         wanted = sorted(types) if types is not None else []
         only = f" AND type IN ({placeholders(len(wanted))})" if types is not None else ""
@@ -230,7 +244,8 @@ class EventLog:
         return [_recorded(*row) for row in rows]
 
     async def read_stream(self, stream: str) -> list[RecordedEvent]:
-        return await self.read(self.read_stream_sync, stream)
+        recent = self.read_stream_recent(stream)
+        return recent if recent is not None else await self.read(self.read_stream_sync, stream)
 
     def stream_exists_sync(self, stream: str) -> bool:
         return StoredEvent.select().where(StoredEvent.stream == stream).exists()

@@ -136,10 +136,13 @@ async def test_recent_events_are_read_from_memory_as_the_database_has_them(event
     for position in range(0, 6):
         for memory, database in await pages(eventlog, position):
             assert memory == database
+    for stream in ("a", "b"):
+        assert eventlog.read_stream_recent(stream) == await eventlog.read(eventlog.read_stream_sync, stream)
 
 
 async def test_memory_does_not_answer_for_events_it_never_saw(settings: Settings, helpers: Any) -> None:
-    """Events from before a restart, or written past the store, are read from the database."""
+    """Events from before a restart, or written past the store, and streams begun before either, are read from
+    the database."""
     first = await open_log(settings)
     await first.append("a", [failed(0), failed(1)])
     await first.close()
@@ -149,14 +152,17 @@ async def test_memory_does_not_answer_for_events_it_never_saw(settings: Settings
         await eventlog.append("a", [failed(2)])
         assert eventlog.read_recent(1, None, 10) is None
         assert [r.position for r in eventlog.read_recent(2, None, 10) or []] == [3]
+        assert eventlog.read_stream_recent("a") is None  # its first events are only in the database
+        await eventlog.append("c", [failed(0)])
+        assert [r.event for r in eventlog.read_stream_recent("c") or []] == [failed(0)]
         connection = sqlite3.connect(helpers.db_file(settings))
         with connection:  # a row this store did not append leaves a gap in what it holds
             connection.execute("INSERT INTO events (stream, version, type, data, recorded_at) "
                                "VALUES ('x', 1, 'ImageFailed', ?, '2026-01-01T00:00:00.000Z')", (failed(9).to_json(),))
         connection.close()
         await eventlog.append("a", [failed(3)])
-        assert eventlog.read_recent(3, None, 10) is None
-        for memory, database in await pages(eventlog, 4):
+        assert eventlog.read_recent(4, None, 10) is None
+        for memory, database in await pages(eventlog, 5):
             assert memory == database
     finally:
         await eventlog.close()
