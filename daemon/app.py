@@ -21,8 +21,9 @@ from daemon.ingest.inbox import Inbox
 from daemon.network import AddressPolicy, GuardedConnector
 from daemon.stages.bodies import Bodies
 from daemon.stages.complete import CompleteStage
-from daemon.stages.compress import CodecPool, CompressStage
+from daemon.stages.compress import CompressStage
 from daemon.stages.download import DownloadStage
+from daemon.stages.pool import CodecPool
 from daemon.views.export import OutboxWriter
 from daemon.views.status import STATUS_TABLES, StatusView
 from daemon.web import (

@@ -1,6 +1,6 @@
 """The CPU side of the compress stage: decode one downloaded body, re-encode it, write it atomically.
 
-Runs inside ProcessPoolExecutor workers, so everything public is top-level and trades only
+Runs inside the pool's worker processes (stages.pool), so everything public is top-level and trades only
 picklable values (str paths, frozen dataclasses). No network, no asyncio.
 """
 

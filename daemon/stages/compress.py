@@ -1,18 +1,10 @@
-"""Compress stage: ImageDownloaded -> ImageCompressed | ImageFailed, the codec running in a process pool."""
+"""Compress stage: ImageDownloaded -> ImageCompressed | ImageFailed, the codec running in the process pool."""
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import os
-import select
-import threading
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 import structlog
 
@@ -22,92 +14,16 @@ from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event, ImageCompressed, ImageDownloaded, ImageFailed
 from daemon.files import remove_matching
 from daemon.stages.bodies import Bodies
-from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file, warm_up
+from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file
+from daemon.stages.pool import CodecPool, pool_size
 
 log = structlog.get_logger("compress")
 CODEC_ATTEMPTS = 3
-T = TypeVar("T")
-WORKER_NICENESS = 10
-
-
-def pool_size(settings: CompressSettings) -> int:
-    return settings.workers or os.cpu_count() or 1
-
-
-def make_pool(settings: CompressSettings) -> ProcessPoolExecutor:
-    # forkserver: workers do not inherit the daemon's threads (observer, DB writer) mid-flight.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["daemon.stages.codec"])
-    return ProcessPoolExecutor(max_workers=pool_size(settings), mp_context=context,
-                               initializer=start_worker, initargs=(os.getpid(),))
-
-
-def start_worker(daemon_pid: int) -> None:
-    """Pool initializer: yield the CPU to the daemon's event loop, and end with the daemon."""
-    # The loop feeds the pool and answers /status; at equal priority a saturated pool starves both.
-    os.nice(WORKER_NICENESS)
-    exit_with(daemon_pid)
-
-
-def exit_with(pid: int) -> None:
-    """End this worker when the daemon ends, even by kill -9.
-
-    A worker waits on its job queue, whose write end it holds itself, so it would never notice.
-    """
-
-    def watch() -> None:
-        try:
-            with os.fdopen(os.pidfd_open(pid), "rb", buffering=0) as handle:
-                select.select([handle], [], [])  # readable once the process has exited
-        except OSError:  # no pidfd (old kernel): poll
-            while os.getppid() != 1 and _alive(pid):
-                time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-daemon", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def encode_settings(settings: CompressSettings) -> EncodeSettings:
     return EncodeSettings(quality=settings.quality, target_ratio=settings.target_ratio, optimize=settings.optimize,
                           progressive=settings.progressive, max_pixels=settings.max_pixels)
-
-
-class CodecPool:
-    """The process pool, replaced when a worker dies (the OOM killer, a crash inside a codec library)."""
-
-    def __init__(self, settings: CompressSettings) -> None:
-        self.settings = settings
-        self.executor = make_pool(settings)
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        executor = self.executor
-        try:
-            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-        except BrokenProcessPool:
-            if executor is self.executor:  # the first to notice replaces it; the others just retry
-                log.warning("codec_pool_replaced", reason="a worker process died")
-                executor.shutdown(wait=False, cancel_futures=True)
-                self.executor = make_pool(self.settings)
-            raise
-
-    async def start(self) -> set[int]:
-        """Start every worker now, not with the first image: a batch should not wait for the forkserver
-        and the imports. Returns the workers' pids."""
-        loop = asyncio.get_running_loop()
-        # Submitted together, so none is idle yet and each submission spawns a worker of its own.
-        futures = [loop.run_in_executor(self.executor, warm_up) for _ in range(pool_size(self.settings))]
-        return set(await asyncio.gather(*futures))
-
-    def shutdown(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 class CompressStage(Follower):

@@ -1,0 +1,216 @@
+"""The codec's process pool: worker processes fed by the event loop itself, over one pipe each.
+
+concurrent.futures' ProcessPoolExecutor passes every job and result through two threads of its own (a queue
+feeder and a result manager); in the benchmark they took about a tenth of the daemon's CPU, which on a saturated
+machine the codec then did not get. Here the loop writes a job to a worker's pipe and reads the result when
+that pipe is readable: no threads and no locks. Each worker has up to `DEPTH` jobs sent ahead, so it never
+waits for the loop between two images. A worker that dies (the OOM killer, a crash inside a codec library)
+fails its jobs with WorkerLost, which the compress stage retries, and another takes its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, TypeVar
+
+import structlog
+
+from daemon.config import CompressSettings
+from daemon.stages.codec import warm_up
+
+log = structlog.get_logger("pool")
+T = TypeVar("T")
+DEPTH = 2  # jobs sent ahead to one worker: the one it runs and the next
+WORKER_NICENESS = 10
+
+
+class WorkerLost(Exception):
+    """The worker running a job died before it answered."""
+
+
+def pool_size(settings: CompressSettings) -> int:
+    return settings.workers or os.cpu_count() or 1
+
+
+def serve(conn: Connection, daemon_pid: int) -> None:
+    """A worker's life: run each job it is sent and send back (True, result) or (False, exception)."""
+    start_worker(daemon_pid)
+    while True:
+        try:
+            fn, args = conn.recv()
+        except EOFError:  # the daemon closed its end: shut down
+            return
+        reply: tuple[bool, Any]
+        try:
+            reply = (True, fn(*args))
+        except Exception as exc:
+            reply = (False, exc)
+        try:
+            conn.send(reply)
+        except Exception as exc:  # it did not pickle; nothing was written yet
+            conn.send((False, RuntimeError(f"the codec's answer could not be sent back: {exc!r}")))
+
+
+def start_worker(daemon_pid: int) -> None:
+    """Yield the CPU to the daemon's event loop, and end with the daemon."""
+    # The loop feeds the pool and answers /status; at equal priority a saturated pool starves both.
+    os.nice(WORKER_NICENESS)
+    exit_with(daemon_pid)
+
+
+def exit_with(pid: int) -> None:
+    """End this worker when the daemon ends, even by kill -9, even in the middle of a long job."""
+
+    def watch() -> None:
+        try:
+            with os.fdopen(os.pidfd_open(pid), "rb", buffering=0) as handle:
+                select.select([handle], [], [])  # readable once the process has exited
+        except OSError:  # no pidfd (old kernel): poll
+            while os.getppid() != 1 and _alive(pid):
+                time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-daemon", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class _Worker:
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process, self.conn = process, conn
+        self.jobs: deque[asyncio.Future[Any]] = deque()  # sent, answered in this order
+
+
+class CodecPool:
+    """`await pool.run(fn, *args)` runs a top-level function in a worker process (event loop thread only)."""
+
+    def __init__(self, settings: CompressSettings) -> None:
+        self.size = pool_size(settings)
+        # forkserver: workers do not inherit the daemon's threads (observer, DB writer) mid-flight.
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["daemon.stages.codec", "daemon.stages.pool"])
+        self._workers: list[_Worker] = []
+        self._queued: deque[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = deque()
+        self._spawning: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def pids(self) -> set[int]:
+        return {w.process.pid for w in self._workers if w.process.pid is not None}
+
+    async def start(self) -> set[int]:
+        """Start every worker now, not with the first image: a batch should not wait for the forkserver
+        and the imports. Returns the workers' pids."""
+        while len(self._workers) < self.size:
+            await self._spawn()
+        # Sent together: the least busy worker takes each, so every worker runs one.
+        return set(await asyncio.gather(*(self.run(warm_up) for _ in range(self.size))))
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queued.append((fn, args, future))
+        self._dispatch()
+        return await future
+
+    def shutdown(self) -> None:
+        """Close every worker's pipe (each ends after its current job) and wait for them."""
+        self._closed = True
+        for task in self._spawning:
+            task.cancel()
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            self._close(worker)
+        for worker in workers:
+            worker.process.join(timeout=10)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+        for *_, future in self._queued:
+            future.cancel()
+        self._queued.clear()
+
+    # the loop's side of the pipes --------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while self._queued and self._workers:
+            worker = min(self._workers, key=lambda w: len(w.jobs))
+            if len(worker.jobs) >= DEPTH:
+                return
+            fn, args, future = self._queued.popleft()
+            if future.done():  # cancelled while queued
+                continue
+            try:
+                worker.conn.send((fn, args))  # paths and settings: far below what a pipe buffers
+            except OSError:  # it died and the loop has not seen its pipe close yet
+                self._queued.appendleft((fn, args, future))
+                self._lost(worker)
+                continue
+            worker.jobs.append(future)
+
+    def _readable(self, worker: _Worker) -> None:
+        try:
+            ok, value = worker.conn.recv()
+        except (EOFError, OSError):
+            self._lost(worker)
+            return
+        future = worker.jobs.popleft()
+        if not future.done():
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        self._dispatch()
+
+    def _lost(self, worker: _Worker) -> None:
+        """A worker died: fail what it had (the compress stage tries again) and start another in its place."""
+        if worker not in self._workers:
+            return
+        self._workers.remove(worker)
+        self._close(worker)
+        for future in worker.jobs:
+            if not future.done():
+                future.set_exception(WorkerLost(f"codec worker {worker.process.pid} died"))
+        log.warning("codec_worker_replaced", pid=worker.process.pid, exitcode=worker.process.exitcode)
+        if not self._closed:
+            task = asyncio.get_running_loop().create_task(self._spawn())
+            self._spawning.add(task)
+            task.add_done_callback(self._spawning.discard)
+
+    async def _spawn(self) -> None:
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(target=serve, args=(theirs, os.getpid()), name="imgpipe-codec",
+                                        daemon=True)
+        try:
+            await asyncio.to_thread(process.start)  # the first start waits for the forkserver to come up
+        finally:
+            theirs.close()
+        worker = _Worker(process, ours)
+        if self._closed:
+            self._close(worker)
+            return
+        self._workers.append(worker)
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._readable, worker)
+        self._dispatch()
+
+    @staticmethod
+    def _close(worker: _Worker) -> None:
+        if worker.conn.closed:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing is registered either
+            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+        worker.conn.close()

@@ -1,0 +1,58 @@
+"""The codec pool with real worker processes: answers, errors, a worker killed mid-job, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from daemon.config import CompressSettings
+from daemon.stages.codec import EncodeSettings, ImageRejected, _compress, _unidentified_reason
+from daemon.stages.pool import CodecPool, WorkerLost
+from daemon.testing import eventually
+
+
+async def test_jobs_run_in_the_workers_and_their_errors_come_back() -> None:
+    """A job's result, and the exception a job raised, reach the caller as they were in the worker."""
+    pool = CodecPool(CompressSettings(workers=2))
+    try:
+        workers = await pool.start()
+        assert len(workers) == 2 and os.getpid() not in workers
+        assert set(await asyncio.gather(*(pool.run(os.getpid) for _ in range(8)))) <= workers
+        assert await pool.run(_unidentified_reason, b"<html>") == "not an image: content looks like HTML"
+        with pytest.raises(ImageRejected, match="empty body"):
+            await pool.run(_compress, b"", EncodeSettings())
+    finally:
+        pool.shutdown()
+
+
+async def test_a_worker_killed_mid_job_fails_that_job_and_is_replaced() -> None:
+    """The job of a killed worker fails with WorkerLost, the other worker's job completes, a new worker starts."""
+    pool = CodecPool(CompressSettings(workers=2))
+    try:
+        workers = await pool.start()
+        slow = [asyncio.ensure_future(pool.run(time.sleep, 0.5)) for _ in range(2)]  # one on each worker
+        await asyncio.sleep(0.1)
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        outcomes = await asyncio.wait_for(asyncio.gather(*slow, return_exceptions=True), 10)
+        assert sorted(type(o).__name__ for o in outcomes) == ["NoneType", "WorkerLost"]
+        assert isinstance(next(o for o in outcomes if o is not None), WorkerLost)
+        await eventually(lambda: asyncio.sleep(0, len(pool.pids) == 2), "a replacement worker")
+        assert victim not in pool.pids
+        assert set(await asyncio.gather(*(pool.run(os.getpid) for _ in range(4)))) <= pool.pids
+    finally:
+        pool.shutdown()
+
+
+async def test_shutdown_ends_every_worker() -> None:
+    """After shutdown no worker process is left running."""
+    pool = CodecPool(CompressSettings(workers=2))
+    workers = await pool.start()
+    pool.shutdown()
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
