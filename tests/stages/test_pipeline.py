@@ -214,9 +214,9 @@ async def test_a_dead_worker_is_replaced_and_the_batch_completes(app: web.Applic
     first = await submit(app, [[f"{origin.url}/img/photo.jpg"]])
     await drain(app)
     victim = min(app[POOL].pids)
-    os.kill(victim, signal.SIGKILL)
-    second = await submit(app, [[f"{origin.url}/img/photo2.jpg", f"{origin.url}/img/rotated.jpg"]])
     with capture_logs() as logs:
+        os.kill(victim, signal.SIGKILL)
+        second = await submit(app, [[f"{origin.url}/img/photo2.jpg", f"{origin.url}/img/rotated.jpg"]])
         await drain(app)
     assert (await status_of(app, first.request_id))["status"] == "completed"
     body = await status_of(app, second.request_id)
