@@ -10,7 +10,12 @@ import time
 import pytest
 
 from daemon.config import CompressSettings
-from daemon.stages.codec import EncodeSettings, ImageRejected, _compress, _unidentified_reason
+from daemon.stages.codec import (
+    EncodeSettings,
+    ImageRejected,
+    _compress,
+    _unidentified_reason,
+)
 from daemon.stages.pool import CodecPool, WorkerLost
 from daemon.testing import eventually
 
