@@ -141,7 +141,8 @@ class CodecPool:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
-        for *_, future in self._queued:
+        # Nothing will answer these any more: whoever still awaits one must not wait forever.
+        for future in [*(f for w in workers for f in w.jobs), *(f for *_, f in self._queued)]:
             future.cancel()
         self._queued.clear()
 

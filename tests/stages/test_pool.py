@@ -61,3 +61,14 @@ async def test_shutdown_ends_every_worker() -> None:
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_a_job_still_running_at_shutdown_is_cancelled_not_left_waiting() -> None:
+    """Shutting down while a job runs cancels its caller's await instead of leaving it pending forever."""
+    pool = CodecPool(CompressSettings(workers=1))
+    await pool.start()
+    running = asyncio.ensure_future(pool.run(time.sleep, 0.3))
+    await asyncio.sleep(0.05)
+    pool.shutdown()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, 5)
