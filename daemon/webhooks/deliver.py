@@ -32,7 +32,7 @@ from daemon.events import (
     WebhookRedeliveryRequested,
 )
 from daemon.stages.download import retry_after_seconds
-from daemon.views.export import stream_images
+from daemon.views.export import ExportImage, stream_images
 from daemon.views.status import image_url
 from daemon.web import EVENTLOG, json_error, json_response
 
@@ -52,9 +52,12 @@ def completion_payload(records: Sequence[RecordedEvent], public_url: str) -> dic
     completed = next(r for r in records if isinstance(r.event, RequestCompleted))
     event = completed.event
     assert isinstance(event, RequestCompleted)
+    by_product: dict[int, list[ExportImage]] = {}
+    for image in images:  # one pass: a scan per product made a 10,000-image payload take 1.5 s on the loop
+        by_product.setdefault(image.product, []).append(image)
     products: list[dict[str, Any]] = []
     for p, product in enumerate(accepted.products):
-        mine = [i for i in images if i.product == p]
+        mine = by_product.get(p, [])
         products.append({"serial": product.serial, "product_name": product.product_name,
                          "input_urls": [i.input_url for i in mine],
                          "output_urls": [image_url(public_url, i.output_name) for i in mine]})

@@ -14,11 +14,21 @@ from standardwebhooks.webhooks import Webhook
 
 from daemon.app import EVENTLOG, build_app
 from daemon.config import Settings
+from daemon.eventlog.store import RecordedEvent
+from daemon.events import (
+    Event,
+    ImageCompressed,
+    ImageFailed,
+    Product,
+    RequestAccepted,
+    RequestCompleted,
+)
 from daemon.ingest.accept import Accepted, accept
 from daemon.ingest.csvfile import Batch, parse_csv
 from daemon.testing import Listener, Origin, daemon_app, drain, eventually
 from daemon.views.status import StatusView, request_status
 from daemon.web import SETTINGS
+from daemon.webhooks.deliver import completion_payload
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAST = (0.05, 0.05, 0.05)
@@ -207,3 +217,25 @@ async def test_a_listener_told_of_completion_finds_status_and_export_complete(
 
             await eventually(called_back, "the webhook")
     assert seen == [(200, "completed")]
+
+
+def test_the_payload_lists_every_product_with_its_outputs_in_input_order() -> None:
+    """Each product of the payload carries its own input URLs and outputs, in input order, a failed image as null."""
+    products = tuple(Product(str(p), f"item {p}", str(p), tuple(f"http://o/{p}-{i}.jpg" for i in range(p + 1)))
+                     for p in range(3))
+    events: list[Event] = [RequestAccepted(source="upload", source_name="t.csv", products=products)]
+    for p, i in [(2, 1), (0, 0), (2, 0), (1, 1), (2, 2)]:  # finished out of order; image (1, 0) failed
+        events.append(ImageCompressed(product=p, index=i, name=f"r_{p}_{i}.jpg", format="JPEG", width=1, height=1,
+                                      bytes_in=2, bytes_out=1, quality=50, kept_original=False, note=""))
+    events += [ImageFailed(product=1, index=0, stage="download", error="HTTP 404"),
+               RequestCompleted(status="completed_with_errors", images=6, done=5, failed=1)]
+    records = [RecordedEvent(n, "r", n, "2026-01-01T00:00:00.000Z", e) for n, e in enumerate(events, start=1)]
+
+    payload = completion_payload(records, "http://images.example")
+
+    assert [(p["serial"], p["input_urls"], p["output_urls"]) for p in payload["data"]["products"]] == [
+        ("0", ["http://o/0-0.jpg"], ["http://images.example/images/r_0_0.jpg"]),
+        ("1", ["http://o/1-0.jpg", "http://o/1-1.jpg"], [None, "http://images.example/images/r_1_1.jpg"]),
+        ("2", ["http://o/2-0.jpg", "http://o/2-1.jpg", "http://o/2-2.jpg"],
+         [f"http://images.example/images/r_2_{i}.jpg" for i in range(3)]),
+    ]
