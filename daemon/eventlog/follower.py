@@ -56,7 +56,7 @@ class Follower:
     page_size: ClassVar[int] = 500
     # Seconds to wait after a wake-up for more events to arrive, so a follower that takes every event
     # (views) reads and commits them in batches rather than one transaction per event. Skipped while
-    # someone waits in `wait_for`, and in burst mode.
+    # someone waits in `wait_for`, while `urgent()`, and in burst mode.
     linger: ClassVar[float] = 0.0
 
     def __init__(self, eventlog: EventLog) -> None:
@@ -87,6 +87,10 @@ class Follower:
 
     async def recover(self) -> None:
         """Once at start: finish clean-up that a crash interrupted after a commit."""
+
+    def urgent(self) -> bool:
+        """True while batching by `linger` would hold up something someone waits for (checked on each wake-up)."""
+        return False
 
     def room(self, busy: int) -> int:
         """How many more events to start now, with `busy` in flight (retries waiting to try again not counted)."""
@@ -179,7 +183,7 @@ class Follower:
                 await self._linger()
 
     async def _linger(self) -> None:
-        if self._waiters:
+        if self._waiters or self.urgent():
             return
         self._hurry.clear()
         try:
