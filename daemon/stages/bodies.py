@@ -1,6 +1,7 @@
 """Downloaded bodies between the download and the compress stage: where they live and how many may wait.
 
-A body is `<incoming>/<request_id>/<product>-<index>`, written as `.part` and renamed when complete. At most
+A body is `<incoming>/<request_id>/<product>-<index>`, written elsewhere (into a spare, or a new `.part`
+file) and renamed there when complete. At most
 `limit` bodies wait for the compress stage at once, so a 10,000-image batch holds a bounded amount of disk,
 not the whole batch, and downloads keep pace with compression instead of racing ahead of it.
 
@@ -18,12 +19,13 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 SPARE_FOLDER = ".spare"
 # A bigger body is deleted, not kept: idle spares hold at most `limit` x 4 MB of disk.
 SPARE_MAX_BYTES = 4 * 1024 * 1024
 PART_SUFFIX = ".part"
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
 class Bodies:
@@ -77,27 +79,31 @@ class Bodies:
         """A body is complete on disk and waits for the compress stage."""
         self._waiting.add(path)
 
-    def open_for_writing(self, path: Path) -> BinaryIO:
-        """(thread) A file to write a new body into: a spare when there is one, else a new file."""
+    def open_for_writing(self, partial: Path) -> tuple[Path, int]:
+        """(thread) A file to write a new body into, and its descriptor: a spare when there is one, written
+        where it lies (the writer truncates it to the new body's length), else `partial`, a new file."""
+        while self._spares:
+            try:
+                spare = self._spares.pop()
+                return spare, os.open(spare, os.O_WRONLY | os.O_CLOEXEC)
+            except IndexError:  # another thread took the last one
+                break
+            except FileNotFoundError:  # removed behind our back: take the next
+                continue
         try:
-            return self._reuse_spare(path) or open(path, "wb")
+            return partial, os.open(partial, NEW_FILE, 0o644)
         except FileNotFoundError:  # the request's first body: its folder does not exist yet
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return self._reuse_spare(path) or open(path, "wb")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            return partial, os.open(partial, NEW_FILE, 0o644)
 
-    def _reuse_spare(self, path: Path) -> BinaryIO | None:
+    @staticmethod
+    def put_in_place(written: Path, path: Path) -> None:
+        """(thread) A complete body goes where the compress stage looks for it."""
         try:
-            spare = self._spares.pop()
-        except IndexError:
-            return None
-        try:
-            os.replace(spare, path)
-        except FileNotFoundError:
-            if spare.exists():  # it was `path`'s folder that is missing
-                self._spares.append(spare)
-                raise
-            return self._reuse_spare(path)  # removed behind our back: take the next
-        return open(path, "r+b")  # the writer truncates it to the new body's length
+            os.replace(written, path)
+        except FileNotFoundError:  # written into a spare: the request's folder may not exist yet
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(written, path)
 
     # the compress stage and completion ---------------------------------------------------------
     async def release(self, path: Path, size: int) -> None:
@@ -136,26 +142,51 @@ class BodyWriter:
     def __init__(self, bodies: Bodies, path: Path) -> None:
         self.bodies, self.path = bodies, path
         self.partial = path.with_name(path.name + PART_SUFFIX)
-        self._file: BinaryIO | None = None
+        self._file: Path | None = None  # a spare or `partial`, once opened
+        self._fd: int | None = None
+        self._written = 0
 
     def write(self, chunks: list[bytes]) -> None:
         """(thread)"""
-        if self._file is None:
-            self._file = self.bodies.open_for_writing(self.partial)
-        self._file.writelines(chunks)
+        if self._fd is None:
+            self._file, self._fd = self.bodies.open_for_writing(self.partial)
+        self._written += write_all(self._fd, chunks)
 
     def finish(self, chunks: list[bytes]) -> None:
         """(thread) Write the last chunks and rename the body into place."""
         self.write(chunks)
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self._written)  # a spare may be longer than this body
+        finally:
+            os.close(self._fd)
+            self._fd = None
         assert self._file is not None
-        with self._file:
-            self._file.truncate()  # a spare may be longer than this body
-        self._file = None
-        os.replace(self.partial, self.path)
+        self.bodies.put_in_place(self._file, self.path)
 
     def discard(self) -> None:
         """The download failed or was cancelled: nothing of it stays (on the loop: a rare path)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._file is not None:
-            self._file.close()
-            self._file = None
-        self.partial.unlink(missing_ok=True)
+            self._file.unlink(missing_ok=True)
+
+
+def write_all(fd: int, chunks: list[bytes]) -> int:
+    """(thread) Write `chunks` in order, in one system call when the kernel takes them all; returns the bytes
+    written. One call, not one per chunk, also means one hand-over of the GIL, which the loop thread holds
+    most of the time: each was a wait and a context switch."""
+    pending = [memoryview(c) for c in chunks if c]
+    total = 0
+    while pending:
+        written = os.writev(fd, pending[:IOV_MAX])
+        if written == 0:
+            raise OSError(f"the disk took none of {sum(map(len, pending))} bytes")
+        total += written
+        while written:  # a short write: drop what went out, keep the rest of a chunk cut in two
+            if written >= len(pending[0]):
+                written -= len(pending.pop(0))
+            else:
+                pending[0], written = pending[0][written:], 0
+    return total

@@ -41,3 +41,19 @@ async def test_a_new_body_overwrites_a_spare_and_a_released_one_becomes_a_spare(
     await bodies.release(target, len(b"new body"))
     assert bodies.room == 2 and not target.exists()
     assert [p.read_bytes() for p in bodies.spares_folder.iterdir()] == [b"new body"]
+
+
+async def test_a_download_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A body discarded mid-download, written into a spare or into a new file, leaves no file and no waiting body."""
+    bodies = Bodies(tmp_path / ".incoming", limit=2)
+    bodies.load()
+    first = bodies.writer(bodies.path("r1", 0, 0))
+    first.finish([b"first"])
+    await bodies.release(first.path, 5)  # now a spare
+    into_spare, into_new = bodies.writer(bodies.path("r1", 0, 1)), bodies.writer(bodies.path("r1", 0, 2))
+    into_spare.write([b"half"])
+    into_new.write([b"half"])
+    into_spare.discard()
+    into_new.discard()
+    assert set((tmp_path / ".incoming").rglob("*")) == {bodies.spares_folder, tmp_path / ".incoming" / "r1"}
+    assert bodies.room == 2
