@@ -49,7 +49,7 @@ class CompleteStage(Follower):
     # Many at once so commits are batched; a per-request lock keeps each request's counts in log order.
     concurrency = 500
     ordered = True
-    linger = 0.01  # batch image events a little, but not a request's last ones (see `urgent`)
+    linger = 0.05  # batch image events, but not a request's last ones (see `urgent`)
 
     def __init__(self, eventlog: EventLog, bodies: Bodies) -> None:
         super().__init__(eventlog)
