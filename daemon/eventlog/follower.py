@@ -82,6 +82,10 @@ class Follower:
     def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         """Synchronous writes to the follower's own tables, inside the commit transaction."""
 
+    def committed_sync(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        """(writer thread) Right after the commit: quick clean-up on disk that must wait for it. Done here
+        rather than in a thread hop of its own, which costs the loop more than the clean-up itself."""
+
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         """After the commit: clean-up that must not happen before the results are durable."""
 
@@ -262,6 +266,12 @@ class Follower:
                     if done.final:
                         self.write(done.record, done.results)
                 self.eventlog.save_tracking_sync(self.name, checkpoint, finished, prune)
+            for done in ready:  # committed: from here on nothing may raise, or the commit would be redone
+                if done.final:
+                    try:
+                        self.committed_sync(done.record, done.results)
+                    except Exception:
+                        log.exception("consumer_cleanup_failed", consumer=self.name, position=done.record.position)
 
         try:
             await self.eventlog.write(commit)

@@ -106,14 +106,8 @@ class Bodies:
             os.replace(written, path)
 
     # the compress stage and completion ---------------------------------------------------------
-    async def release(self, path: Path, size: int) -> None:
-        """The compress stage is done with a body: it stops waiting and becomes a spare."""
-        self._waiting.discard(path)
-        self._notify()
-        await asyncio.to_thread(self._recycle, path, size)
-
-    def _recycle(self, path: Path, size: int) -> None:
-        """(thread)"""
+    def recycle(self, path: Path, size: int) -> None:
+        """(thread) The compress stage is done with a body: it becomes a spare (or goes)."""
         try:
             if size > SPARE_MAX_BYTES or len(self._spares) >= self.limit:
                 path.unlink()
@@ -123,6 +117,11 @@ class Bodies:
         except FileNotFoundError:  # its request's folder went first
             return
         self._spares.append(spare)
+
+    def released(self, path: Path) -> None:
+        """The compress stage is done with a body: it stops waiting, which makes room for a download."""
+        self._waiting.discard(path)
+        self._notify()
 
     async def remove_request(self, request_id: str) -> None:
         """Remove what is left of a finished request's bodies."""

@@ -63,7 +63,12 @@ class CompressStage(Follower):
         """Temp files of encodes that a crash cut short (workers end with the daemon)."""
         await asyncio.to_thread(remove_matching, self.images, ".*.tmp")
 
+    def committed_sync(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        event = record.event
+        assert isinstance(event, ImageDownloaded)
+        self.bodies.recycle(self.bodies.path(record.stream, event.product, event.index), event.bytes)
+
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         event = record.event
         assert isinstance(event, ImageDownloaded)
-        await self.bodies.release(self.bodies.path(record.stream, event.product, event.index), event.bytes)
+        self.bodies.released(self.bodies.path(record.stream, event.product, event.index))

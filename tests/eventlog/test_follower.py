@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from structlog.testing import capture_logs
+
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent, open_database
@@ -379,3 +381,35 @@ async def test_wait_for_cuts_a_linger_short(settings: Settings) -> None:
         await asyncio.gather(task, return_exceptions=True)
     finally:
         await eventlog.close()
+
+
+class Untidy(Recorder):
+    """A follower whose clean-up after the commit fails for ping 1."""
+
+    name = "test.untidy"
+
+    def __init__(self, eventlog: EventLog) -> None:
+        super().__init__(eventlog)
+        self.cleaned: list[int] = []
+
+    def committed_sync(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        if record.event.n == 1:  # type: ignore[attr-defined]
+            raise PermissionError("the disk said no")
+        self.cleaned.append(record.event.n)  # type: ignore[attr-defined]
+
+
+async def test_a_failed_clean_up_after_the_commit_is_logged_and_not_committed_again(settings: Settings,
+                                                                                     helpers: Any) -> None:
+    """committed_sync raising does not undo or repeat the commit it follows: one pong each, the failure logged."""
+    eventlog = await open_log(settings)
+    try:
+        await ping(eventlog, 1, 2)
+        follower = Untidy(eventlog)
+        with capture_logs() as logs:
+            assert await follower.run_until_idle() == 2
+        assert follower.cleaned == [2] and follower.checkpoint == eventlog.head
+    finally:
+        await eventlog.close()
+    assert pongs(helpers, settings) == {1: 1, 2: 1}
+    assert [(e["event"], e["consumer"]) for e in logs if e["log_level"] == "error"] == [
+        ("consumer_cleanup_failed", "test.untidy")]

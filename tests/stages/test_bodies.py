@@ -38,7 +38,8 @@ async def test_a_new_body_overwrites_a_spare_and_a_released_one_becomes_a_spare(
     bodies.arrived(target)
     assert target.read_bytes() == b"new body" and bodies.room == 1
     assert list(bodies.spares_folder.iterdir()) == []
-    await bodies.release(target, len(b"new body"))
+    bodies.recycle(target, len(b"new body"))
+    bodies.released(target)
     assert bodies.room == 2 and not target.exists()
     assert [p.read_bytes() for p in bodies.spares_folder.iterdir()] == [b"new body"]
 
@@ -49,7 +50,7 @@ async def test_a_download_that_fails_leaves_nothing_behind(tmp_path: Path) -> No
     bodies.load()
     first = bodies.writer(bodies.path("r1", 0, 0))
     first.finish([b"first"])
-    await bodies.release(first.path, 5)  # now a spare
+    bodies.recycle(first.path, 5)  # now a spare
     into_spare, into_new = bodies.writer(bodies.path("r1", 0, 1)), bodies.writer(bodies.path("r1", 0, 2))
     into_spare.write([b"half"])
     into_new.write([b"half"])
