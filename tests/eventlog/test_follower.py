@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import pytest
 from structlog.testing import capture_logs
 
 from daemon.config import Settings
+from daemon.eventlog import store
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent, open_database
 from daemon.events import Event
@@ -261,15 +263,18 @@ async def test_follower_survives_a_failed_commit(settings: Settings) -> None:
         await eventlog.close()
 
 
-async def test_an_event_appended_while_the_follower_reads_is_handled_once(settings: Settings,
-                                                                          helpers: Any) -> None:
-    """An event whose append commits between the follower noting the head and reading its page is handled once."""
+async def test_an_event_appended_while_the_follower_reads_is_handled_once(settings: Settings, helpers: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event whose append commits between the follower noting the head and reading its page from the database
+    is handled once."""
+    monkeypatch.setattr(store, "RECENT_EVENTS", 1)  # memory keeps only the newest: the follower must ask the database
     eventlog = await open_log(settings)
     try:
         await ping(eventlog, 1)
-        follower = Recorder(eventlog, concurrency=4)  # room for more than one event: pages come back short
+        follower = Recorder(eventlog, concurrency=8)  # room for more than one event: pages come back short
         assert await follower.run_until_idle() == 1
-        await ping(eventlog, 2)  # committed and unread, so the follower has a reason to read
+        await ping(eventlog, 2, 3, 4)  # committed and unread, so the follower has a reason to read
+        assert eventlog.read_recent(follower.checkpoint, Recorder.types, 8) is None  # and memory cannot answer
         started, release = threading.Event(), threading.Event()
 
         def hold_the_writer() -> None:
@@ -279,7 +284,7 @@ async def test_an_event_appended_while_the_follower_reads_is_handled_once(settin
         holding = asyncio.ensure_future(eventlog.write(hold_the_writer))
         await helpers.eventually(started.is_set, "the writer thread to be held")
         queue = eventlog._writer._work_queue  # the writer's FIFO of pending jobs
-        appending = asyncio.ensure_future(eventlog.append("s3", [SpinePinged(n=3)]))
+        appending = asyncio.ensure_future(eventlog.append("s5", [SpinePinged(n=5)]))
         await helpers.eventually(lambda: queue.qsize() == 1, "the append to queue behind the held writer")
         following = asyncio.ensure_future(follower.run_until_idle())  # notes head, then queues its read
         await helpers.eventually(lambda: queue.qsize() == 2, "the follower's read to queue behind the append")
@@ -287,8 +292,8 @@ async def test_an_event_appended_while_the_follower_reads_is_handled_once(settin
         await asyncio.gather(holding, appending)
         await following
         await follower.run_until_idle()
-        assert follower.calls == [(1, 1), (2, 1), (3, 1)]
-        assert pongs(helpers, settings) == {1: 1, 2: 1, 3: 1}
+        assert follower.calls == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]
+        assert pongs(helpers, settings) == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
     finally:
         await eventlog.close()
 
