@@ -43,6 +43,12 @@ class Bodies:
     def path(self, request_id: str, product: int, index: int) -> Path:
         return self.incoming / request_id / f"{product}-{index}"
 
+    @staticmethod
+    def image_of(path: Path) -> tuple[int, int] | None:
+        """The (product, index) a body's `path` is named after; None for a file that is not a body."""
+        product, _, index = path.name.partition("-")
+        return (int(product), int(index)) if product.isdigit() and index.isdigit() else None
+
     @property
     def room(self) -> int:
         """How many more bodies may be downloaded before the compress stage takes some."""
@@ -66,6 +72,13 @@ class Bodies:
                     path.unlink(missing_ok=True)
                 else:
                     self._waiting.add(path)
+
+    def waiting_by_request(self) -> dict[str, list[Path]]:
+        """The bodies waiting for the compress stage, by request id."""
+        by_request: dict[str, list[Path]] = {}
+        for path in self._waiting:
+            by_request.setdefault(path.parent.name, []).append(path)
+        return by_request
 
     def request_folders(self) -> list[Path]:
         """(thread) The folders of requests that have bodies on disk."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,14 @@ import structlog
 from daemon.config import CompressSettings
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
-from daemon.events import Event, ImageCompressed, ImageDownloaded, ImageFailed
+from daemon.events import (
+    IMAGE_TERMINAL,
+    Event,
+    ImageCompressed,
+    ImageDownloaded,
+    ImageEvent,
+    ImageFailed,
+)
 from daemon.files import remove_matching
 from daemon.stages.bodies import Bodies
 from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file
@@ -60,8 +68,23 @@ class CompressStage(Follower):
         return [ImageCompressed(product=event.product, index=event.index, **vars(result))]
 
     async def recover(self) -> None:
-        """Temp files of encodes that a crash cut short (workers end with the daemon)."""
+        """Temp files of encodes that a crash cut short (workers end with the daemon), and bodies whose image was
+        settled just before a crash, before they became spares: nobody will take them, so they must not fill the
+        backlog (were they all of it, downloads would wait for them forever)."""
         await asyncio.to_thread(remove_matching, self.images, ".*.tmp")
+        for request_id, waiting in self.bodies.waiting_by_request().items():
+            records = await self.eventlog.read(self.eventlog.read_stream_sync, request_id, IMAGE_TERMINAL)
+            settled = {(r.event.product, r.event.index) for r in records if isinstance(r.event, ImageEvent)}
+            spent = [path for path in waiting if self.bodies.image_of(path) in settled]
+            await asyncio.to_thread(self._recycle_all, spent)
+            for path in spent:
+                self.bodies.released(path)
+
+    def _recycle_all(self, paths: list[Path]) -> None:
+        """(thread)"""
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                self.bodies.recycle(path, path.stat().st_size)
 
     def committed_sync(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         event = record.event

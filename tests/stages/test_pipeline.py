@@ -267,6 +267,28 @@ async def test_downloads_wait_while_the_backlog_is_full(make_settings: Callable[
     assert body["status"] == "completed" and body["progress"]["done"] == 5
 
 
+async def test_bodies_left_by_a_crash_after_their_compression_do_not_block_the_backlog(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """Bodies still on disk although their images were compressed (a crash right after the commit) are made spares
+    at the next start, so with a full backlog of them the request still completes."""
+    settings = make_settings(download={"backlog": 2})
+    async with daemon_app(settings) as app:
+        accepted = await submit(app, [[f"{origin.url}/img/photo.jpg"] * 3])
+        followers = {f.name: f for f in app[FOLLOWERS]}
+        await followers["stage.download"].run_until_idle()
+        await followers["stage.compress"].run_until_idle()
+        spent = [app[BODIES].path(accepted.request_id, 0, index) for index in (0, 1)]
+        assert bodies_on_disk(app) == [] and event_types(app[EVENTLOG], accepted.request_id)["ImageCompressed"] == 2
+    for path in spent:  # as if the daemon died between the commit and making them spares
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"already compressed")
+    async with daemon_app(settings) as app:
+        await drain(app)
+        body = await status_of(app, accepted.request_id)
+        assert bodies_on_disk(app) == [] and app[BODIES].room == 2
+    assert body["status"] == "completed" and body["progress"]["done"] == 3
+
+
 async def test_a_spare_body_is_overwritten_to_the_new_length(make_settings: Callable[..., Settings], origin: Origin,
                                                             image_files: dict[str, bytes]) -> None:
     """A compressed image's body is reused for the next download, cut to that download's own bytes."""
