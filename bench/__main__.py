@@ -6,7 +6,8 @@ throughput: the daemon end to end vs. the bare Pillow ceiling, measured side by 
    when the completion webhook arrives.
 3. Ceiling: a process pool of the same size decodes and re-encodes the same files at the same quality,
    no network, no events.
-Reports images/s for both, their ratio and the daemon's peak RSS.
+Ceiling and pipeline alternate for --rounds rounds (default 3, a fresh daemon each). Reports images/s for
+both and their ratio over all rounds, the lowest and median round's ratio, and the daemon's peak RSS.
 
 load (bench/load.py): concurrent uploads while clients poll /status at a fixed rate; see there.
 
@@ -20,6 +21,7 @@ import asyncio
 import io
 import json
 import os
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -72,28 +74,49 @@ async def run_daemon(urls: list[str], workers: int, quality: int, workdir: Path)
 
 
 async def throughput(photos: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+    """`args.rounds` rounds of ceiling then pipeline, alternated so that a machine that speeds up or slows down
+    during the run moves both; the headline figures are over all rounds, the spread is in `rounds`."""
     files = {f"p{i}.jpg": photos[i % len(photos)] for i in range(args.images)}
-    ceiling_s = ceiling(list(files.values()), args.workers, args.quality)
-    async with Origin(files) as origin:
-        with tempfile.TemporaryDirectory(prefix="imgpipe-bench-") as tmp:
-            daemon = await run_daemon([f"{origin.url}/img/{name}" for name in files], args.workers, args.quality,
-                                      Path(tmp))
     n = args.images
+    rounds: list[dict[str, Any]] = []
+    async with Origin(files) as origin:
+        for _ in range(args.rounds):
+            ceiling_s = ceiling(list(files.values()), args.workers, args.quality)
+            with tempfile.TemporaryDirectory(prefix="imgpipe-bench-") as tmp:
+                daemon = await run_daemon([f"{origin.url}/img/{name}" for name in files], args.workers,
+                                          args.quality, Path(tmp))
+            if daemon["status"] != "completed":
+                raise SystemExit(f"throughput: the batch ended {daemon['status']}: {daemon['progress']}")
+            rounds.append({
+                "ceiling_images_per_s": round(n / ceiling_s, 2),
+                "pipeline_images_per_s": round(n / daemon["elapsed_s"], 2),
+                "ratio": round(ceiling_s / daemon["elapsed_s"], 3),
+                "upload_ack_ms": round(daemon["ack_s"] * 1000, 1),
+                "daemon_peak_rss_mb": daemon["daemon_peak_rss_mb"],
+                "pool_rss_mb": daemon["pool_rss_mb"],
+                "cpu_cores_while_running": daemon["cpu"],
+                "ceiling_s": ceiling_s, "pipeline_s": daemon["elapsed_s"],
+            })
+    ceiling_total = sum(r.pop("ceiling_s") for r in rounds)
+    pipeline_total = sum(r.pop("pipeline_s") for r in rounds)
+    ratios = sorted(r["ratio"] for r in rounds)
+    cpu = {key: round(statistics.mean(r["cpu_cores_while_running"][key] for r in rounds), 2)
+           for key in rounds[0]["cpu_cores_while_running"]}
     return {
         "images": n,
         "size": f"{args.size}x{args.size}",
         "input_mb": round(sum(len(b) for b in files.values()) / 1e6, 1),
         "workers": args.workers,
         "quality": args.quality,
-        "ceiling_images_per_s": round(n / ceiling_s, 2),
-        "pipeline_images_per_s": round(n / daemon["elapsed_s"], 2),
-        "ratio": round(ceiling_s / daemon["elapsed_s"], 3),
-        "upload_ack_ms": round(daemon["ack_s"] * 1000, 1),
-        "daemon_peak_rss_mb": daemon["daemon_peak_rss_mb"],
-        "pool_rss_mb": daemon["pool_rss_mb"],
-        "cpu_cores_while_running": daemon["cpu"],
-        "final_status": daemon["status"],
-        "progress": daemon["progress"],
+        "ceiling_images_per_s": round(n * len(rounds) / ceiling_total, 2),
+        "pipeline_images_per_s": round(n * len(rounds) / pipeline_total, 2),
+        "ratio": round(ceiling_total / pipeline_total, 3),
+        "ratio_lowest": ratios[0],
+        "ratio_median": statistics.median(ratios),
+        "daemon_peak_rss_mb": max(r["daemon_peak_rss_mb"] for r in rounds),
+        "pool_rss_mb": max(r["pool_rss_mb"] for r in rounds),
+        "cpu_cores_while_running": cpu,
+        "rounds": rounds,
     }
 
 
@@ -105,6 +128,7 @@ async def main() -> None:
     parser.add_argument("--distinct", type=int, default=24, help="distinct generated photos, served round-robin")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quality", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3, help="throughput: ceiling and pipeline, alternated")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     add_load_arguments(parser)
     args = parser.parse_args()
