@@ -25,10 +25,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from daemon.allocator import keep_freed_memory
     from daemon.app import build_app
 
     settings = _settings(args)
     logs.configure()
+    keep_freed_memory()
     web.run_app(build_app(settings), host=settings.server.host, port=settings.server.port,
                 print=None, access_log=None, handle_signals=True)
     return 0
