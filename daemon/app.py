@@ -1,7 +1,7 @@
 """The aiohttp application: routes, and the daemon's resources in dependency order.
 
 cleanup_ctx runs set-up top to bottom and teardown bottom to top:
-event log -> downloaded bodies -> process pool -> HTTP client -> consumers -> inbox.
+event log -> downloaded bodies -> process pool -> the daemon's CPU -> HTTP client -> consumers -> inbox.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, open_database
 from daemon.ingest import http as ingest_http
 from daemon.ingest.inbox import Inbox
+from daemon.machine import on_one_cpu
 from daemon.network import AddressPolicy, GuardedConnector
 from daemon.stages.bodies import Bodies
 from daemon.stages.complete import CompleteStage
@@ -45,6 +46,7 @@ INBOX = web.AppKey("inbox", Inbox)
 POOL = web.AppKey("pool", CodecPool)
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 BODIES = web.AppKey("bodies", Bodies)
+DAEMON_CPU: web.AppKey[int | None] = web.AppKey("daemon_cpu")
 VIEW_TABLES = (*STATUS_TABLES,)
 
 
@@ -100,6 +102,13 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     app[POOL].shutdown()
 
 
+async def cpu_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After the pool: its forkserver and workers keep every CPU while the daemon's threads share one."""
+    with on_one_cpu(app[SETTINGS].compress.pin_daemon) as cpu:
+        app[DAEMON_CPU] = cpu
+        yield
+
+
 async def client_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     connector = GuardedConnector(AddressPolicy(settings.network), limit=settings.download.concurrency * 2,
@@ -135,7 +144,7 @@ async def inbox_ctx(app: web.Application) -> AsyncIterator[None]:
 async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     log.info("daemon_started", url=settings.public_url, database=settings.database_url,
-             inbox=str(settings.path("inbox")) if settings.inbox.enabled else None)
+             inbox=str(settings.path("inbox")) if settings.inbox.enabled else None, daemon_cpu=app[DAEMON_CPU])
     yield
     log.info("daemon_stopped")
 
@@ -146,7 +155,8 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
                           client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
     app[SETTINGS] = settings
     app[FOLLOW] = follow
-    app.cleanup_ctx.extend([eventlog_ctx, bodies_ctx, pool_ctx, client_ctx, followers_ctx, inbox_ctx, announce_ctx])
+    app.cleanup_ctx.extend([eventlog_ctx, bodies_ctx, pool_ctx, cpu_ctx, client_ctx, followers_ctx, inbox_ctx,
+                            announce_ctx])
     add_routes(app)
     ingest_http.add_routes(app)
     receive.add_routes(app)

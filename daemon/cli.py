@@ -25,8 +25,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from daemon.allocator import keep_freed_memory
     from daemon.app import build_app
+    from daemon.machine import keep_freed_memory
 
     settings = _settings(args)
     logs.configure()

@@ -70,6 +70,7 @@ class CompressSettings:
     optimize: bool = False
     progressive: bool = False
     workers: int = 0  # 0: one per CPU
+    pin_daemon: bool = True  # the daemon's own threads on one CPU, the workers on all (see daemon.machine)
     max_pixels: int = 50_000_000
 
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import structlog
 
 from daemon.config import CompressSettings
+from daemon.machine import allowed_cpus
 from daemon.stages.codec import warm_up
 
 log = structlog.get_logger("pool")
@@ -42,9 +43,9 @@ def pool_size(settings: CompressSettings) -> int:
     return settings.workers or os.cpu_count() or 1
 
 
-def serve(conn: Connection, daemon_pid: int) -> None:
+def serve(conn: Connection, daemon_pid: int, cpus: frozenset[int] | None) -> None:
     """A worker's life: run each job it is sent and send back (True, result) or (False, exception)."""
-    start_worker(daemon_pid)
+    start_worker(daemon_pid, cpus)
     while True:
         try:
             fn, args = conn.recv()
@@ -61,10 +62,13 @@ def serve(conn: Connection, daemon_pid: int) -> None:
             conn.send((False, RuntimeError(f"the codec's answer could not be sent back: {exc!r}")))
 
 
-def start_worker(daemon_pid: int) -> None:
-    """Yield the CPU to the daemon's event loop, and end with the daemon."""
+def start_worker(daemon_pid: int, cpus: frozenset[int] | None = None) -> None:
+    """Yield the CPU to the daemon's event loop, run on `cpus` (the daemon's own threads may be confined to
+    one of them, see daemon.machine), and end with the daemon."""
     # The loop feeds the pool and answers /status; at equal priority a saturated pool starves both.
     os.nice(WORKER_NICENESS)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     exit_with(daemon_pid)
 
 
@@ -102,6 +106,7 @@ class CodecPool:
 
     def __init__(self, settings: CompressSettings) -> None:
         self.size = pool_size(settings)
+        self._cpus = allowed_cpus()  # taken before the daemon confines its own threads to one of them
         # forkserver: workers do not inherit the daemon's threads (observer, DB writer) mid-flight.
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(["daemon.stages.codec", "daemon.stages.pool"])
@@ -194,7 +199,7 @@ class CodecPool:
 
     async def _spawn(self) -> None:
         ours, theirs = self._context.Pipe()
-        process = self._context.Process(target=serve, args=(theirs, os.getpid()), name="imgpipe-codec",
+        process = self._context.Process(target=serve, args=(theirs, os.getpid(), self._cpus), name="imgpipe-codec",
                                         daemon=True)
         try:
             await asyncio.to_thread(process.start)  # the first start waits for the forkserver to come up
