@@ -14,8 +14,9 @@ anyway) keeps chunk-sized blocks on the heap where they are reused.
 CPUs. The daemon's threads (event loop, event-log writer, file helpers) hand work to each other many times
 per image. Spread over the CPUs, each hand-off wakes a thread on another CPU, with an interprocessor interrupt,
 and lands between a codec worker and its caches; on one CPU the woken thread simply runs next there. The
-threads share the GIL, so they never ran in parallel for long anyway. Confined to one CPU, the daemon used
-17% less CPU per image in the benchmark, and status latency under load fell. The codec workers keep every CPU.
+threads share the GIL, so they never ran in parallel for long anyway. Confined to one CPU, the daemon used 6%
+less CPU per image in the throughput benchmark and 13-19% less under load, where status p99 fell by a third.
+The codec workers keep every CPU.
 
 Only the daemon's own process is tuned: the codec workers start from a fresh forkserver with the defaults,
 which the Pillow ceiling in the benchmark uses too.

@@ -68,7 +68,8 @@ def start_worker(daemon_pid: int, cpus: frozenset[int] | None = None) -> None:
     # The loop feeds the pool and answers /status; at equal priority a saturated pool starves both.
     os.nice(WORKER_NICENESS)
     if cpus:
-        os.sched_setaffinity(0, cpus)
+        with contextlib.suppress(OSError):  # CPUs taken away since (a changed cpuset): keep what it has
+            os.sched_setaffinity(0, cpus)
     exit_with(daemon_pid)
 
 
