@@ -33,6 +33,8 @@ log = structlog.get_logger("pool")
 T = TypeVar("T")
 DEPTH = 2  # jobs sent ahead to one worker: the one it runs and the next
 WORKER_NICENESS = 10
+REPLACE_RETRY_FIRST = 0.05  # seconds before trying again to start a replacement worker, doubling
+REPLACE_RETRY_MAX = 5.0
 
 
 class WorkerLost(Exception):
@@ -194,9 +196,22 @@ class CodecPool:
                 future.set_exception(WorkerLost(f"codec worker {worker.process.pid} died"))
         log.warning("codec_worker_replaced", pid=worker.process.pid, exitcode=worker.process.exitcode)
         if not self._closed:
-            task = asyncio.get_running_loop().create_task(self._spawn())
+            task = asyncio.get_running_loop().create_task(self._replace())
             self._spawning.add(task)
             task.add_done_callback(self._spawning.discard)
+
+    async def _replace(self) -> None:
+        """Start a worker in a lost one's place, trying again until it starts: a pool that quietly shrank to
+        nothing would leave every image waiting for ever."""
+        delay = REPLACE_RETRY_FIRST
+        while not self._closed:
+            try:
+                await self._spawn()
+                return
+            except Exception as exc:  # no fds, no memory to fork, a forkserver that died with the worker
+                log.warning("codec_worker_start_failed", error=repr(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, REPLACE_RETRY_MAX)
 
     async def _spawn(self) -> None:
         ours, theirs = self._context.Pipe()
@@ -204,6 +219,9 @@ class CodecPool:
                                         daemon=True)
         try:
             await asyncio.to_thread(process.start)  # the first start waits for the forkserver to come up
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         worker = _Worker(process, ours)

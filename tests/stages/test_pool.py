@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing.forkserver
 import os
 import signal
 import time
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.config import CompressSettings
 from daemon.stages.codec import (
@@ -49,6 +51,32 @@ async def test_a_worker_killed_mid_job_fails_that_job_and_is_replaced() -> None:
         await eventually(lambda: asyncio.sleep(0, len(pool.pids) == 2), "a replacement worker")
         assert victim not in pool.pids
         assert set(await asyncio.gather(*(pool.run(os.getpid) for _ in range(4)))) <= pool.pids
+    finally:
+        pool.shutdown()
+
+
+async def test_a_replacement_that_cannot_start_is_tried_again_until_it_starts() -> None:
+    """While no worker can be started (here: the forkserver cannot be reached) each failure is logged and tried
+    again; once it can, the replacement starts and runs jobs."""
+    pool = CodecPool(CompressSettings(workers=1))
+    forkserver = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    try:
+        (victim,) = await pool.start()
+        with capture_logs() as logs:
+            os.unlink(forkserver._forkserver_address)  # alive, but nothing can connect to it any more
+            os.kill(victim, signal.SIGKILL)
+            failed = lambda: sum(e["event"] == "codec_worker_start_failed" for e in logs)  # noqa: E731
+            await eventually(lambda: asyncio.sleep(0, failed() >= 2), "two failed starts")
+            assert pool.pids == set()
+            # A forkserver that has ended (and is a zombie, so multiprocessing can tell) is started afresh.
+            os.kill(forkserver._forkserver_pid, signal.SIGKILL)
+            await eventually(lambda: asyncio.sleep(0, pool.pids), "a replacement worker")
+        (replacement,) = pool.pids
+        assert replacement != victim
+        assert await pool.run(os.getpid) == replacement
+        failures = [e for e in logs if e["event"] == "codec_worker_start_failed"]
+        assert "FileNotFoundError" in failures[0]["error"] or "ConnectionRefusedError" in failures[0]["error"]
+        assert failures[1]["retry_in"] == 2 * failures[0]["retry_in"]
     finally:
         pool.shutdown()
 
