@@ -103,13 +103,28 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def flag(request: web.Request, name: str, default: bool) -> bool:
+    """A true/false query parameter; 400 naming it for any other value."""
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if value.lower() not in FLAG_VALUES:
+        raise json_error(web.HTTPBadRequest, "invalid_parameter", f"{name} must be true or false, got {value!r}",
+                         field=name)
+    return FLAG_VALUES[value.lower()]
+
+
 async def status(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     structlog.contextvars.bind_contextvars(request_id=request_id)
     settings, eventlog = request.app[SETTINGS], request.app[EVENTLOG]
+    with_products = flag(request, "products", default=True)
 
     def encoded() -> bytes | None:
-        body = request_status(request_id, settings.public_url)
+        body = request_status(request_id, settings.public_url, with_products)
         return None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
 
     # Built and encoded on a reader thread: a 10,000-image body must not hold up the event loop.

@@ -211,13 +211,35 @@ def image_url(public_url: str, name: str | None) -> str | None:
 
 
 def request_status(request_id: str, public_url: str, with_products: bool = True) -> dict[str, Any] | None:
-    """The GET /status body for one request, or None (reader thread)."""
+    """The GET /status body for one request, or None (reader thread); without `products` when not asked for."""
     request = StatusRequest.get_or_none(StatusRequest.request_id == request_id)
     if request is None:
         return None
-    products: list[dict[str, Any]] = []
-    if not with_products:
-        return {"request_id": request_id, "status": request.status, "progress": progress(request)}
+    body: dict[str, Any] = {
+        "request_id": request.request_id,
+        "status": request.status,
+        "source": {"kind": request.source, "name": request.source_name},
+        "created_at": request.created_at,
+        "updated_at": request.updated_at,
+        "completed_at": request.completed_at,
+        "progress": progress(request),
+        "status_url": f"{public_url}/status/{request.request_id}",
+    }
+    if with_products:
+        body["products"] = products(request_id, public_url)
+    body["webhooks"] = webhooks(request_id)
+    body["notifications"] = [
+        {"webhook_id": n.webhook_id or None, "kind": n.kind, "status": n.status, "verified": n.verified,
+         "received_at": n.received_at}
+        for n in StatusNotification.select().where(StatusNotification.request_id == request_id).order_by(
+            StatusNotification.received_at)
+    ]
+    return body
+
+
+def products(request_id: str, public_url: str) -> list[dict[str, Any]]:
+    """Every product of a request with its images, in input order."""
+    found: list[dict[str, Any]] = []
     # Plain rows, not model instances: this runs for every poll and the ORM objects cost most of it.
     columns = (StatusImage.product, StatusImage.serial, StatusImage.product_name, StatusImage.input_url,
                StatusImage.status, StatusImage.output_name, StatusImage.bytes_in, StatusImage.bytes_out,
@@ -227,33 +249,16 @@ def request_status(request_id: str, public_url: str, with_products: bool = True)
         StatusImage.product, StatusImage.index).tuples()
     for (product, serial, name, input_url, state, output_name, bytes_in, bytes_out, width, height, fmt, attempts,
          note, error) in cast(Iterable[tuple[Any, ...]], rows):
-        if not products or products[-1]["_product"] != product:
-            products.append({"_product": product, "serial": serial, "product_name": name, "images": []})
-        products[-1]["images"].append({
+        if not found or found[-1]["_product"] != product:
+            found.append({"_product": product, "serial": serial, "product_name": name, "images": []})
+        found[-1]["images"].append({
             "input_url": input_url, "status": state, "output_url": image_url(public_url, output_name),
             "bytes_in": bytes_in, "bytes_out": bytes_out, "width": width, "height": height, "format": fmt,
             "attempts": attempts, "note": note, "error": error,
         })
-    for product in products:
+    for product in found:
         del product["_product"]
-    return {
-        "request_id": request.request_id,
-        "status": request.status,
-        "source": {"kind": request.source, "name": request.source_name},
-        "created_at": request.created_at,
-        "updated_at": request.updated_at,
-        "completed_at": request.completed_at,
-        "progress": progress(request),
-        "status_url": f"{public_url}/status/{request.request_id}",
-        "products": products,
-        "webhooks": webhooks(request_id),
-        "notifications": [
-            {"webhook_id": n.webhook_id or None, "kind": n.kind, "status": n.status, "verified": n.verified,
-             "received_at": n.received_at}
-            for n in StatusNotification.select().where(StatusNotification.request_id == request_id).order_by(
-                StatusNotification.received_at)
-        ],
-    }
+    return found
 
 
 def webhooks(request_id: str) -> list[dict[str, Any]]:

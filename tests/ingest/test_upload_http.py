@@ -184,6 +184,23 @@ async def test_invalid_webhook_url_answers_400_naming_the_field(served: Any, hel
     assert helpers.query(served.settings, "SELECT count(*) FROM events") == [(0,)]
 
 
+async def test_status_without_products_leaves_out_only_the_products(served: Any, helpers: Any) -> None:
+    """GET /status/<id>?products=false answers the same body without its products; another value is a 400."""
+    response = await served.client.post("/upload", data=multipart(helpers.sample_csv.read_bytes(), "sample.csv"))
+    request_id = (await response.json())["request_id"]
+    full = await served.status_when_ready(request_id)
+    short = await served.client.get(f"/status/{request_id}", params={"products": "false"})
+    assert short.status == 200
+    assert await short.json() == {key: value for key, value in full.items() if key != "products"}
+    assert len(full["products"]) == 2
+    explicit = await served.client.get(f"/status/{request_id}", params={"products": "true"})
+    assert await explicit.json() == full
+    wrong = await served.client.get(f"/status/{request_id}", params={"products": "some"})
+    assert wrong.status == 400
+    assert await wrong.json() == {"error": "invalid_parameter", "message": "products must be true or false, got 'some'",
+                                  "field": "products"}
+
+
 async def test_unknown_status_id_answers_404_json(served: Any) -> None:
     """GET /status/<unknown id> answers 404 unknown_request as JSON."""
     code, body = await served.status("0123456789abcdef")
