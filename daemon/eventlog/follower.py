@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -19,6 +20,7 @@ from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event
 
 log = structlog.get_logger("follower")
+FAILURES_FORGOTTEN_AFTER = 60.0  # seconds without a failure after which the pause starts short again
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,21 @@ class Follower:
         self._wake.set()
 
     async def run(self) -> None:
-        """Follow the log forever (until cancelled)."""
+        """Follow the log forever (until cancelled). A failure outside `handle` and the commit (a read, start-up
+        recovery, an event that does not decode) is logged and the loop resumes after a growing pause: a
+        follower that quietly ended would leave every request behind it waiting for ever."""
+        failures, last_failure = 0, 0.0
         try:
-            await self._loop(until_idle=False)
+            while True:
+                try:
+                    await self._loop(until_idle=False)
+                except Exception:
+                    now = time.monotonic()
+                    failures = 1 if now - last_failure > FAILURES_FORGOTTEN_AFTER else failures + 1
+                    last_failure = now
+                    delay = min(30.0, 0.1 * 2 ** min(failures, 9))
+                    log.exception("consumer_failed", consumer=self.name, failures=failures, retry_in=delay)
+                    await asyncio.sleep(delay)
         finally:
             await self._cancel_in_flight()
 
@@ -291,7 +305,10 @@ class Follower:
         for done in ready:
             done.committed.set()
             if done.final:
-                await self.committed(done.record, done.results)
+                try:
+                    await self.committed(done.record, done.results)
+                except Exception:  # committed: it must not be redone, and the loop must go on
+                    log.exception("consumer_cleanup_failed", consumer=self.name, position=done.record.position)
         state.handled += len(finished)
         appended = {e.type for d in ready for e in d.results}
         if appended:

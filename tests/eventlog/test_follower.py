@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -389,13 +390,19 @@ async def test_wait_for_cuts_a_linger_short(settings: Settings) -> None:
 
 
 class Untidy(Recorder):
-    """A follower whose clean-up after the commit fails for ping 1."""
+    """A follower whose clean-up after the commit fails for ping 1 on the writer thread, for ping 2 on the loop."""
 
     name = "test.untidy"
 
     def __init__(self, eventlog: EventLog) -> None:
         super().__init__(eventlog)
         self.cleaned: list[int] = []
+        self.announced: list[int] = []
+
+    async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        if record.event.n == 2:  # type: ignore[attr-defined]
+            raise ConnectionResetError("the listener hung up")
+        self.announced.append(record.event.n)  # type: ignore[attr-defined]
 
     def committed_sync(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         if record.event.n == 1:  # type: ignore[attr-defined]
@@ -405,16 +412,45 @@ class Untidy(Recorder):
 
 async def test_a_failed_clean_up_after_the_commit_is_logged_and_not_committed_again(settings: Settings,
                                                                                      helpers: Any) -> None:
-    """committed_sync raising does not undo or repeat the commit it follows: one pong each, the failure logged."""
+    """committed_sync or committed raising does not undo or repeat the commit it follows, nor stop the follower:
+    one pong each, each failure logged."""
     eventlog = await open_log(settings)
     try:
         await ping(eventlog, 1, 2)
         follower = Untidy(eventlog)
         with capture_logs() as logs:
             assert await follower.run_until_idle() == 2
-        assert follower.cleaned == [2] and follower.checkpoint == eventlog.head
+        assert follower.cleaned == [2] and follower.announced == [1] and follower.checkpoint == eventlog.head
     finally:
         await eventlog.close()
     assert pongs(helpers, settings) == {1: 1, 2: 1}
-    assert [(e["event"], e["consumer"]) for e in logs if e["log_level"] == "error"] == [
-        ("consumer_cleanup_failed", "test.untidy")]
+    assert [(e["event"], e["consumer"], e["position"]) for e in logs if e["log_level"] == "error"] == [
+        ("consumer_cleanup_failed", "test.untidy", 1), ("consumer_cleanup_failed", "test.untidy", 2)]
+
+
+async def test_a_follower_that_fails_outside_handle_logs_it_and_carries_on(settings: Settings, helpers: Any) -> None:
+    """An event that does not decode fails the follower's read: it is logged, and once the row is repaired the
+    same follower task handles it and everything after it."""
+    eventlog = await open_log(settings)
+    try:
+        follower = Recorder(eventlog)
+        with capture_logs() as logs:
+            task = asyncio.create_task(follower.run())
+            with sqlite3.connect(helpers.db_file(settings)) as db:  # written behind the log's back: a bad row
+                db.execute("INSERT INTO events (stream, version, type, data, recorded_at) "
+                           "VALUES ('bad', 1, 'SpinePinged', '{not json', '2026-01-01T00:00:00Z')")
+            (position,) = await ping(eventlog, 2)
+            await eventually(lambda: asyncio.sleep(0, [e for e in logs if e["event"] == "consumer_failed"]),
+                             "the failure's log line")
+            assert not task.done()
+            with sqlite3.connect(helpers.db_file(settings)) as db:
+                db.execute("UPDATE events SET data = '{\"n\": 1}' WHERE stream = 'bad'")
+            assert await follower.wait_for(position, timeout=10)
+        assert not task.done()
+        assert [n for n, _ in follower.calls] == [1, 2]
+        failed = next(e for e in logs if e["event"] == "consumer_failed")
+        assert (failed["consumer"], failed["failures"], failed["log_level"]) == ("test.recorder", 1, "error")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await eventlog.close()
