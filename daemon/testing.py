@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import random
 import socket
 import struct
@@ -284,3 +285,20 @@ async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeou
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+# Jobs for the codec pool's tests: top-level here, so a worker can import them by name.
+class PickyFailure(Exception):
+    """An exception that pickles but does not unpickle: its __init__ takes two arguments, its args hold one."""
+
+    def __init__(self, first: object, second: object) -> None:
+        super().__init__(f"{first} {second}")
+
+
+def fail_unpicklably() -> None:
+    raise PickyFailure(1, 2)
+
+
+def end_worker() -> None:
+    """Ends the worker process at once, as a crash inside a codec library would."""
+    os._exit(70)

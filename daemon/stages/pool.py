@@ -5,7 +5,8 @@ feeder and a result manager); in the benchmark they took about a tenth of the da
 machine the codec then did not get. Here the loop writes a job to a worker's pipe and reads the result when
 that pipe is readable: no threads and no locks. Each worker has up to `DEPTH` jobs sent ahead, so it never
 waits for the loop between two images. A worker that dies (the OOM killer, a crash inside a codec library)
-fails its jobs with WorkerLost, which the compress stage retries, and another takes its place.
+fails the job it was running with WorkerLost, which the compress stage retries, sends the jobs queued behind it to
+another worker, and another worker takes its place.
 """
 
 from __future__ import annotations
@@ -98,10 +99,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]
+
+
 class _Worker:
     def __init__(self, process: BaseProcess, conn: Connection) -> None:
         self.process, self.conn = process, conn
-        self.jobs: deque[asyncio.Future[Any]] = deque()  # sent, answered in this order
+        self.jobs: deque[_Job] = deque()  # sent, answered in this order
 
 
 class CodecPool:
@@ -114,7 +118,7 @@ class CodecPool:
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(["daemon.stages.codec", "daemon.stages.pool"])
         self._workers: list[_Worker] = []
-        self._queued: deque[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = deque()
+        self._queued: deque[_Job] = deque()
         self._spawning: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -150,7 +154,7 @@ class CodecPool:
                 worker.process.kill()
                 worker.process.join()
         # Nothing will answer these any more: whoever still awaits one must not wait forever.
-        for future in [*(f for w in workers for f in w.jobs), *(f for *_, f in self._queued)]:
+        for *_, future in [*(job for w in workers for job in w.jobs), *self._queued]:
             future.cancel()
         self._queued.clear()
 
@@ -169,7 +173,7 @@ class CodecPool:
                 self._queued.appendleft((fn, args, future))
                 self._lost(worker)
                 continue
-            worker.jobs.append(future)
+            worker.jobs.append((fn, args, future))
 
     def _readable(self, worker: _Worker) -> None:
         try:
@@ -177,7 +181,9 @@ class CodecPool:
         except (EOFError, OSError):
             self._lost(worker)
             return
-        future = worker.jobs.popleft()
+        except Exception as exc:  # a whole answer arrived but does not unpickle: it is still this job's
+            ok, value = False, RuntimeError(f"the codec's answer could not be read: {exc!r}")
+        *_, future = worker.jobs.popleft()
         if not future.done():
             if ok:
                 future.set_result(value)
@@ -186,14 +192,21 @@ class CodecPool:
         self._dispatch()
 
     def _lost(self, worker: _Worker) -> None:
-        """A worker died: fail what it had (the compress stage tries again) and start another in its place."""
+        """A worker died: fail the job it ran (the compress stage tries again), hand the others to the remaining
+        workers, and start another in its place."""
         if worker not in self._workers:
             return
         self._workers.remove(worker)
         self._close(worker)
-        for future in worker.jobs:
-            if not future.done():
-                future.set_exception(WorkerLost(f"codec worker {worker.process.pid} died"))
+        # Only the first job was running; those sent behind it never started and go to another worker, so
+        # an image that kills its worker costs no other image an attempt.
+        if worker.jobs:
+            *_, running = worker.jobs.popleft()
+            if not running.done():
+                running.set_exception(WorkerLost(f"codec worker {worker.process.pid} died"))
+        self._queued.extendleft(reversed([job for job in worker.jobs if not job[2].done()]))
+        worker.jobs.clear()
+        self._dispatch()
         log.warning("codec_worker_replaced", pid=worker.process.pid, exitcode=worker.process.exitcode)
         if not self._closed:
             task = asyncio.get_running_loop().create_task(self._replace())

@@ -7,6 +7,7 @@ import multiprocessing.forkserver
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 from structlog.testing import capture_logs
@@ -19,7 +20,7 @@ from daemon.stages.codec import (
     _unidentified_reason,
 )
 from daemon.stages.pool import CodecPool, WorkerLost
-from daemon.testing import eventually
+from daemon.testing import end_worker, eventually, fail_unpicklably
 
 
 async def test_jobs_run_in_the_workers_and_their_errors_come_back() -> None:
@@ -79,6 +80,35 @@ async def test_a_replacement_that_cannot_start_is_tried_again_until_it_starts() 
         assert failures[1]["retry_in"] == 2 * failures[0]["retry_in"]
     finally:
         pool.shutdown()
+
+
+async def job_and_the_one_behind(first: Callable[[], object]) -> tuple[int, object, object, set[int]]:
+    """On a one-worker pool, send `first` and os.getpid right behind it; returns (the worker that started,
+    first's outcome, the pid that answered the second, the workers at the end)."""
+    pool = CodecPool(CompressSettings(workers=1))
+    try:
+        (worker,) = await pool.start()
+        with capture_logs():
+            sent = [asyncio.ensure_future(pool.run(first)), asyncio.ensure_future(pool.run(os.getpid))]
+            outcome, behind = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 20)
+        return worker, outcome, behind, pool.pids
+    finally:
+        pool.shutdown()
+
+
+async def test_an_answer_that_does_not_unpickle_fails_its_own_job_and_no_other() -> None:
+    """A job whose answer cannot be read back fails with the reason; the job sent behind it gets its own answer."""
+    worker, outcome, behind, _ = await job_and_the_one_behind(fail_unpicklably)
+    assert isinstance(outcome, RuntimeError)
+    assert "the codec's answer could not be read" in str(outcome)
+    assert behind == worker
+
+
+async def test_a_job_that_kills_its_worker_costs_the_job_sent_behind_it_nothing() -> None:
+    """Only the job that was running when its worker died fails; the one already sent behind it runs elsewhere."""
+    worker, outcome, behind, workers = await job_and_the_one_behind(end_worker)
+    assert isinstance(outcome, WorkerLost)
+    assert behind in workers and behind != worker
 
 
 async def test_shutdown_ends_every_worker() -> None:
