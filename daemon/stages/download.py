@@ -31,7 +31,7 @@ from daemon.stages.bodies import Bodies, BodyWriter
 
 log = structlog.get_logger("download")
 
-TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+TRANSIENT_STATUS = frozenset({408, 425, 429})  # and every 5xx: proxies and CDNs use the whole range (520-527)
 FLUSH_BYTES = 1024 * 1024
 
 
@@ -66,7 +66,7 @@ async def fetch(client: aiohttp.ClientSession, url: str, body: BodyWriter, setti
         # aiohttp raises on the N-th redirect response; +1 lets exactly `max_redirects` be followed.
         async with client.get(url, timeout=timeout, max_redirects=settings.max_redirects + 1,
                               headers={"Accept": "image/*,*/*;q=0.5"}) as response:
-            if response.status in TRANSIENT_STATUS:
+            if response.status in TRANSIENT_STATUS or response.status >= 500:
                 raise DownloadError(f"HTTP {response.status} {response.reason or ''}".strip(), transient=True,
                                     retry_after=retry_after_seconds(response.headers.get("Retry-After")))
             if response.status >= 400 or response.status < 200:

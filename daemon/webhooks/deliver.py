@@ -40,6 +40,7 @@ log = structlog.get_logger("webhooks")
 
 TERMINAL = frozenset({"delivered", "failed", "gone"})
 MAX_RETRY_AFTER = 86_400.0  # a listener may ask for a pause, not for a message to wait forever
+LISTENER_ANSWER_BYTES = 64 * 1024  # of a listener's answer read before the connection is let go
 
 
 def message_id(request_id: str, completed_version: int) -> str:
@@ -172,7 +173,9 @@ class WebhookDelivery(Follower):
         try:
             async with self.client.post(queued.listener, data=body.encode("utf-8"), headers=headers,
                                         timeout=timeout, allow_redirects=False) as response:
-                await response.read()
+                # Read a little, so a short answer leaves the connection reusable; never the whole of a long one:
+                # a listener (any uploader may name one) streaming gigabytes must not fill the daemon's memory.
+                await response.content.read(LISTENER_ANSWER_BYTES)
                 latency = round((time.perf_counter() - started) * 1000, 1)
                 error = "" if 200 <= response.status < 300 else f"HTTP {response.status} {response.reason or ''}".strip()
                 if 300 <= response.status < 400:

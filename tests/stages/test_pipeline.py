@@ -132,18 +132,21 @@ async def test_export_keeps_input_order_and_blank_for_failures(app: web.Applicat
 
 async def test_transient_failures_give_up_after_the_configured_attempts(
         make_settings: Callable[..., Settings], origin: Origin) -> None:
-    """A 503 forever is retried `attempts` times, each attempt an event, then fails with a clear error."""
+    """A 503 (or a CDN's 520) forever is retried `attempts` times, each attempt an event, then fails with a clear
+    error."""
     settings = make_settings(download={"attempts": 3})
     async with daemon_app(settings) as app:
-        accepted = await submit(app, [[f"{origin.url}/code/503", f"{origin.url}/img/photo.jpg"]])
+        accepted = await submit(app, [[f"{origin.url}/code/503", f"{origin.url}/img/photo.jpg",
+                                       f"{origin.url}/code/520"]])
         await drain(app)
         body = await status_of(app, accepted.request_id)
-        failing, good = images_of(body)
+        failing, good, cdn = images_of(body)
         assert failing["status"] == "failed" and failing["attempts"] == 3
         assert failing["error"] == "download failed: HTTP 503 Service Unavailable (after 3 attempts)"
         assert good["status"] == "compressed"
-        assert origin.hits["/code/503"] == 3
-        assert event_types(app[EVENTLOG], accepted.request_id)["ImageDownloadRetried"] == 2
+        assert (cdn["status"], cdn["attempts"]) == ("failed", 3)
+        assert origin.hits["/code/503"] == 3 and origin.hits["/code/520"] == 3
+        assert event_types(app[EVENTLOG], accepted.request_id)["ImageDownloadRetried"] == 4
         assert body["status"] == "completed_with_errors"
 
 

@@ -89,6 +89,37 @@ async def test_gone_listener_is_not_retried(make_settings: Callable[..., Setting
     assert delivery["state"] == "gone" and delivery["attempts"][0]["status_code"] == 410
 
 
+async def test_a_listener_answering_with_an_endless_body_is_read_only_a_little(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """A listener that answers 200 and then streams 200 MB is recorded as delivered after the daemon read a
+    little of it: the rest is never pulled into the daemon's memory."""
+    sent = {"bytes": 0}
+    chunk = b"x" * (1024 * 1024)
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse()
+        await response.prepare(request)
+        try:
+            for _ in range(200):
+                await response.write(chunk)
+                sent["bytes"] += len(chunk)
+        except (ConnectionResetError, RuntimeError):  # the daemon let go of the connection
+            pass
+        return response
+
+    listener_app = web.Application()
+    listener_app.router.add_post("/hook", endless)
+    async with TestServer(listener_app, host="127.0.0.1") as listener:
+        settings = make_settings(webhooks={"urls": (str(listener.make_url("/hook")),), "retry_schedule": FAST})
+        async with daemon_app(settings) as app:
+            accepted = await submit(app, origin)
+            await drain(app)
+            (delivery,) = (await status_of(app, accepted.request_id))["webhooks"]
+    assert delivery["state"] == "delivered" and [a["status_code"] for a in delivery["attempts"]] == [200]
+    assert sent["bytes"] < 50 * len(chunk)  # socket buffers took some; a full read would have taken all 200
+
+
 async def test_hanging_listener_fails_without_delaying_the_others(make_settings: Callable[..., Settings],
                                                                   origin: Origin) -> None:
     """A listener that hangs past the timeout is retried then marked failed; another listener is served at once."""
