@@ -98,8 +98,9 @@ class Follower:
         """True while batching by `linger` would hold up something someone waits for (checked on each wake-up)."""
         return False
 
-    def room(self, busy: int) -> int:
-        """How many more events to start now, with `busy` in flight (retries waiting to try again not counted)."""
+    def room(self, busy: int, deferred: int = 0) -> int:
+        """How many more events to start now, with `busy` in flight and `deferred` more waiting to try again
+        (which by default hold no slot: a dead webhook listener must not block the others)."""
         return self.concurrency - busy
 
     # running ---------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ class Follower:
         while True:
             self._wake.clear()
             await self._commit()
-            free = self.room(len(state.in_flight) - len(state.deferred))
+            free = self.room(len(state.in_flight) - len(state.deferred), len(state.deferred))
             page: list[RecordedEvent] = []
             # Woken but nothing new in the log since the last read: no query.
             if free > 0 and self.eventlog.head > self._cursor:

@@ -270,6 +270,22 @@ async def test_downloads_wait_while_the_backlog_is_full(make_settings: Callable[
     assert body["status"] == "completed" and body["progress"]["done"] == 5
 
 
+async def test_downloads_waiting_to_try_again_keep_their_place_in_the_backlog(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """With backlog 2 and an origin answering 503 to the first two requests for each name, the two downloads
+    waiting to try again keep the others from starting: two bodies on disk at most, not ten."""
+    async with daemon_app(make_settings(download={"backlog": 2})) as app:
+        accepted = await submit(app, [[f"{origin.url}/flaky/{name}" for name in ("photo.jpg", "photo2.jpg") * 5]])
+        followers = {f.name: f for f in app[FOLLOWERS]}
+        await followers["stage.download"].run_until_idle()
+        assert len(bodies_on_disk(app)) == 2
+        types = event_types(app[EVENTLOG], accepted.request_id)
+        assert (types["ImageDownloaded"], types["ImageDownloadRetried"]) == (2, 4)  # the first two, twice each
+        await drain(app)
+        body = await status_of(app, accepted.request_id)
+    assert body["status"] == "completed" and body["progress"]["done"] == 10
+
+
 async def test_bodies_left_by_a_crash_after_their_compression_do_not_block_the_backlog(
         make_settings: Callable[..., Settings], origin: Origin) -> None:
     """Bodies still on disk although their images were compressed (a crash right after the commit) are made spares
