@@ -50,6 +50,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         exc.text = json.dumps({"error": slug, "message": message}, ensure_ascii=False)
         exc.content_type = "application/json"
         raise
+    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding whose bytes do not decompress
+        reason = getattr(exc.__cause__, "message", "") or str(exc)
+        response = web.json_response({"error": "invalid_body", "message": f"the request body cannot be read: {reason}"},
+                                     status=400)
+        response.force_close()  # aiohttp drops the connection after a broken body: tell the client so
+        return response
     except Exception:
         log.exception("http_unhandled_error", method=request.method, path=request.path)
         raise json_error(web.HTTPInternalServerError, "internal_error", "unexpected error; see the daemon's log") from None

@@ -155,6 +155,23 @@ async def test_too_large_bodies_answer_413_json(serve_app: Serve, http_settings:
         assert small.status == 202
 
 
+async def test_a_body_whose_content_encoding_does_not_decode_answers_400_json(served: Any, helpers: Any) -> None:
+    """A CSV declared gzip or deflate whose bytes are not, to /upload or /webhook, answers 400 invalid_body as JSON
+    and records nothing."""
+    for path, content_type in (("/upload", "text/csv"), ("/webhook", "application/json")):
+        for encoding in ("gzip", "deflate"):
+            with capture_logs() as logs:
+                response = await served.client.post(path, data=b"S. No.,Product Name,not compressed at all",
+                                                    headers={"Content-Type": content_type,
+                                                             "Content-Encoding": encoding})
+            assert response.status == 400, (path, encoding, await response.text())
+            body = await response.json()
+            assert body["error"] == "invalid_body"
+            assert body["message"] == f"the request body cannot be read: Can not decode content-encoding: {encoding}"
+            assert [e for e in logs if e["log_level"] == "error"] == []
+    assert helpers.query(served.settings, "SELECT count(*) FROM events") == [(0,)]
+
+
 async def test_unsupported_content_type_answers_415_json(served: Any, helpers: Any) -> None:
     """A JSON body answers 415 with a JSON error that says how to send the CSV."""
     response = await served.client.post("/upload", data=b'{"csv": "no"}', headers={"Content-Type": "application/json"})
