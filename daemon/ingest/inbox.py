@@ -28,6 +28,20 @@ from daemon.ingest.csvfile import Batch, Problem, parse_csv
 log = structlog.get_logger("inbox")
 
 CLAIMED, ARCHIVE, REJECTED = ".claimed", "archive", "rejected"
+# File names are at most 255 bytes. Ours add "<request_id>--" (34) to the inbox name, and the longest file made
+# from it, a rejection report written atomically (".<name>.errors.txt.<16 hex>.tmp"), 33 more.
+MAX_NAME_BYTES = 255 - 34 - 33
+ELLIPSIS = "…"
+
+
+def fitted_name(name: str, limit: int = MAX_NAME_BYTES) -> str:
+    """`name`, shortened in its middle if its UTF-8 form is over `limit` bytes; the extension is kept."""
+    if len(name.encode("utf-8")) <= limit:
+        return name
+    stem, dot, extension = name.rpartition(".")
+    suffix = ELLIPSIS + dot + extension if stem else ELLIPSIS
+    room = limit - len(suffix.encode("utf-8"))
+    return (stem or name).encode("utf-8")[:room].decode("utf-8", "ignore") + suffix
 INGEST_ATTEMPTS = 5
 TEMPORARY_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".swp", ".swx", ".download")
 
@@ -113,7 +127,7 @@ class Inbox:
             if not await self._settled(path):
                 return
             request_id = new_request_id()
-            claimed = self.folder / CLAIMED / f"{request_id}--{path.name}"
+            claimed = self.folder / CLAIMED / f"{request_id}--{fitted_name(path.name)}"
             try:
                 os.rename(path, claimed)
             except FileNotFoundError:

@@ -217,6 +217,29 @@ async def test_rejected_file_goes_to_rejected_with_a_report(serve_app: Serve, se
     assert [e for e in logs if e["event"] == "csv_accepted"] == []
 
 
+async def test_a_file_whose_name_is_too_long_to_prefix_is_ingested_under_a_shortened_name(
+        serve_app: Serve, settings: Settings, helpers: Any) -> None:
+    """A 240-character name (or 120 two-byte characters) cannot take the 34-character request-id prefix within a
+    file name's 255 bytes: it is accepted under a name shortened in the middle, and a bad one gets its report."""
+    good, bad = "L" * 236 + ".csv", "\u00e9" * 116 + ".csv"
+    async with serve_app(settings) as served:
+        (served.folder / good).write_bytes(helpers.sample_csv.read_bytes())
+        (served.folder / bad).write_bytes(helpers.csv_bytes([("1", "", "https://a.example/1.jpg")]))
+        reports = await helpers.eventually(lambda: sorted((served.folder / REJECTED).glob("*.errors.txt")),
+                                           "the rejection report")
+        (archive,) = await helpers.eventually(lambda: sorted((served.folder / ARCHIVE).iterdir()), "the archive")
+        await served.inbox.idle()
+        status = await served.status_when_ready(request_id_of(archive))
+    shortened = archive.name.partition("--")[2]
+    assert shortened.startswith("L" * 100) and shortened.endswith("\u2026.csv")
+    assert len(archive.name.encode()) <= 255 - 33 and status["source"] == {"kind": "inbox", "name": shortened}
+    (report,) = reports
+    assert len(report.name.encode()) <= 255 - 22
+    assert report.read_text(encoding="utf-8").startswith("\u00e9" * 50)
+    assert not (served.folder / good).exists() and not (served.folder / bad).exists()
+    assert list((served.folder / CLAIMED).iterdir()) == []
+
+
 async def accept_directly(settings: Settings, request_id: str, data: bytes, name: str) -> None:
     """Record a request as the inbox would have before a crash (then close, as the crashed daemon did)."""
     batch = parse_csv(data, settings.limits)
