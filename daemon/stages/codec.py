@@ -32,6 +32,7 @@ class ImageRejected(Exception):
 
 ANIMATED_NOTE = "animated image kept as is"
 NOT_SMALLER_NOTE = "re-encoded output was not smaller"
+TARGET_MISSED_NOTE = "target ratio not reachable: the smallest output (quality {quality}) is {ratio:.2f} of the input"
 
 _SEARCH_MIN_QUALITY = 5
 _SEARCH_MAX_QUALITY = 95
@@ -94,14 +95,18 @@ def _compress(data: bytes, settings: EncodeSettings) -> tuple[bytes, str, int, i
     if icc and icc[16:20] != _ICC_SPACE[im.mode]:
         icc = None  # e.g. CMYK already converted to sRGB, whose untagged form is the web default
 
+    note = ""
     if settings.target_ratio > 0:
-        payload, quality = _search_quality(im, fmt, settings, icc, settings.target_ratio * len(data))
+        budget = settings.target_ratio * len(data)
+        payload, quality = _search_quality(im, fmt, settings, icc, budget)
+        if len(payload) > budget:
+            note = TARGET_MISSED_NOTE.format(quality=quality, ratio=len(payload) / len(data))
     else:
         quality = settings.quality
         payload = _encode(im, fmt, quality, settings, icc)
     if len(payload) >= len(data):
         return data, original_format, width, height, None, NOT_SMALLER_NOTE
-    return payload, fmt, width, height, quality, ""
+    return payload, fmt, width, height, quality, note
 
 
 def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, bool]:

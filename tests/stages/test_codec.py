@@ -513,12 +513,14 @@ def test_target_ratio_finds_highest_quality_within_budget(tmp_path: Path) -> Non
 
 
 def test_unreachable_target_ratio_uses_smallest_output(tmp_path: Path) -> None:
-    """When even quality 5 misses the target, the quality-5 output is written."""
+    """When even quality 5 misses the target, the quality-5 output is written and its note says so."""
     source = photo_jpeg(tmp_path)
     result = run(source, tmp_path / "out", EncodeSettings(target_ratio=0.001))
 
     assert (result.quality, result.kept_original) == (5, False)
     assert result.bytes_out < result.bytes_in
+    assert result.note == (f"target ratio not reachable: the smallest output (quality 5) is "
+                           f"{result.bytes_out / result.bytes_in:.2f} of the input")
 
 
 def truncated_jpeg(tmp_path: Path) -> bytes:
