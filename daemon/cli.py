@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -47,8 +48,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _http(settings: Settings, method: str, path: str, body: bytes | None = None,
-          content_type: str = "text/csv") -> tuple[int, dict[str, object]]:
-    request = urllib.request.Request(f"{settings.public_url}{path}", data=body, method=method)
+          content_type: str = "text/csv", headers: dict[str, str] | None = None) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(f"{settings.public_url}{path}", data=body, method=method, headers=headers or {})
     if body is not None:
         request.add_header("Content-Type", content_type)
     for token in settings.server.tokens[:1]:
@@ -70,7 +71,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    code, body = _http(_settings(args), "POST", "/upload", Path(args.file).read_bytes())
+    path = Path(args.file)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        print(f"imgpipe: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    # The file's name travels with it (RFC 6266), so the request's source is named after it.
+    disposition = f"attachment; filename*=UTF-8''{urllib.parse.quote(path.name)}"
+    code, body = _http(_settings(args), "POST", "/upload", data, headers={"Content-Disposition": disposition})
     if code == 202:
         print(body["request_id"])
         return 0

@@ -6,7 +6,8 @@ import asyncio
 import hashlib
 
 import structlog
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 from daemon.config import Settings
 from daemon.eventlog.store import StreamConflict
@@ -65,7 +66,10 @@ async def read_upload(request: web.Request, settings: Settings) -> tuple[bytes, 
                                  "multipart upload has no 'file' field; send it as -F \"file=@batch.csv\"")
             return body, filename, fields
         if request.content_type in RAW_TYPES:
-            return await read_limited(request.content.read, limit), "upload.csv", fields
+            # A raw body may name its file the standard way: Content-Disposition: attachment; filename="x.csv".
+            _, params = parse_content_disposition(request.headers.get(hdrs.CONTENT_DISPOSITION))
+            filename = content_disposition_filename(params, "filename") or "upload.csv"
+            return await read_limited(request.content.read, limit), filename, fields
     except BodyTooLarge:
         raise too_large(limit) from None
     except (KeyError, ValueError, AssertionError) as exc:  # what aiohttp raises for a broken multipart body

@@ -124,8 +124,11 @@ async def test_csv_dropped_in_the_inbox_is_archived_processed_and_exported(daemo
 
 
 def test_cli_submit_prints_the_request_id_and_status_prints_its_json(daemon: Any, tmp_path: Path) -> None:
-    """`imgpipe submit FILE` prints the new request id; `imgpipe status ID` prints that request as JSON."""
-    submitted = daemon.cli("--config", str(daemon.client_config), "submit", str(SAMPLE_CSV))
+    """`imgpipe submit FILE` prints the new request id (the request named after the file); `imgpipe status ID`
+    prints that request as JSON; a file that cannot be read is a one-line error."""
+    named = tmp_path / "caf\u00e9 batch.csv"
+    named.write_bytes(SAMPLE_CSV.read_bytes())
+    submitted = daemon.cli("--config", str(daemon.client_config), "submit", str(named))
     assert submitted.returncode == 0, submitted.stderr
     request_id = submitted.stdout.strip()
     assert REQUEST_ID.match(request_id), submitted.stdout
@@ -135,7 +138,11 @@ def test_cli_submit_prints_the_request_id_and_status_prints_its_json(daemon: Any
     assert shown.returncode == 0, shown.stderr
     status = json.loads(shown.stdout)
     assert_status_shape(status)
-    assert (status["request_id"], status["source"]) == (request_id, {"kind": "upload", "name": "upload.csv"})
+    assert (status["request_id"], status["source"]) == (request_id, {"kind": "upload", "name": "caf\u00e9 batch.csv"})
+
+    missing = daemon.cli("--config", str(daemon.client_config), "submit", str(tmp_path / "nowhere.csv"))
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert missing.stderr == f"imgpipe: cannot read {tmp_path / 'nowhere.csv'}: No such file or directory\n"
 
     unknown = daemon.cli("status", "f" * 32, env=by_env)
     assert unknown.returncode == 1
