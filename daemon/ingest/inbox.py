@@ -32,6 +32,8 @@ CLAIMED, ARCHIVE, REJECTED = ".claimed", "archive", "rejected"
 # from it, a rejection report written atomically (".<name>.errors.txt.<16 hex>.tmp"), 33 more.
 MAX_NAME_BYTES = 255 - 34 - 33
 ELLIPSIS = "…"
+INGEST_ATTEMPTS = 5
+TEMPORARY_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".swp", ".swx", ".download")
 
 
 def fitted_name(name: str, limit: int = MAX_NAME_BYTES) -> str:
@@ -42,8 +44,6 @@ def fitted_name(name: str, limit: int = MAX_NAME_BYTES) -> str:
     suffix = ELLIPSIS + dot + extension if stem else ELLIPSIS
     room = limit - len(suffix.encode("utf-8"))
     return (stem or name).encode("utf-8")[:room].decode("utf-8", "ignore") + suffix
-INGEST_ATTEMPTS = 5
-TEMPORARY_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".swp", ".swx", ".download")
 
 
 def is_candidate(name: str) -> bool:
