@@ -13,6 +13,7 @@ journal, creating a file also scans past every inode deleted in the last minute.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import secrets
@@ -149,7 +150,9 @@ class Bodies:
 
 
 class BodyWriter:
-    """One body being downloaded: batches of chunks are written off the loop, then it is renamed into place."""
+    """One body being downloaded: batches of chunks are written off the loop, then it is renamed into place.
+
+    The download awaits `flush` and `complete`; the methods marked (thread) are what they run off the loop."""
 
     def __init__(self, bodies: Bodies, path: Path) -> None:
         self.bodies, self.path = bodies, path
@@ -157,6 +160,12 @@ class BodyWriter:
         self._file: Path | None = None  # a spare or `partial`, once opened
         self._fd: int | None = None
         self._written = 0
+
+    async def flush(self, chunks: list[bytes]) -> None:
+        await _to_thread_to_the_end(self.write, chunks)
+
+    async def complete(self, chunks: list[bytes]) -> None:
+        await _to_thread_to_the_end(self.finish, chunks)
 
     def write(self, chunks: list[bytes]) -> None:
         """(thread)"""
@@ -183,6 +192,22 @@ class BodyWriter:
             self._fd = None
         if self._file is not None:
             self._file.unlink(missing_ok=True)
+
+
+async def _to_thread_to_the_end(fn: Callable[[list[bytes]], None], chunks: list[bytes]) -> None:
+    """Run `fn` on a thread; if the caller is cancelled meanwhile, wait for the thread before passing the
+    cancellation on. The caller then discards the body: closing its descriptor while the thread still wrote
+    to it would let the write land in whatever file is opened next under the same number."""
+    running = asyncio.ensure_future(asyncio.to_thread(fn, chunks))
+    try:
+        await asyncio.shield(running)
+    except asyncio.CancelledError:
+        while not running.done():  # one write of at most about a megabyte: a short wait, even if cancelled again
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([running])
+        if not running.cancelled():
+            running.exception()  # retrieved: the cancellation is what the caller reports
+        raise
 
 
 def write_all(fd: int, chunks: list[bytes]) -> int:

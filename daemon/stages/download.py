@@ -6,7 +6,6 @@ compress stage; what they are is decided later by decoding them, never by URL or
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import random
 import time
@@ -84,9 +83,9 @@ async def fetch(client: aiohttp.ClientSession, url: str, body: BodyWriter, setti
                     pending.append(chunk)
                     pending_bytes += len(chunk)
                     if pending_bytes >= FLUSH_BYTES:
-                        await asyncio.to_thread(body.write, pending)
+                        await body.flush(pending)
                         pending, pending_bytes = [], 0
-                await asyncio.to_thread(body.finish, pending)
+                await body.complete(pending)
             except BaseException:
                 body.discard()
                 raise

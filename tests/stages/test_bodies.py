@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
+
+import pytest
 
 from daemon.stages.bodies import Bodies
 
@@ -58,3 +62,29 @@ async def test_a_download_that_fails_leaves_nothing_behind(tmp_path: Path) -> No
     into_new.discard()
     assert set((tmp_path / ".incoming").rglob("*")) == {bodies.spares_folder, tmp_path / ".incoming" / "r1"}
     assert bodies.room == 2
+
+
+async def test_a_download_cancelled_mid_write_waits_for_the_write_before_it_is_discarded(tmp_path: Path) -> None:
+    """Cancelling a download whose write is still running on a thread returns only once that write is over, so
+    discarding the body afterwards closes its descriptor and removes its file instead of leaving both behind."""
+    bodies = Bodies(tmp_path / ".incoming", limit=2)
+    bodies.load()
+    writer = bodies.writer(bodies.path("r1", 0, 0))
+    writer.partial.parent.mkdir(parents=True)
+    os.mkfifo(writer.partial)  # opening it for writing blocks until someone reads: a write held mid-way
+    descriptors = len(os.listdir("/proc/self/fd"))
+    flushing = asyncio.create_task(writer.flush([b"half a body"]))
+    await asyncio.sleep(0)  # the write is handed to its thread, which waits in open()
+    flushing.cancel()
+
+    def read_it() -> bytes:
+        with open(writer.partial, "rb") as fifo:
+            return fifo.read(len(b"half a body"))
+
+    reader = asyncio.create_task(asyncio.to_thread(read_it))
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    writer.discard()
+    assert await reader == b"half a body"
+    assert not writer.partial.exists()
+    assert len(os.listdir("/proc/self/fd")) == descriptors
