@@ -605,6 +605,9 @@ IMAGE_CASES = [
     pytest.param(ImageCase("/huge?mb=300", "failed",
                            f"download failed: image is over the limit of {DOWNLOAD_LIMIT} bytes", hits=1),
                  id="300MB-body"),
+    pytest.param(ImageCase("/code/302", "failed",
+                           "download failed: HTTP 302 Found, a redirect with no Location to follow", hits=1),
+                 id="302-without-location"),
     pytest.param(ImageCase("/html", "failed", "not an image: content looks like HTML", hits=1), id="html-body"),
     pytest.param(ImageCase("/empty", "failed", "empty body (0 bytes)", hits=1), id="zero-bytes"),
     pytest.param(ImageCase("/img/truncated.jpg", "failed",
@@ -674,7 +677,7 @@ async def test_animated_gif_is_kept_byte_for_byte_with_every_frame(image_run: Im
     assert (image["status"], image["format"], image["note"]) == ("kept_original", "GIF", "animated image kept as is")
     assert (image["width"], image["height"]) == (16, 16)
     name = image["output_url"].removeprefix(f"{PUBLIC_URL}/images/")
-    assert name == f"{image_run.hostile_id}_H10_0.gif"
+    assert name == f"{image_run.hostile_id}_H11_0.gif"
     served = await image_run.daemon.client.get(f"/images/{name}")
     assert served.status == 200 and served.content_type == "image/gif"
     data = await served.read()
@@ -686,11 +689,11 @@ async def test_animated_gif_is_kept_byte_for_byte_with_every_frame(image_run: Im
 
 
 async def test_hostile_image_batch_completes_with_errors_and_leaves_nothing_behind(image_run: ImageRun) -> None:
-    """The hostile batch ends completed_with_errors (one kept, nine failed) with no partial download left on disk."""
+    """The hostile batch ends completed_with_errors (one kept, ten failed) with no partial download left on disk."""
     assert image_run.hostile["status"] == "completed_with_errors"
-    assert image_run.hostile["progress"] == {"images": 10, "done": 1, "failed": 9, "pending": 0}
+    assert image_run.hostile["progress"] == {"images": 11, "done": 1, "failed": 10, "pending": 0}
     settings = image_run.daemon.settings
     assert not (settings.path("images") / ".incoming" / image_run.hostile_id).exists()
     outputs = sorted(p.name for p in settings.path("images").glob(f"{image_run.hostile_id}_*"))
-    assert outputs == [f"{image_run.hostile_id}_H10_0.gif"]
+    assert outputs == [f"{image_run.hostile_id}_H11_0.gif"]
     await assert_normal_batch_completed(image_run.daemon, image_run.batch)

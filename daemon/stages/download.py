@@ -70,6 +70,9 @@ async def fetch(client: aiohttp.ClientSession, url: str, body: BodyWriter, setti
                                     retry_after=retry_after_seconds(response.headers.get("Retry-After")))
             if response.status >= 400 or response.status < 200:
                 raise DownloadError(f"HTTP {response.status} {response.reason or ''}".strip())
+            if response.status >= 300:  # aiohttp follows a redirect it can; this one has no usable Location
+                raise DownloadError(f"HTTP {response.status} {response.reason or ''}".strip()
+                                    + ", a redirect with no Location to follow")
             if response.content_length is not None and response.content_length > limit:
                 raise DownloadError(f"image is {response.content_length} bytes, over the limit of {limit} bytes")
             size = 0
