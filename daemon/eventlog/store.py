@@ -30,12 +30,12 @@ from daemon.eventlog.models import (
     Tracking,
     database,
     execute,
+    insert_rows,
     placeholders,
 )
 from daemon.events import Event, decode
 
 T = TypeVar("T")
-INSERT_CHUNK = 2000
 READERS = 2
 RECENT_EVENTS = 10_000  # at least this many of the newest events are kept in memory
 
@@ -165,11 +165,7 @@ class EventLog:
             raise StreamConflict(f"stream {stream} is at version {current}, expected {expected_version}")
         at = now_iso()
         rows = [(stream, current + i, e.type, e.to_json(), at) for i, e in enumerate(events, start=1)]
-        cursor: Any = None
-        for start in range(0, len(rows), INSERT_CHUNK):
-            chunk = rows[start:start + INSERT_CHUNK]
-            cursor = execute("INSERT INTO events (stream, version, type, data, recorded_at) VALUES "
-                             + ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)), [v for row in chunk for v in row])
+        cursor = insert_rows("INSERT INTO events (stream, version, type, data, recorded_at)", rows)
         # SQLite's last rowid is the last position; other databases are asked.
         last = int(cursor.lastrowid if self._keeps_recent else execute("SELECT MAX(position) FROM events").fetchone()[0])
         self._appended_head = max(self._appended_head, last)
@@ -263,11 +259,8 @@ class EventLog:
 
         `prune=False` says no tracking row at or below the mark exists, so there is nothing to delete.
         """
-        above = [(consumer, p) for p in handled if p > checkpoint]
-        for start in range(0, len(above), INSERT_CHUNK):
-            chunk = above[start:start + INSERT_CHUNK]
-            execute("INSERT INTO tracking (consumer, position) VALUES " + ", ".join(["(?, ?)"] * len(chunk))
-                    + " ON CONFLICT DO NOTHING", [v for row in chunk for v in row])
+        insert_rows("INSERT INTO tracking (consumer, position)", [(consumer, p) for p in handled if p > checkpoint],
+                    " ON CONFLICT DO NOTHING")
         if prune:
             execute("DELETE FROM tracking WHERE consumer = ? AND position <= ?", (consumer, checkpoint))
         execute("INSERT INTO checkpoints (consumer, position) VALUES (?, ?) "

@@ -9,7 +9,7 @@ from typing import Any, cast
 import peewee
 
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.models import BaseModel, execute
+from daemon.eventlog.models import BaseModel, execute, insert_rows
 from daemon.eventlog.store import RecordedEvent
 from daemon.events import (
     Event,
@@ -139,13 +139,11 @@ def apply(record: RecordedEvent) -> None:
             request_id=rid, source=event.source, source_name=event.source_name, status="queued",
             created_at=at, updated_at=at, images=event.image_count,
         ).on_conflict_ignore().execute()
-        rows = [
-            {"request_id": rid, "product": p, "index": i, "serial": product.serial,
-             "product_name": product.product_name, "input_url": url}
-            for p, product in enumerate(event.products) for i, url in enumerate(product.input_urls)
-        ]
-        for start in range(0, len(rows), 2000):
-            StatusImage.insert_many(rows[start:start + 2000]).on_conflict_ignore().execute()
+        insert_rows('INSERT INTO view_status_images (request_id, product, "index", serial, product_name, input_url, '
+                    "status, attempts)",
+                    [(rid, p, i, product.serial, product.product_name, url, "pending", 0)
+                     for p, product in enumerate(event.products) for i, url in enumerate(product.input_urls)],
+                    " ON CONFLICT DO NOTHING")
         return
     if isinstance(event, RequestCompleted):
         StatusRequest.update(status=event.status, completed_at=at, updated_at=at).where(
