@@ -11,8 +11,9 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,17 @@ SAMPLE_CSV = ROOT / "sample.csv"
 SETTLE_SECONDS = 0.3
 DEADLINE = 10.0
 
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leaked_threads() -> Iterator[None]:
+    """Every thread a test module starts (observers, executors, the event-log writer) has ended by its end."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + DEADLINE
+    while leaked := [t for t in threading.enumerate() if t not in before]:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"threads left running: {sorted(t.name for t in leaked)}")
+        time.sleep(0.01)  # a thread told to stop may take a moment to end
 
 
 
