@@ -13,7 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +100,16 @@ def db_file(settings: Settings) -> Path:
     prefix = "sqlite:///"
     assert settings.database_url.startswith(prefix)
     return Path(settings.database_url[len(prefix):])
+
+
+def execute(settings: Settings, sql: str, *params: Any) -> None:
+    """Run and commit one statement on the daemon's SQLite file through a separate, plain sqlite3 connection."""
+    connection = sqlite3.connect(db_file(settings), timeout=10)
+    try:
+        with connection:
+            connection.execute(sql, params)
+    finally:
+        connection.close()
 
 
 def query(settings: Settings, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -219,6 +236,7 @@ class Helpers:
     csv_bytes = staticmethod(csv_bytes)
     batch_rows = staticmethod(batch_rows)
     query = staticmethod(query)
+    execute = staticmethod(execute)
     stored_events = staticmethod(stored_events)
     eventually = staticmethod(eventually)
     db_file = staticmethod(db_file)

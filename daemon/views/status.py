@@ -9,7 +9,7 @@ from typing import Any, cast
 import peewee
 
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.models import BaseModel, execute, insert_rows
+from daemon.eventlog.models import BaseModel, database, execute, insert_rows
 from daemon.eventlog.store import RecordedEvent
 from daemon.events import (
     Event,
@@ -209,7 +209,15 @@ def image_url(public_url: str, name: str | None) -> str | None:
 
 
 def request_status(request_id: str, public_url: str, with_products: bool = True) -> dict[str, Any] | None:
-    """The GET /status body for one request, or None (reader thread); without `products` when not asked for."""
+    """The GET /status body for one request, or None (reader thread); without `products` when not asked for.
+
+    Its queries share one read transaction, so on SQLite they see one moment: a commit landing between them would
+    otherwise show an image compressed beside a progress that does not count it yet."""
+    with database.atomic():
+        return _request_status(request_id, public_url, with_products)
+
+
+def _request_status(request_id: str, public_url: str, with_products: bool) -> dict[str, Any] | None:
     request = StatusRequest.get_or_none(StatusRequest.request_id == request_id)
     if request is None:
         return None

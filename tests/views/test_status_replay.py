@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from daemon.config import Settings
+from daemon.eventlog.models import database
 from daemon.events import (
     Event,
     ImageCompressed,
@@ -23,8 +24,11 @@ from daemon.events import (
     WebhookAttempted,
     WebhookQueued,
 )
+from daemon.ingest.accept import accept
+from daemon.ingest.csvfile import Batch, parse_csv
 from daemon.replay import replay
-from daemon.views.status import StatusView
+from daemon.testing import daemon_app
+from daemon.views.status import StatusView, request_status
 from daemon.web import EVENTLOG, STATUS_VIEW
 
 Serve = Callable[[Settings], AbstractAsyncContextManager[Any]]
@@ -139,3 +143,34 @@ async def test_replay_in_process_of_a_log_without_requests(settings: Settings, h
     assert await replay(settings) == 0
     assert all(rows == [] for rows in dump_views(helpers, settings).values())
     assert "view_status_requests" in dump_views(helpers, settings)
+
+
+async def test_a_status_read_sees_one_moment_even_when_a_commit_lands_between_its_queries(
+        settings: Settings, helpers: Any) -> None:
+    """GET /status reads the request, its images and its webhooks in one read transaction: an image finished by a
+    commit that lands between those reads is not shown compressed beside progress that does not count it."""
+    async with daemon_app(settings) as app:
+        batch = parse_csv(b"S. No.,Product Name,Input Image Urls\n1,Mug,http://example.com/a.jpg\n", settings.limits)
+        assert isinstance(batch, Batch)
+        accepted = await accept(app[EVENTLOG], batch, "upload", "one.csv")
+        await app[STATUS_VIEW].run_until_idle()
+        landed: list[str] = []
+
+        def read_while_a_commit_lands() -> dict[str, Any] | None:
+            def commit_meanwhile(sql: str) -> None:
+                if not landed and sql.lstrip().upper().startswith("SELECT") and "view_status_images" in sql:
+                    landed.append(sql)  # a commit by another connection, just before the images are read
+                    helpers.execute(settings, "UPDATE view_status_images SET status = 'compressed'")
+                    helpers.execute(settings, "UPDATE view_status_requests SET done = 1")
+
+            connection = database.connection()
+            connection.set_trace_callback(commit_meanwhile)
+            try:
+                return request_status(accepted.request_id, settings.public_url)
+            finally:
+                connection.set_trace_callback(None)
+
+        body = await app[EVENTLOG].read(read_while_a_commit_lands)
+    assert landed and body is not None
+    states = [image["status"] for product in body["products"] for image in product["images"]]
+    assert (body["progress"]["done"], states) in ((0, ["pending"]), (1, ["compressed"]))
