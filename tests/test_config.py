@@ -67,6 +67,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         "IMGPIPE_WEBHOOKS_RETRY_SCHEDULE": "1,2.5,60",
         "IMGPIPE_INBOX_ENABLED": "false",
         "IMGPIPE_INBOX_SETTLE_SECONDS": "0.2",
+        "IMGPIPE_WEBHOOKS_MAX_PAYLOAD_BYTES": "1000",
         "UNRELATED": "ignored",
     })
     assert settings.server.port == 8080
@@ -77,6 +78,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert settings.webhooks.retry_schedule == (1.0, 2.5, 60.0)
     assert settings.inbox.enabled is False
     assert settings.inbox.settle_seconds == 0.2
+    assert settings.webhooks.max_payload_bytes == 1000
 
 
 def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
@@ -100,6 +102,7 @@ def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
     ("[server]\nport = 5000.5\n", {}, "server.port"),
     ("[limits]\nmax_rows = true\n", {}, "limits.max_rows"),
     ("[compress]\nquality = 0\n", {}, "compress.quality"),
+    ("", {"IMGPIPE_WEBHOOKS_MAX_PAYLOAD_BYTES": "0"}, "webhooks.max_payload_bytes"),
 ])
 def test_bad_values_raise_config_error_naming_the_key(tmp_path: Path, text: str, env: dict[str, str],
                                                       key: str) -> None:

@@ -47,34 +47,48 @@ def message_id(request_id: str, completed_version: int) -> str:
     return f"msg_{request_id}_{completed_version}"
 
 
-def completion_payload(records: Sequence[RecordedEvent], public_url: str) -> dict[str, Any]:
+def completion_payload(records: Sequence[RecordedEvent], public_url: str,
+                       with_products: bool = True) -> dict[str, Any]:
     """The request.completed message body, a pure function of the request's events."""
     accepted, images = stream_images(records)
     completed = next(r for r in records if isinstance(r.event, RequestCompleted))
     event = completed.event
     assert isinstance(event, RequestCompleted)
-    by_product: dict[int, list[ExportImage]] = {}
-    for image in images:  # one pass: a scan per product made a 10,000-image payload take 1.5 s on the loop
-        by_product.setdefault(image.product, []).append(image)
-    products: list[dict[str, Any]] = []
-    for p, product in enumerate(accepted.products):
-        mine = by_product.get(p, [])
-        products.append({"serial": product.serial, "product_name": product.product_name,
-                         "input_urls": [i.input_url for i in mine],
-                         "output_urls": [image_url(public_url, i.output_name) for i in mine]})
     request_id = completed.stream
-    return {
-        "type": "request.completed",
-        "timestamp": completed.recorded_at,
-        "data": {
-            "request_id": request_id,
-            "status": event.status,
-            "progress": {"images": event.images, "done": event.done, "failed": event.failed, "pending": 0},
-            "status_url": f"{public_url}/status/{request_id}",
-            "export_url": f"{public_url}/export/{request_id}",
-            "products": products,
-        },
+    data: dict[str, Any] = {
+        "request_id": request_id,
+        "status": event.status,
+        "progress": {"images": event.images, "done": event.done, "failed": event.failed, "pending": 0},
+        "status_url": f"{public_url}/status/{request_id}",
+        "export_url": f"{public_url}/export/{request_id}",
+        "products_omitted": not with_products,
     }
+    if with_products:
+        by_product: dict[int, list[ExportImage]] = {}
+        for image in images:  # one pass: a scan per product made a 10,000-image payload take 1.5 s on the loop
+            by_product.setdefault(image.product, []).append(image)
+        products: list[dict[str, Any]] = []
+        for p, product in enumerate(accepted.products):
+            mine = by_product.get(p, [])
+            products.append({"serial": product.serial, "product_name": product.product_name,
+                             "input_urls": [i.input_url for i in mine],
+                             "output_urls": [image_url(public_url, i.output_name) for i in mine]})
+        data["products"] = products
+    return {"type": "request.completed", "timestamp": completed.recorded_at, "data": data}
+
+
+def completion_body(records: Sequence[RecordedEvent], public_url: str, max_bytes: int) -> str:
+    """The message as signed and sent: with its products if that stays within `max_bytes` of UTF-8, else
+    without them (a listener's body limit, often 1 MB, would refuse it on every retry). The same events and
+    settings give the same bytes, so a redelivery under the same webhook-id repeats the message exactly."""
+    body = encode(completion_payload(records, public_url))
+    if len(body.encode("utf-8")) > max_bytes:
+        body = encode(completion_payload(records, public_url, with_products=False))
+    return body
+
+
+def encode(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
 def signed_headers(secret: str, msg_id: str, body: str) -> dict[str, str]:
@@ -140,8 +154,8 @@ class WebhookDelivery(Follower):
                 raise Retry(defer=wait)
         number = len(tried) + 1
         completed = next(r for r in records if isinstance(r.event, RequestCompleted))
-        body = json.dumps(completion_payload(records[: records.index(completed) + 1], self.settings.public_url),
-                          ensure_ascii=False, separators=(",", ":"))
+        body = completion_body(records[: records.index(completed) + 1], self.settings.public_url,
+                               self.settings.webhooks.max_payload_bytes)
         status, error, latency, retry_after = await self._post(queued, body)
         def attempted(outcome: str, retry_in: float | None = None) -> WebhookAttempted:
             return WebhookAttempted(message_id=queued.message_id, listener=queued.listener, round=queued.round,

@@ -66,6 +66,7 @@ async def test_a_failing_listener_gets_three_attempts_under_one_id(make_settings
     assert data["request_id"] == accepted.request_id and data["status"] == "completed"
     assert data["progress"] == {"images": 1, "done": 1, "failed": 0, "pending": 0}
     assert data["export_url"] == f"http://images.example/export/{accepted.request_id}"
+    assert data["products_omitted"] is False  # within the default webhooks.max_payload_bytes
     assert data["products"] == [{
         "serial": "1", "product_name": "Shoe", "input_urls": [f"{origin.url}/img/photo.jpg"],
         "output_urls": [f"http://images.example/images/{accepted.request_id}_1_0.jpg"],
@@ -87,6 +88,32 @@ async def test_gone_listener_is_not_retried(make_settings: Callable[..., Setting
             (delivery,) = (await status_of(app, accepted.request_id))["webhooks"]
     assert len(listener.received) == 1
     assert delivery["state"] == "gone" and delivery["attempts"][0]["status_code"] == 410
+
+
+async def test_a_message_over_max_payload_bytes_is_sent_without_its_products(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """A completion message over webhooks.max_payload_bytes arrives signed, without data.products and with
+    data.products_omitted true and the URLs to fetch them; a redelivery sends the very same bytes."""
+    async with Listener([200]) as listener:
+        settings = make_settings(webhooks={"urls": (listener.url,), "secret": SECRET, "retry_schedule": FAST,
+                                           "max_payload_bytes": 100})
+        app = build_app(settings, follow=False)
+        async with TestClient(TestServer(app)) as client:
+            accepted = await submit(app, origin)
+            await drain(app)
+            assert (await client.post(f"/redeliver/{accepted.request_id}")).status == 202
+            await drain(app)
+            status = await status_of(app, accepted.request_id)
+    first, second = listener.received
+    payload = Webhook(SECRET).verify(first.body, first.headers)  # raises if the signature is wrong
+    data = payload["data"]
+    assert data["products_omitted"] is True and "products" not in data
+    assert data["export_url"] == f"http://images.example/export/{accepted.request_id}"
+    assert data["status_url"] == f"http://images.example/status/{accepted.request_id}"
+    assert data["status"] == "completed" and data["progress"]["done"] == 1
+    assert len(first.body) > 100  # the rest of the message is sent whatever the limit
+    assert second.body == first.body and second.headers["webhook-id"] == first.headers["webhook-id"]
+    assert [d["state"] for d in status["webhooks"]] == ["delivered", "delivered"]
 
 
 async def test_a_listener_answering_with_an_endless_body_is_read_only_a_little(
