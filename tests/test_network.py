@@ -80,13 +80,17 @@ async def test_allow_private_lifts_the_guard(tmp_path: Path, origin: Origin) -> 
 
 
 async def test_webhook_listeners_are_guarded_too(tmp_path: Path, origin: Origin) -> None:
-    """A listener on a loopback address is refused like an image URL, and the refusal is recorded."""
+    """A listener whose name resolves to a loopback address is refused like an image URL, and the delivery fails
+    at once with the refusal: no retry could be let through."""
     async with Listener([200]) as listener:
         body = await run_batch(tmp_path, [f"{origin.url}/img/a.jpg"], network={"allow_private": False},
                                webhooks={"urls": (listener.url.replace("127.0.0.1", "localhost"),),
-                                         "retry_schedule": ()})
+                                         "retry_schedule": (0.05, 0.05, 0.05)})
     (delivery,) = body["webhooks"]
-    assert delivery["state"] == "failed" and "loopback address" in delivery["attempts"][0]["error"]
+    (attempt,) = delivery["attempts"]
+    assert delivery["state"] == "failed" and attempt["outcome"] == "failed" and attempt["retry_in"] is None
+    assert attempt["error"] == ("refused to connect: localhost resolves to 127.0.0.1, a loopback address "
+                                "(set [network] allow_private = true or list it in [network] allow)")
     assert listener.received == []
 
 

@@ -31,6 +31,7 @@ from daemon.events import (
     WebhookQueued,
     WebhookRedeliveryRequested,
 )
+from daemon.network import AddressNotAllowed
 from daemon.stages.download import retry_after_seconds
 from daemon.views.export import ExportImage, stream_images
 from daemon.views.status import image_url
@@ -41,6 +42,17 @@ log = structlog.get_logger("webhooks")
 TERMINAL = frozenset({"delivered", "failed", "gone"})
 MAX_RETRY_AFTER = 86_400.0  # a listener may ask for a pause, not for a message to wait forever
 LISTENER_ANSWER_BYTES = 64 * 1024  # of a listener's answer read before the connection is let go
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What one delivery attempt came back with."""
+
+    status: int | None
+    error: str
+    latency_ms: float
+    retry_after: float | None = None
+    final: bool = False  # another attempt cannot succeed: the delivery fails now
 
 
 def message_id(request_id: str, completed_version: int) -> str:
@@ -156,22 +168,24 @@ class WebhookDelivery(Follower):
         completed = next(r for r in records if isinstance(r.event, RequestCompleted))
         body = completion_body(records[: records.index(completed) + 1], self.settings.public_url,
                                self.settings.webhooks.max_payload_bytes)
-        status, error, latency, retry_after = await self._post(queued, body)
+        answer = await self._post(queued, body)
+
         def attempted(outcome: str, retry_in: float | None = None) -> WebhookAttempted:
             return WebhookAttempted(message_id=queued.message_id, listener=queued.listener, round=queued.round,
-                                    attempt=number, outcome=outcome, status_code=status, error=error,
-                                    latency_ms=latency, retry_in=retry_in)
+                                    attempt=number, outcome=outcome, status_code=answer.status, error=answer.error,
+                                    latency_ms=answer.latency_ms, retry_in=retry_in)
 
-        if status is not None and 200 <= status < 300:
+        schedule = self.settings.webhooks.retry_schedule
+        if answer.status is not None and 200 <= answer.status < 300:
             result = attempted("delivered")
-        elif status == 410:
+        elif answer.status == 410:
             result = attempted("gone")
-        elif number > len(schedule := self.settings.webhooks.retry_schedule):
+        elif answer.final or number > len(schedule):
             result = attempted("failed")
         else:
             delay = schedule[number - 1] * random.uniform(0.9, 1.1)
-            if retry_after is not None and status in (429, 503):
-                delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
+            if answer.retry_after is not None and answer.status in (429, 503):
+                delay = max(delay, min(answer.retry_after, MAX_RETRY_AFTER))
             retrying = attempted("retrying", retry_in=round(delay, 3))
             log.info("webhook_retrying", request_id=record.stream, **dataclasses.asdict(retrying))
             raise Retry(defer=delay, events=(retrying,))
@@ -179,29 +193,40 @@ class WebhookDelivery(Follower):
         level(f"webhook_{result.outcome}", request_id=record.stream, **dataclasses.asdict(result))
         return [result]
 
-    async def _post(self, queued: WebhookQueued, body: str) -> tuple[int | None, str, float, float | None]:
-        """One attempt: (status code, error, latency in ms, Retry-After seconds)."""
+    async def _post(self, queued: WebhookQueued, body: str) -> Answer:
+        """One attempt."""
         headers = signed_headers(self.settings.webhooks.secret, queued.message_id, body)
         timeout = aiohttp.ClientTimeout(total=self.settings.webhooks.timeout)
+        data = body.encode("utf-8")
         started = time.perf_counter()
+
+        def latency() -> float:
+            return round((time.perf_counter() - started) * 1000, 1)
+
         try:
-            async with self.client.post(queued.listener, data=body.encode("utf-8"), headers=headers,
+            async with self.client.post(queued.listener, data=data, headers=headers,
                                         timeout=timeout, allow_redirects=False) as response:
                 # Read a little, so a short answer leaves the connection reusable; never the whole of a long one:
                 # a listener (any uploader may name one) streaming gigabytes must not fill the daemon's memory.
                 await response.content.read(LISTENER_ANSWER_BYTES)
-                latency = round((time.perf_counter() - started) * 1000, 1)
-                error = "" if 200 <= response.status < 300 else f"HTTP {response.status} {response.reason or ''}".strip()
-                if 300 <= response.status < 400:
+                status = response.status
+                error = "" if 200 <= status < 300 else f"HTTP {status} {response.reason or ''}".strip()
+                if 300 <= status < 400:
                     error += " (redirects are not followed)"
-                return response.status, error, latency, retry_after_seconds(response.headers.get("Retry-After"))
+                if status == 413:
+                    error += (f": the listener refuses this {len(data)}-byte message, the same on every attempt, so it"
+                              " is not retried (a lower [webhooks] max_payload_bytes sends it without its products)")
+                return Answer(status, error, latency(), retry_after_seconds(response.headers.get("Retry-After")),
+                              final=status == 413)
+        except AddressNotAllowed as exc:  # the listener's name resolves inside: so will every retry's
+            return Answer(None, str(exc), latency(), final=True)
         except TimeoutError:
             error = f"timed out after {self.settings.webhooks.timeout:g} s"
         except aiohttp.ClientError as exc:
             error = f"{exc.__class__.__name__}: {exc}"
         except ValueError as exc:  # e.g. a URL the client refuses
             error = f"invalid listener URL: {exc}"
-        return None, error, round((time.perf_counter() - started) * 1000, 1), None
+        return Answer(None, error, latency())
 
 
 def request_redelivery(eventlog: EventLog, request_id: str) -> str | None:

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from standardwebhooks.webhooks import Webhook
+from structlog.testing import capture_logs
 
 from daemon.app import EVENTLOG, build_app
 from daemon.config import Settings
@@ -114,6 +115,28 @@ async def test_a_message_over_max_payload_bytes_is_sent_without_its_products(
     assert len(first.body) > 100  # the rest of the message is sent whatever the limit
     assert second.body == first.body and second.headers["webhook-id"] == first.headers["webhook-id"]
     assert [d["state"] for d in status["webhooks"]] == ["delivered", "delivered"]
+
+
+async def test_a_listener_refusing_the_message_as_too_large_is_not_retried(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """A 413 answer ends the delivery as failed at once, saying why, since the same message would be refused again."""
+    async with Listener([413, 200]) as listener:
+        settings = make_settings(webhooks={"urls": (listener.url,), "retry_schedule": FAST})
+        async with daemon_app(settings) as app:
+            accepted = await submit(app, origin)
+            with capture_logs() as logs:
+                await drain(app)
+            (delivery,) = (await status_of(app, accepted.request_id))["webhooks"]
+    assert len(listener.received) == 1
+    (attempt,) = delivery["attempts"]
+    size = len(listener.received[0].body)
+    assert delivery["state"] == "failed" and attempt["outcome"] == "failed" and attempt["retry_in"] is None
+    assert attempt["status_code"] == 413
+    assert attempt["error"] == (
+        f"HTTP 413 Request Entity Too Large: the listener refuses this {size}-byte message, the same on every "
+        "attempt, so it is not retried (a lower [webhooks] max_payload_bytes sends it without its products)")
+    (failed,) = [entry for entry in logs if entry["event"] == "webhook_failed"]
+    assert failed["log_level"] == "warning" and failed["error"] == attempt["error"]
 
 
 async def test_a_listener_answering_with_an_endless_body_is_read_only_a_little(
