@@ -222,7 +222,21 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         name: _section(name, cls, table.get(name, {}), env) for name, cls in get_type_hints(Settings).items()
         if name != "base_dir"
     }
-    return Settings(**sections, base_dir=base_dir)
+    settings = Settings(**sections, base_dir=base_dir)
+    _check_listeners(settings)
+    return settings
+
+
+def _check_listeners(settings: Settings) -> None:
+    """A configured listener the daemon could never deliver to is refused at start, not retried for days."""
+    # Imported here: both modules import this one for their own settings.
+    from daemon.ingest.csvfile import check_url
+    from daemon.network import AddressPolicy
+
+    policy = AddressPolicy(settings.network)
+    for url in settings.webhooks.urls:
+        if reason := check_url(url, settings.limits) or policy.url_refusal(url):
+            raise ConfigError(f"config key webhooks.urls: {reason}")
 
 
 def replace(settings: Settings, **sections: Mapping[str, Any]) -> Settings:

@@ -103,6 +103,7 @@ def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
     ("[limits]\nmax_rows = true\n", {}, "limits.max_rows"),
     ("[compress]\nquality = 0\n", {}, "compress.quality"),
     ("", {"IMGPIPE_WEBHOOKS_MAX_PAYLOAD_BYTES": "0"}, "webhooks.max_payload_bytes"),
+    ('[webhooks]\nurls = ["ftp://hooks.example/x"]\n', {}, "webhooks.urls"),
 ])
 def test_bad_values_raise_config_error_naming_the_key(tmp_path: Path, text: str, env: dict[str, str],
                                                       key: str) -> None:
@@ -111,6 +112,26 @@ def test_bad_values_raise_config_error_naming_the_key(tmp_path: Path, text: str,
     with pytest.raises(ConfigError) as caught:
         load_settings(path, env=env)
     assert key in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "env", "refused"), [
+    ('[webhooks]\nurls = ["https://hooks.example/x", "http://127.0.0.1:9000/hook"]\n', {},
+     "refused to connect: 127.0.0.1, a loopback address"),
+    ("", {"IMGPIPE_WEBHOOKS_URLS": "http://localhost:9000/hook"},
+     "refused to connect: localhost resolves to 127.0.0.1, a loopback address"),
+    ('[webhooks]\nurls = ["http://192.168.1.20/hook"]\n', {}, "refused to connect: 192.168.1.20, a private address"),
+])
+def test_a_configured_listener_on_an_internal_host_is_refused_at_start(tmp_path: Path, text: str,
+                                                                       env: dict[str, str], refused: str) -> None:
+    """A webhooks.urls entry on a blocked literal address or a localhost name raises ConfigError naming the key
+    and the reason, unless [network] lets it through."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env)
+    assert str(caught.value).startswith(f"config key webhooks.urls: {refused}")
+    assert "allow_private = true" in str(caught.value)
+    allowed = load_settings(path, env={**env, "IMGPIPE_NETWORK_ALLOW_PRIVATE": "true"})
+    assert allowed.webhooks.urls and allowed.network.allow_private
 
 
 def test_bad_toml_raises_config_error_naming_the_file(tmp_path: Path) -> None:
