@@ -80,10 +80,20 @@ async def read_upload(request: web.Request, settings: Settings) -> tuple[bytes, 
                      f"send the CSV as multipart/form-data (field 'file') or as text/csv, not {request.content_type!r}")
 
 
+def given_webhook_url(in_form: str, in_query: str) -> str:
+    """The upload's listener, from the form or the query; 400 if both name one and they differ."""
+    if in_form and in_query and in_form != in_query:
+        raise json_error(web.HTTPBadRequest, "invalid_webhook_url",
+                         "webhook_url given twice: in the query and in the form, and they differ "
+                         f"({in_query!r} and {in_form!r})",
+                         field="webhook_url")
+    return in_form or in_query
+
+
 async def upload(request: web.Request) -> web.Response:
     settings, eventlog = request.app[SETTINGS], request.app[EVENTLOG]
     body, filename, fields = await read_upload(request, settings)
-    webhook_url = fields.get("webhook_url") or request.query.get("webhook_url", "")
+    webhook_url = given_webhook_url(fields.get("webhook_url", ""), request.query.get("webhook_url", ""))
     # Checked now, so an uploader learns at once of a listener the daemon would never reach.
     if webhook_url and (reason := check_url(webhook_url, settings.limits)
                         or AddressPolicy(settings.network).url_refusal(webhook_url)):

@@ -243,6 +243,26 @@ async def test_a_webhook_url_on_a_public_host_or_allowed_private_one_is_accepted
     assert accepted == ["http://93.184.216.34/hook", "https://hooks.example.com/x", "http://127.0.0.1:8080/hook"]
 
 
+async def test_a_webhook_url_given_twice_must_agree(served: Any, helpers: Any) -> None:
+    """A webhook_url in both the query and the form answers 400 naming the field when they differ, and is
+    accepted once when they are the same."""
+    data = helpers.sample_csv.read_bytes()
+    differ = await served.client.post("/upload", data=multipart(data, webhook_url="https://a.example/hook"),
+                                      params={"webhook_url": "https://b.example/hook"})
+    body = await differ.json()
+    assert differ.status == 400
+    assert (body["error"], body["field"]) == ("invalid_webhook_url", "webhook_url")
+    assert body["message"] == ("webhook_url given twice: in the query and in the form, and they differ "
+                               "('https://b.example/hook' and 'https://a.example/hook')")
+    assert helpers.query(served.settings, "SELECT count(*) FROM events") == [(0,)]
+
+    same = await served.client.post("/upload", data=multipart(data, webhook_url="https://a.example/hook"),
+                                    params={"webhook_url": "https://a.example/hook"})
+    assert same.status == 202
+    accepted = [d for _, _, _, kind, d in helpers.stored_events(served.settings) if kind == "RequestAccepted"]
+    assert [d["webhook_url"] for d in accepted] == ["https://a.example/hook"]
+
+
 async def test_status_without_products_leaves_out_only_the_products(served: Any, helpers: Any) -> None:
     """GET /status/<id>?products=false answers the same body without its products; another value is a 400."""
     response = await served.client.post("/upload", data=multipart(helpers.sample_csv.read_bytes(), "sample.csv"))
