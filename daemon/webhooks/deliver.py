@@ -35,7 +35,7 @@ from daemon.network import AddressNotAllowed
 from daemon.stages.download import retry_after_seconds
 from daemon.views.export import ExportImage, stream_images
 from daemon.views.status import image_url
-from daemon.web import EVENTLOG, json_error, json_response
+from daemon.web import EVENTLOG, SETTINGS, json_error, json_response
 
 log = structlog.get_logger("webhooks")
 
@@ -137,7 +137,6 @@ class WebhookDelivery(Follower):
         records = await self.eventlog.read_stream(record.stream)
         accepted = records[0].event
         assert isinstance(accepted, RequestAccepted)
-        listeners = list(dict.fromkeys([*self.settings.webhooks.urls, *filter(None, [accepted.webhook_url])]))
         if isinstance(record.event, WebhookRedeliveryRequested):
             msg_id = record.event.message_id
             rounds = [r.event.round for r in records
@@ -148,7 +147,8 @@ class WebhookDelivery(Follower):
             if self.status_view is not None:
                 # A listener told "completed" may fetch /status or /export at once: they must agree.
                 await self.status_view.wait_for(record.position)
-        return [WebhookQueued(message_id=msg_id, listener=url, round=next_round) for url in listeners]
+        return [WebhookQueued(message_id=msg_id, listener=url, round=next_round)
+                for url in listeners(self.settings, accepted)]
 
     async def _deliver(self, record: RecordedEvent, queued: WebhookQueued) -> list[Event]:
         records = await self.eventlog.read_stream(record.stream)
@@ -229,12 +229,26 @@ class WebhookDelivery(Follower):
         return Answer(None, error, latency())
 
 
-def request_redelivery(eventlog: EventLog, request_id: str) -> str | None:
-    """Queue the request's completion message again (same webhook-id); None if it has not completed."""
+def listeners(settings: Settings, accepted: RequestAccepted) -> list[str]:
+    """Who is told of the request's completion: the configured listeners, then the upload's own."""
+    return list(dict.fromkeys([*settings.webhooks.urls, *filter(None, [accepted.webhook_url])]))
+
+
+def request_redelivery(eventlog: EventLog, settings: Settings, request_id: str) -> str | web.HTTPException:
+    """Queue the request's completion message again (same webhook-id): its id, or the error to answer."""
     with eventlog.transaction():
-        completed = [r for r in eventlog.read_stream_sync(request_id) if isinstance(r.event, RequestCompleted)]
+        records = eventlog.read_stream_sync(request_id, frozenset({"RequestAccepted", "RequestCompleted"}))
+        if not records:
+            return json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
+        completed = [r for r in records if isinstance(r.event, RequestCompleted)]
         if not completed:
-            return None
+            return json_error(web.HTTPConflict, "not_finished", f"request {request_id} has not completed yet")
+        accepted = records[0].event
+        assert isinstance(accepted, RequestAccepted)
+        if not listeners(settings, accepted):
+            return json_error(web.HTTPConflict, "no_listener",
+                              f"request {request_id} has no listener to redeliver to: none in [webhooks] urls "
+                              "and no webhook_url given at upload")
         msg_id = message_id(request_id, completed[-1].version)
         eventlog.append_sync(request_id, [WebhookRedeliveryRequested(message_id=msg_id)])
         return msg_id
@@ -243,11 +257,9 @@ def request_redelivery(eventlog: EventLog, request_id: str) -> str | None:
 async def redeliver(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     eventlog = request.app[EVENTLOG]
-    if not await eventlog.read(eventlog.stream_exists_sync, request_id):
-        raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
-    msg_id = await eventlog.write(request_redelivery, eventlog, request_id)
-    if msg_id is None:
-        raise json_error(web.HTTPConflict, "not_finished", f"request {request_id} has not completed yet")
+    msg_id = await eventlog.write(request_redelivery, eventlog, request.app[SETTINGS], request_id)
+    if isinstance(msg_id, web.HTTPException):
+        raise msg_id
     eventlog.notify(["WebhookRedeliveryRequested"])
     log.info("webhook_redelivery_requested", request_id=request_id, message_id=msg_id)
     return json_response({"request_id": request_id, "message_id": msg_id, "status": "queued"}, status=202)

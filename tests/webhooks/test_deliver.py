@@ -228,6 +228,7 @@ async def test_per_request_listener_and_redelivery_over_http(make_settings: Call
             assert response.status == 202
             await listener.wait_for(2, timeout=20)
             unknown = await client.post("/redeliver/nope")
+            assert (await unknown.json())["message"] == "no request with id 'nope'"
             assert unknown.status == 404 and (await unknown.json())["error"] == "unknown_request"
 
             async def both_rounds_recorded() -> dict[str, Any] | None:
@@ -298,6 +299,30 @@ async def test_a_listener_told_of_completion_finds_status_and_export_complete(
 
             await eventually(called_back, "the webhook")
     assert seen == [(200, "completed")]
+
+
+async def test_redelivery_without_a_listener_answers_409(make_settings: Callable[..., Settings],
+                                                         origin: Origin) -> None:
+    """POST /redeliver for a completed request with no configured listener and no webhook_url answers 409 JSON
+    saying there is no one to redeliver to, and queues nothing."""
+    settings = make_settings()
+    app = build_app(settings)
+    async with TestClient(TestServer(app)) as client:
+        form = {"file": io.BytesIO(f"S. No.,Product Name,Input Image Urls\n1,Shoe,{origin.url}/img/photo.jpg\n"
+                                   .encode())}
+        request_id = (await (await client.post("/upload", data=form)).json())["request_id"]
+
+        async def completed() -> bool:
+            return (await (await client.get(f"/status/{request_id}")).json())["status"] == "completed"
+
+        await eventually(completed, "the request to complete")
+        response = await client.post(f"/redeliver/{request_id}")
+        body = await response.json()
+        events = [r.event.type for r in await app[EVENTLOG].read_stream(request_id)]
+    assert response.status == 409
+    assert body == {"error": "no_listener", "message": f"request {request_id} has no listener to redeliver to: "
+                    "none in [webhooks] urls and no webhook_url given at upload"}
+    assert "WebhookRedeliveryRequested" not in events and "WebhookQueued" not in events
 
 
 def test_the_payload_lists_every_product_with_its_outputs_in_input_order() -> None:
