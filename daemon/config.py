@@ -82,6 +82,7 @@ class WebhookSettings:
     timeout: float = 15.0
     retry_schedule: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
     max_inbound_bytes: int = 1024 * 1024
+    max_payload_bytes: int = 256 * 1024  # a larger request.completed body is sent without its products
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,8 @@ def _check(name: str, section: Any) -> None:
         raise ConfigError(f"config key download.backlog: must be at least 1, got {section.backlog}")
     if name == "download" and section.attempts < 1:
         raise ConfigError(f"config key download.attempts: must be at least 1, got {section.attempts}")
+    if name == "webhooks" and section.max_payload_bytes < 1:
+        raise ConfigError(f"config key webhooks.max_payload_bytes: must be at least 1, got {section.max_payload_bytes}")
 
 
 def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -219,7 +222,21 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         name: _section(name, cls, table.get(name, {}), env) for name, cls in get_type_hints(Settings).items()
         if name != "base_dir"
     }
-    return Settings(**sections, base_dir=base_dir)
+    settings = Settings(**sections, base_dir=base_dir)
+    _check_listeners(settings)
+    return settings
+
+
+def _check_listeners(settings: Settings) -> None:
+    """A configured listener the daemon could never deliver to is refused at start, not retried for days."""
+    # Imported here: both modules import this one for their own settings.
+    from daemon.ingest.csvfile import check_url
+    from daemon.network import AddressPolicy
+
+    policy = AddressPolicy(settings.network)
+    for url in settings.webhooks.urls:
+        if reason := check_url(url, settings.limits) or policy.url_refusal(url):
+            raise ConfigError(f"config key webhooks.urls: {reason}")
 
 
 def replace(settings: Settings, **sections: Mapping[str, Any]) -> Settings:

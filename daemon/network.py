@@ -7,8 +7,10 @@ redirect hop and DNS answers that point inside (rebinding), for image URLs and w
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import ResolveResult
@@ -71,6 +73,28 @@ class AddressPolicy:
         where = f"{host} resolves to {ip}" if host != address else f"{ip}"
         return (f"refused to connect: {where}, a {kind} address "
                 "(set [network] allow_private = true or list it in [network] allow)")
+
+    def url_refusal(self, url: str) -> str | None:
+        """Why connecting to `url` is refused, as far as its host says without a lookup (a literal address, a
+        localhost name), or None; names that resolve inside are still refused at connect time."""
+        host = urlsplit(url).hostname or ""
+        name = host.rstrip(".")
+        if name == "localhost" or name.endswith(".localhost"):  # loopback by definition (RFC 6761)
+            return self.refusal(name, "127.0.0.1")
+        address = literal_address(name)
+        return None if address is None else self.refusal(name, address)
+
+
+def literal_address(host: str) -> str | None:
+    """The address a host that is an IP literal stands for, or None for a name."""
+    try:
+        return str(ipaddress.ip_address(host.split("%", 1)[0]))
+    except ValueError:
+        pass
+    try:  # 127.1, 2130706433, 0x7f.1: shorthands the resolver reads as IPv4 addresses
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def _is_network(value: str) -> bool:

@@ -67,6 +67,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         "IMGPIPE_WEBHOOKS_RETRY_SCHEDULE": "1,2.5,60",
         "IMGPIPE_INBOX_ENABLED": "false",
         "IMGPIPE_INBOX_SETTLE_SECONDS": "0.2",
+        "IMGPIPE_WEBHOOKS_MAX_PAYLOAD_BYTES": "1000",
         "UNRELATED": "ignored",
     })
     assert settings.server.port == 8080
@@ -77,6 +78,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert settings.webhooks.retry_schedule == (1.0, 2.5, 60.0)
     assert settings.inbox.enabled is False
     assert settings.inbox.settle_seconds == 0.2
+    assert settings.webhooks.max_payload_bytes == 1000
 
 
 def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
@@ -100,6 +102,8 @@ def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
     ("[server]\nport = 5000.5\n", {}, "server.port"),
     ("[limits]\nmax_rows = true\n", {}, "limits.max_rows"),
     ("[compress]\nquality = 0\n", {}, "compress.quality"),
+    ("", {"IMGPIPE_WEBHOOKS_MAX_PAYLOAD_BYTES": "0"}, "webhooks.max_payload_bytes"),
+    ('[webhooks]\nurls = ["ftp://hooks.example/x"]\n', {}, "webhooks.urls"),
 ])
 def test_bad_values_raise_config_error_naming_the_key(tmp_path: Path, text: str, env: dict[str, str],
                                                       key: str) -> None:
@@ -108,6 +112,26 @@ def test_bad_values_raise_config_error_naming_the_key(tmp_path: Path, text: str,
     with pytest.raises(ConfigError) as caught:
         load_settings(path, env=env)
     assert key in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "env", "refused"), [
+    ('[webhooks]\nurls = ["https://hooks.example/x", "http://127.0.0.1:9000/hook"]\n', {},
+     "refused to connect: 127.0.0.1, a loopback address"),
+    ("", {"IMGPIPE_WEBHOOKS_URLS": "http://localhost:9000/hook"},
+     "refused to connect: localhost resolves to 127.0.0.1, a loopback address"),
+    ('[webhooks]\nurls = ["http://192.168.1.20/hook"]\n', {}, "refused to connect: 192.168.1.20, a private address"),
+])
+def test_a_configured_listener_on_an_internal_host_is_refused_at_start(tmp_path: Path, text: str,
+                                                                       env: dict[str, str], refused: str) -> None:
+    """A webhooks.urls entry on a blocked literal address or a localhost name raises ConfigError naming the key
+    and the reason, unless [network] lets it through."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env)
+    assert str(caught.value).startswith(f"config key webhooks.urls: {refused}")
+    assert "allow_private = true" in str(caught.value)
+    allowed = load_settings(path, env={**env, "IMGPIPE_NETWORK_ALLOW_PRIVATE": "true"})
+    assert allowed.webhooks.urls and allowed.network.allow_private
 
 
 def test_bad_toml_raises_config_error_naming_the_file(tmp_path: Path) -> None:

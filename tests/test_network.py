@@ -80,14 +80,37 @@ async def test_allow_private_lifts_the_guard(tmp_path: Path, origin: Origin) -> 
 
 
 async def test_webhook_listeners_are_guarded_too(tmp_path: Path, origin: Origin) -> None:
-    """A listener on a loopback address is refused like an image URL, and the refusal is recorded."""
+    """A listener whose name resolves to a loopback address is refused like an image URL, and the delivery fails
+    at once with the refusal: no retry could be let through."""
     async with Listener([200]) as listener:
         body = await run_batch(tmp_path, [f"{origin.url}/img/a.jpg"], network={"allow_private": False},
                                webhooks={"urls": (listener.url.replace("127.0.0.1", "localhost"),),
-                                         "retry_schedule": ()})
+                                         "retry_schedule": (0.05, 0.05, 0.05)})
     (delivery,) = body["webhooks"]
-    assert delivery["state"] == "failed" and "loopback address" in delivery["attempts"][0]["error"]
+    (attempt,) = delivery["attempts"]
+    assert delivery["state"] == "failed" and attempt["outcome"] == "failed" and attempt["retry_in"] is None
+    assert attempt["error"] == ("refused to connect: localhost resolves to 127.0.0.1, a loopback address "
+                                "(set [network] allow_private = true or list it in [network] allow)")
     assert listener.received == []
+
+
+@pytest.mark.parametrize(("url", "refused"), [
+    ("http://127.0.0.1:8080/hook", "127.0.0.1, a loopback"), ("http://[::1]/hook", "::1, a loopback"),
+    ("https://10.0.0.7/hook", "10.0.0.7, a private"), ("http://169.254.169.254/", "169.254.169.254, a link-local"),
+    ("http://localhost:8080/hook", "localhost resolves to 127.0.0.1"),
+    ("http://LOCALHOST./hook", "localhost resolves to 127.0.0.1"),
+    ("http://hooks.localhost/x", "hooks.localhost resolves to 127.0.0.1"),
+    ("http://127.1/hook", "127.1 resolves to 127.0.0.1"), ("http://2130706433/hook", "resolves to 127.0.0.1"),
+    ("http://93.184.216.34/hook", None), ("http://hooks.example.com/x", None), ("http://localhost.example/x", None),
+])
+def test_urls_naming_an_internal_host_are_refused_without_a_lookup(url: str, refused: str | None) -> None:
+    """A literal internal address (also IPv4 shorthand) or a localhost name is refused from the URL alone;
+    other names are left to the check at connect time."""
+    reason = AddressPolicy(NetworkSettings()).url_refusal(url)
+    assert (reason is None) if refused is None else (reason is not None and refused in reason)
+    assert AddressPolicy(NetworkSettings(allow_private=True)).url_refusal(url) is None
+    assert AddressPolicy(NetworkSettings(allow=("127.0.0.0/8", "::1", "10.0.0.0/8", "169.254.0.0/16"))
+                         ).url_refusal(url) is None
 
 
 @pytest.mark.parametrize(("address", "refused"), [

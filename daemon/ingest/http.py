@@ -14,6 +14,7 @@ from daemon.eventlog.store import StreamConflict
 from daemon.events import RequestAccepted
 from daemon.ingest.accept import Accepted, accept, idempotent_request_id
 from daemon.ingest.csvfile import Batch, check_url, parse_csv
+from daemon.network import AddressPolicy
 from daemon.web import (
     EVENTLOG,
     SETTINGS,
@@ -79,12 +80,25 @@ async def read_upload(request: web.Request, settings: Settings) -> tuple[bytes, 
                      f"send the CSV as multipart/form-data (field 'file') or as text/csv, not {request.content_type!r}")
 
 
+def given_webhook_url(in_form: str, in_query: str) -> str:
+    """The upload's listener, from the form or the query; 400 if both name one and they differ."""
+    if in_form and in_query and in_form != in_query:
+        raise json_error(web.HTTPBadRequest, "invalid_webhook_url",
+                         "webhook_url given twice: in the query and in the form, and they differ "
+                         f"({in_query!r} and {in_form!r})",
+                         field="webhook_url")
+    return in_form or in_query
+
+
 async def upload(request: web.Request) -> web.Response:
     settings, eventlog = request.app[SETTINGS], request.app[EVENTLOG]
     body, filename, fields = await read_upload(request, settings)
-    webhook_url = fields.get("webhook_url") or request.query.get("webhook_url", "")
-    if webhook_url and (reason := check_url(webhook_url, settings.limits)):
-        raise json_error(web.HTTPBadRequest, "invalid_webhook_url", reason, field="webhook_url")
+    webhook_url = given_webhook_url(fields.get("webhook_url", ""), request.query.get("webhook_url", ""))
+    # Checked now, so an uploader learns at once of a listener the daemon would never reach.
+    if webhook_url and (reason := check_url(webhook_url, settings.limits)
+                        or AddressPolicy(settings.network).url_refusal(webhook_url)):
+        raise json_error(web.HTTPBadRequest, "invalid_webhook_url", f"webhook_url: {reason}",
+                         field="webhook_url")
     parsed = await asyncio.to_thread(parse_csv, body, settings.limits)
     if isinstance(parsed, list):
         log.info("csv_rejected", source="upload", source_name=filename, problems=len(parsed),

@@ -31,10 +31,11 @@ from daemon.events import (
     WebhookQueued,
     WebhookRedeliveryRequested,
 )
+from daemon.network import AddressNotAllowed
 from daemon.stages.download import retry_after_seconds
 from daemon.views.export import ExportImage, stream_images
 from daemon.views.status import image_url
-from daemon.web import EVENTLOG, json_error, json_response
+from daemon.web import EVENTLOG, SETTINGS, json_error, json_response
 
 log = structlog.get_logger("webhooks")
 
@@ -43,38 +44,63 @@ MAX_RETRY_AFTER = 86_400.0  # a listener may ask for a pause, not for a message 
 LISTENER_ANSWER_BYTES = 64 * 1024  # of a listener's answer read before the connection is let go
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What one delivery attempt came back with."""
+
+    status: int | None
+    error: str
+    latency_ms: float
+    retry_after: float | None = None
+    final: bool = False  # another attempt cannot succeed: the delivery fails now
+
+
 def message_id(request_id: str, completed_version: int) -> str:
     return f"msg_{request_id}_{completed_version}"
 
 
-def completion_payload(records: Sequence[RecordedEvent], public_url: str) -> dict[str, Any]:
+def completion_payload(records: Sequence[RecordedEvent], public_url: str,
+                       with_products: bool = True) -> dict[str, Any]:
     """The request.completed message body, a pure function of the request's events."""
     accepted, images = stream_images(records)
     completed = next(r for r in records if isinstance(r.event, RequestCompleted))
     event = completed.event
     assert isinstance(event, RequestCompleted)
-    by_product: dict[int, list[ExportImage]] = {}
-    for image in images:  # one pass: a scan per product made a 10,000-image payload take 1.5 s on the loop
-        by_product.setdefault(image.product, []).append(image)
-    products: list[dict[str, Any]] = []
-    for p, product in enumerate(accepted.products):
-        mine = by_product.get(p, [])
-        products.append({"serial": product.serial, "product_name": product.product_name,
-                         "input_urls": [i.input_url for i in mine],
-                         "output_urls": [image_url(public_url, i.output_name) for i in mine]})
     request_id = completed.stream
-    return {
-        "type": "request.completed",
-        "timestamp": completed.recorded_at,
-        "data": {
-            "request_id": request_id,
-            "status": event.status,
-            "progress": {"images": event.images, "done": event.done, "failed": event.failed, "pending": 0},
-            "status_url": f"{public_url}/status/{request_id}",
-            "export_url": f"{public_url}/export/{request_id}",
-            "products": products,
-        },
+    data: dict[str, Any] = {
+        "request_id": request_id,
+        "status": event.status,
+        "progress": {"images": event.images, "done": event.done, "failed": event.failed, "pending": 0},
+        "status_url": f"{public_url}/status/{request_id}",
+        "export_url": f"{public_url}/export/{request_id}",
+        "products_omitted": not with_products,
     }
+    if with_products:
+        by_product: dict[int, list[ExportImage]] = {}
+        for image in images:  # one pass: a scan per product made a 10,000-image payload take 1.5 s on the loop
+            by_product.setdefault(image.product, []).append(image)
+        products: list[dict[str, Any]] = []
+        for p, product in enumerate(accepted.products):
+            mine = by_product.get(p, [])
+            products.append({"serial": product.serial, "product_name": product.product_name,
+                             "input_urls": [i.input_url for i in mine],
+                             "output_urls": [image_url(public_url, i.output_name) for i in mine]})
+        data["products"] = products
+    return {"type": "request.completed", "timestamp": completed.recorded_at, "data": data}
+
+
+def completion_body(records: Sequence[RecordedEvent], public_url: str, max_bytes: int) -> str:
+    """The message as signed and sent: with its products if that stays within `max_bytes` of UTF-8, else
+    without them (a listener's body limit, often 1 MB, would refuse it on every retry). The same events and
+    settings give the same bytes, so a redelivery under the same webhook-id repeats the message exactly."""
+    body = encode(completion_payload(records, public_url))
+    if len(body.encode("utf-8")) > max_bytes:
+        body = encode(completion_payload(records, public_url, with_products=False))
+    return body
+
+
+def encode(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
 def signed_headers(secret: str, msg_id: str, body: str) -> dict[str, str]:
@@ -111,7 +137,6 @@ class WebhookDelivery(Follower):
         records = await self.eventlog.read_stream(record.stream)
         accepted = records[0].event
         assert isinstance(accepted, RequestAccepted)
-        listeners = list(dict.fromkeys([*self.settings.webhooks.urls, *filter(None, [accepted.webhook_url])]))
         if isinstance(record.event, WebhookRedeliveryRequested):
             msg_id = record.event.message_id
             rounds = [r.event.round for r in records
@@ -122,7 +147,8 @@ class WebhookDelivery(Follower):
             if self.status_view is not None:
                 # A listener told "completed" may fetch /status or /export at once: they must agree.
                 await self.status_view.wait_for(record.position)
-        return [WebhookQueued(message_id=msg_id, listener=url, round=next_round) for url in listeners]
+        return [WebhookQueued(message_id=msg_id, listener=url, round=next_round)
+                for url in listeners(self.settings, accepted)]
 
     async def _deliver(self, record: RecordedEvent, queued: WebhookQueued) -> list[Event]:
         records = await self.eventlog.read_stream(record.stream)
@@ -140,24 +166,26 @@ class WebhookDelivery(Follower):
                 raise Retry(defer=wait)
         number = len(tried) + 1
         completed = next(r for r in records if isinstance(r.event, RequestCompleted))
-        body = json.dumps(completion_payload(records[: records.index(completed) + 1], self.settings.public_url),
-                          ensure_ascii=False, separators=(",", ":"))
-        status, error, latency, retry_after = await self._post(queued, body)
+        body = completion_body(records[: records.index(completed) + 1], self.settings.public_url,
+                               self.settings.webhooks.max_payload_bytes)
+        answer = await self._post(queued, body)
+
         def attempted(outcome: str, retry_in: float | None = None) -> WebhookAttempted:
             return WebhookAttempted(message_id=queued.message_id, listener=queued.listener, round=queued.round,
-                                    attempt=number, outcome=outcome, status_code=status, error=error,
-                                    latency_ms=latency, retry_in=retry_in)
+                                    attempt=number, outcome=outcome, status_code=answer.status, error=answer.error,
+                                    latency_ms=answer.latency_ms, retry_in=retry_in)
 
-        if status is not None and 200 <= status < 300:
+        schedule = self.settings.webhooks.retry_schedule
+        if answer.status is not None and 200 <= answer.status < 300:
             result = attempted("delivered")
-        elif status == 410:
+        elif answer.status == 410:
             result = attempted("gone")
-        elif number > len(schedule := self.settings.webhooks.retry_schedule):
+        elif answer.final or number > len(schedule):
             result = attempted("failed")
         else:
             delay = schedule[number - 1] * random.uniform(0.9, 1.1)
-            if retry_after is not None and status in (429, 503):
-                delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
+            if answer.retry_after is not None and answer.status in (429, 503):
+                delay = max(delay, min(answer.retry_after, MAX_RETRY_AFTER))
             retrying = attempted("retrying", retry_in=round(delay, 3))
             log.info("webhook_retrying", request_id=record.stream, **dataclasses.asdict(retrying))
             raise Retry(defer=delay, events=(retrying,))
@@ -165,37 +193,62 @@ class WebhookDelivery(Follower):
         level(f"webhook_{result.outcome}", request_id=record.stream, **dataclasses.asdict(result))
         return [result]
 
-    async def _post(self, queued: WebhookQueued, body: str) -> tuple[int | None, str, float, float | None]:
-        """One attempt: (status code, error, latency in ms, Retry-After seconds)."""
+    async def _post(self, queued: WebhookQueued, body: str) -> Answer:
+        """One attempt."""
         headers = signed_headers(self.settings.webhooks.secret, queued.message_id, body)
         timeout = aiohttp.ClientTimeout(total=self.settings.webhooks.timeout)
+        data = body.encode("utf-8")
         started = time.perf_counter()
+
+        def latency() -> float:
+            return round((time.perf_counter() - started) * 1000, 1)
+
         try:
-            async with self.client.post(queued.listener, data=body.encode("utf-8"), headers=headers,
+            async with self.client.post(queued.listener, data=data, headers=headers,
                                         timeout=timeout, allow_redirects=False) as response:
                 # Read a little, so a short answer leaves the connection reusable; never the whole of a long one:
                 # a listener (any uploader may name one) streaming gigabytes must not fill the daemon's memory.
                 await response.content.read(LISTENER_ANSWER_BYTES)
-                latency = round((time.perf_counter() - started) * 1000, 1)
-                error = "" if 200 <= response.status < 300 else f"HTTP {response.status} {response.reason or ''}".strip()
-                if 300 <= response.status < 400:
+                status = response.status
+                error = "" if 200 <= status < 300 else f"HTTP {status} {response.reason or ''}".strip()
+                if 300 <= status < 400:
                     error += " (redirects are not followed)"
-                return response.status, error, latency, retry_after_seconds(response.headers.get("Retry-After"))
+                if status == 413:
+                    error += (f": the listener refuses this {len(data)}-byte message, the same on every attempt, so it"
+                              " is not retried (a lower [webhooks] max_payload_bytes sends it without its products)")
+                return Answer(status, error, latency(), retry_after_seconds(response.headers.get("Retry-After")),
+                              final=status == 413)
+        except AddressNotAllowed as exc:  # the listener's name resolves inside: so will every retry's
+            return Answer(None, str(exc), latency(), final=True)
         except TimeoutError:
             error = f"timed out after {self.settings.webhooks.timeout:g} s"
         except aiohttp.ClientError as exc:
             error = f"{exc.__class__.__name__}: {exc}"
         except ValueError as exc:  # e.g. a URL the client refuses
             error = f"invalid listener URL: {exc}"
-        return None, error, round((time.perf_counter() - started) * 1000, 1), None
+        return Answer(None, error, latency())
 
 
-def request_redelivery(eventlog: EventLog, request_id: str) -> str | None:
-    """Queue the request's completion message again (same webhook-id); None if it has not completed."""
+def listeners(settings: Settings, accepted: RequestAccepted) -> list[str]:
+    """Who is told of the request's completion: the configured listeners, then the upload's own."""
+    return list(dict.fromkeys([*settings.webhooks.urls, *filter(None, [accepted.webhook_url])]))
+
+
+def request_redelivery(eventlog: EventLog, settings: Settings, request_id: str) -> str | web.HTTPException:
+    """Queue the request's completion message again (same webhook-id): its id, or the error to answer."""
     with eventlog.transaction():
-        completed = [r for r in eventlog.read_stream_sync(request_id) if isinstance(r.event, RequestCompleted)]
+        records = eventlog.read_stream_sync(request_id, frozenset({"RequestAccepted", "RequestCompleted"}))
+        if not records:
+            return json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
+        completed = [r for r in records if isinstance(r.event, RequestCompleted)]
         if not completed:
-            return None
+            return json_error(web.HTTPConflict, "not_finished", f"request {request_id} has not completed yet")
+        accepted = records[0].event
+        assert isinstance(accepted, RequestAccepted)
+        if not listeners(settings, accepted):
+            return json_error(web.HTTPConflict, "no_listener",
+                              f"request {request_id} has no listener to redeliver to: none in [webhooks] urls "
+                              "and no webhook_url given at upload")
         msg_id = message_id(request_id, completed[-1].version)
         eventlog.append_sync(request_id, [WebhookRedeliveryRequested(message_id=msg_id)])
         return msg_id
@@ -204,11 +257,9 @@ def request_redelivery(eventlog: EventLog, request_id: str) -> str | None:
 async def redeliver(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     eventlog = request.app[EVENTLOG]
-    if not await eventlog.read(eventlog.stream_exists_sync, request_id):
-        raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
-    msg_id = await eventlog.write(request_redelivery, eventlog, request_id)
-    if msg_id is None:
-        raise json_error(web.HTTPConflict, "not_finished", f"request {request_id} has not completed yet")
+    msg_id = await eventlog.write(request_redelivery, eventlog, request.app[SETTINGS], request_id)
+    if isinstance(msg_id, web.HTTPException):
+        raise msg_id
     eventlog.notify(["WebhookRedeliveryRequested"])
     log.info("webhook_redelivery_requested", request_id=request_id, message_id=msg_id)
     return json_response({"request_id": request_id, "message_id": msg_id, "status": "queued"}, status=202)

@@ -201,6 +201,68 @@ async def test_invalid_webhook_url_answers_400_naming_the_field(served: Any, hel
     assert helpers.query(served.settings, "SELECT count(*) FROM events") == [(0,)]
 
 
+LOOPBACK_REFUSAL = "a loopback address (set [network] allow_private = true or list it in [network] allow)"
+
+
+@pytest.mark.parametrize(("where", "url", "reason"), [
+    ("query", "http://127.0.0.1:8080/hook", f"refused to connect: 127.0.0.1, {LOOPBACK_REFUSAL}"),
+    ("form", "http://[::1]:8080/hook", f"refused to connect: ::1, {LOOPBACK_REFUSAL}"),
+    ("form", "http://10.1.2.3/hook", "refused to connect: 10.1.2.3, a private address"),
+    ("query", "http://localhost:8080/hook", f"refused to connect: localhost resolves to 127.0.0.1, {LOOPBACK_REFUSAL}"),
+    ("form", "http://hooks.localhost./x", "refused to connect: hooks.localhost resolves to 127.0.0.1, a loopback"),
+])
+async def test_a_webhook_url_on_an_internal_host_answers_400_naming_the_field(
+        served: Any, helpers: Any, where: str, url: str, reason: str) -> None:
+    """With allow_private off, a webhook_url (query or form) naming a blocked literal address or a localhost name
+    answers 400 with the reason, and accepts nothing."""
+    fields = {"webhook_url": url} if where == "form" else {}
+    response = await served.client.post("/upload", data=multipart(helpers.sample_csv.read_bytes(), **fields),
+                                        params={"webhook_url": url} if where == "query" else {})
+    body = await response.json()
+    assert response.status == 400
+    assert (body["error"], body["field"]) == ("invalid_webhook_url", "webhook_url")
+    assert body["message"].startswith(f"webhook_url: {reason}")
+    assert helpers.query(served.settings, "SELECT count(*) FROM events") == [(0,)]
+
+
+async def test_a_webhook_url_on_a_public_host_or_allowed_private_one_is_accepted(
+        serve_app: Serve, http_settings: Settings, helpers: Any) -> None:
+    """A webhook_url naming a public address or a host name is accepted, and a loopback one is with
+    allow_private on."""
+    async with serve_app(http_settings) as served:
+        for url in ("http://93.184.216.34/hook", "https://hooks.example.com/x"):
+            response = await served.client.post("/upload", data=multipart(helpers.sample_csv.read_bytes(),
+                                                                          webhook_url=url))
+            assert response.status == 202, await response.text()
+    async with serve_app(replace(http_settings, network={"allow_private": True})) as served:
+        response = await served.client.post("/upload", data=multipart(helpers.sample_csv.read_bytes()),
+                                            params={"webhook_url": "http://127.0.0.1:8080/hook"})
+        assert response.status == 202, await response.text()
+    accepted = [data["webhook_url"] for _, _, _, kind, data in helpers.stored_events(http_settings)
+                if kind == "RequestAccepted"]
+    assert accepted == ["http://93.184.216.34/hook", "https://hooks.example.com/x", "http://127.0.0.1:8080/hook"]
+
+
+async def test_a_webhook_url_given_twice_must_agree(served: Any, helpers: Any) -> None:
+    """A webhook_url in both the query and the form answers 400 naming the field when they differ, and is
+    accepted once when they are the same."""
+    data = helpers.sample_csv.read_bytes()
+    differ = await served.client.post("/upload", data=multipart(data, webhook_url="https://a.example/hook"),
+                                      params={"webhook_url": "https://b.example/hook"})
+    body = await differ.json()
+    assert differ.status == 400
+    assert (body["error"], body["field"]) == ("invalid_webhook_url", "webhook_url")
+    assert body["message"] == ("webhook_url given twice: in the query and in the form, and they differ "
+                               "('https://b.example/hook' and 'https://a.example/hook')")
+    assert helpers.query(served.settings, "SELECT count(*) FROM events") == [(0,)]
+
+    same = await served.client.post("/upload", data=multipart(data, webhook_url="https://a.example/hook"),
+                                    params={"webhook_url": "https://a.example/hook"})
+    assert same.status == 202
+    accepted = [d for _, _, _, kind, d in helpers.stored_events(served.settings) if kind == "RequestAccepted"]
+    assert [d["webhook_url"] for d in accepted] == ["https://a.example/hook"]
+
+
 async def test_status_without_products_leaves_out_only_the_products(served: Any, helpers: Any) -> None:
     """GET /status/<id>?products=false answers the same body without its products; another value is a 400."""
     response = await served.client.post("/upload", data=multipart(helpers.sample_csv.read_bytes(), "sample.csv"))

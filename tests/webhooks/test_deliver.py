@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from standardwebhooks.webhooks import Webhook
+from structlog.testing import capture_logs
 
 from daemon.app import EVENTLOG, build_app
 from daemon.config import Settings
@@ -66,6 +67,7 @@ async def test_a_failing_listener_gets_three_attempts_under_one_id(make_settings
     assert data["request_id"] == accepted.request_id and data["status"] == "completed"
     assert data["progress"] == {"images": 1, "done": 1, "failed": 0, "pending": 0}
     assert data["export_url"] == f"http://images.example/export/{accepted.request_id}"
+    assert data["products_omitted"] is False  # within the default webhooks.max_payload_bytes
     assert data["products"] == [{
         "serial": "1", "product_name": "Shoe", "input_urls": [f"{origin.url}/img/photo.jpg"],
         "output_urls": [f"http://images.example/images/{accepted.request_id}_1_0.jpg"],
@@ -87,6 +89,54 @@ async def test_gone_listener_is_not_retried(make_settings: Callable[..., Setting
             (delivery,) = (await status_of(app, accepted.request_id))["webhooks"]
     assert len(listener.received) == 1
     assert delivery["state"] == "gone" and delivery["attempts"][0]["status_code"] == 410
+
+
+async def test_a_message_over_max_payload_bytes_is_sent_without_its_products(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """A completion message over webhooks.max_payload_bytes arrives signed, without data.products and with
+    data.products_omitted true and the URLs to fetch them; a redelivery sends the very same bytes."""
+    async with Listener([200]) as listener:
+        settings = make_settings(webhooks={"urls": (listener.url,), "secret": SECRET, "retry_schedule": FAST,
+                                           "max_payload_bytes": 100})
+        app = build_app(settings, follow=False)
+        async with TestClient(TestServer(app)) as client:
+            accepted = await submit(app, origin)
+            await drain(app)
+            assert (await client.post(f"/redeliver/{accepted.request_id}")).status == 202
+            await drain(app)
+            status = await status_of(app, accepted.request_id)
+    first, second = listener.received
+    payload = Webhook(SECRET).verify(first.body, first.headers)  # raises if the signature is wrong
+    data = payload["data"]
+    assert data["products_omitted"] is True and "products" not in data
+    assert data["export_url"] == f"http://images.example/export/{accepted.request_id}"
+    assert data["status_url"] == f"http://images.example/status/{accepted.request_id}"
+    assert data["status"] == "completed" and data["progress"]["done"] == 1
+    assert len(first.body) > 100  # the rest of the message is sent whatever the limit
+    assert second.body == first.body and second.headers["webhook-id"] == first.headers["webhook-id"]
+    assert [d["state"] for d in status["webhooks"]] == ["delivered", "delivered"]
+
+
+async def test_a_listener_refusing_the_message_as_too_large_is_not_retried(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """A 413 answer ends the delivery as failed at once, saying why, since the same message would be refused again."""
+    async with Listener([413, 200]) as listener:
+        settings = make_settings(webhooks={"urls": (listener.url,), "retry_schedule": FAST})
+        async with daemon_app(settings) as app:
+            accepted = await submit(app, origin)
+            with capture_logs() as logs:
+                await drain(app)
+            (delivery,) = (await status_of(app, accepted.request_id))["webhooks"]
+    assert len(listener.received) == 1
+    (attempt,) = delivery["attempts"]
+    size = len(listener.received[0].body)
+    assert delivery["state"] == "failed" and attempt["outcome"] == "failed" and attempt["retry_in"] is None
+    assert attempt["status_code"] == 413
+    assert attempt["error"] == (
+        f"HTTP 413 Request Entity Too Large: the listener refuses this {size}-byte message, the same on every "
+        "attempt, so it is not retried (a lower [webhooks] max_payload_bytes sends it without its products)")
+    (failed,) = [entry for entry in logs if entry["event"] == "webhook_failed"]
+    assert failed["log_level"] == "warning" and failed["error"] == attempt["error"]
 
 
 async def test_a_listener_answering_with_an_endless_body_is_read_only_a_little(
@@ -178,6 +228,7 @@ async def test_per_request_listener_and_redelivery_over_http(make_settings: Call
             assert response.status == 202
             await listener.wait_for(2, timeout=20)
             unknown = await client.post("/redeliver/nope")
+            assert (await unknown.json())["message"] == "no request with id 'nope'"
             assert unknown.status == 404 and (await unknown.json())["error"] == "unknown_request"
 
             async def both_rounds_recorded() -> dict[str, Any] | None:
@@ -248,6 +299,30 @@ async def test_a_listener_told_of_completion_finds_status_and_export_complete(
 
             await eventually(called_back, "the webhook")
     assert seen == [(200, "completed")]
+
+
+async def test_redelivery_without_a_listener_answers_409(make_settings: Callable[..., Settings],
+                                                         origin: Origin) -> None:
+    """POST /redeliver for a completed request with no configured listener and no webhook_url answers 409 JSON
+    saying there is no one to redeliver to, and queues nothing."""
+    settings = make_settings()
+    app = build_app(settings)
+    async with TestClient(TestServer(app)) as client:
+        form = {"file": io.BytesIO(f"S. No.,Product Name,Input Image Urls\n1,Shoe,{origin.url}/img/photo.jpg\n"
+                                   .encode())}
+        request_id = (await (await client.post("/upload", data=form)).json())["request_id"]
+
+        async def completed() -> bool:
+            return (await (await client.get(f"/status/{request_id}")).json())["status"] == "completed"
+
+        await eventually(completed, "the request to complete")
+        response = await client.post(f"/redeliver/{request_id}")
+        body = await response.json()
+        events = [r.event.type for r in await app[EVENTLOG].read_stream(request_id)]
+    assert response.status == 409
+    assert body == {"error": "no_listener", "message": f"request {request_id} has no listener to redeliver to: "
+                    "none in [webhooks] urls and no webhook_url given at upload"}
+    assert "WebhookRedeliveryRequested" not in events and "WebhookQueued" not in events
 
 
 def test_the_payload_lists_every_product_with_its_outputs_in_input_order() -> None:
