@@ -243,9 +243,6 @@ class EventLog:
         recent = self.read_stream_recent(stream)
         return recent if recent is not None else await self.read(self.read_stream_sync, stream)
 
-    def stream_exists_sync(self, stream: str) -> bool:
-        return StoredEvent.select().where(StoredEvent.stream == stream).exists()
-
     # consumer bookkeeping ----------------------------------------------------------------------
     def load_tracking_sync(self, consumer: str) -> tuple[int, set[int]]:
         row = Checkpoint.get_or_none(Checkpoint.consumer == consumer)
