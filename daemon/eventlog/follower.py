@@ -147,6 +147,9 @@ class Follower:
             return self._checkpoint >= position
         self._waiters += 1
         self._hurry.set()
+        # The position may hold an event of a type this follower does not take, whose append did not wake it:
+        # looking at the log once moves the cursor (and with nothing in flight, the checkpoint) past it.
+        self._wake.set()
         try:
             async with self._progress:
                 try:

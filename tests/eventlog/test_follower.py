@@ -232,6 +232,23 @@ async def test_wait_for_returns_once_the_position_is_committed(settings: Setting
         await eventlog.close()
 
 
+async def test_wait_for_a_position_the_follower_does_not_take_returns_once_it_has_looked(settings: Settings) -> None:
+    """wait_for(position) of an event whose type the follower does not take returns True as soon as the follower
+    has read past it, rather than waiting for an event it does take to wake it."""
+    eventlog = await open_log(settings)
+    follower = Recorder(eventlog)
+    task = asyncio.create_task(follower.run())
+    try:
+        (first,) = await ping(eventlog, 1)
+        assert await follower.wait_for(first, timeout=10) is True
+        position = await eventlog.append("other", [SpinePonged(n=1)])  # not a type the Recorder takes
+        assert await follower.wait_for(position, timeout=5) is True
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await eventlog.close()
+
+
 class FlakyWrite(Recorder):
     """Its table write fails once (say, 'database is locked'), then works."""
 
