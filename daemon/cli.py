@@ -11,8 +11,13 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import structlog
+
 from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings
+from daemon.instance import DatabaseInUse, exclusive
+
+log = structlog.get_logger("daemon")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -31,9 +36,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure()
-    keep_freed_memory()
-    web.run_app(build_app(settings), host=settings.server.host, port=settings.server.port,
-                print=None, access_log=None, handle_signals=True)
+    try:
+        with exclusive(settings.database_url):
+            keep_freed_memory()
+            web.run_app(build_app(settings), host=settings.server.host, port=settings.server.port,
+                        print=None, access_log=None, handle_signals=True)
+    except DatabaseInUse as exc:
+        return _refused(exc)
     return 0
 
 
@@ -42,9 +51,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure()
-    count = asyncio.run(replay(settings))
+    try:
+        with exclusive(settings.database_url):
+            count = asyncio.run(replay(settings))
+    except DatabaseInUse as exc:
+        return _refused(exc)
     print(json.dumps({"event": "replayed", "events": count}))
     return 0
+
+
+def _refused(exc: DatabaseInUse) -> int:
+    """Start-up refused: one error event in the log, the same in one line on stderr, exit status 1."""
+    log.error(exc.event, message=str(exc), **exc.details)
+    print(f"imgpipe: {exc}", file=sys.stderr)
+    return 1
 
 
 def _http(settings: Settings, method: str, path: str, body: bytes | None = None,
