@@ -16,6 +16,7 @@ import structlog
 from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.instance import DatabaseInUse, exclusive
+from daemon.listen import CannotListen, listening_sockets
 
 log = structlog.get_logger("daemon")
 
@@ -38,10 +39,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure()
     try:
         with exclusive(settings.database_url):
+            sockets = listening_sockets(settings.server.host, settings.server.port)
             keep_freed_memory()
-            web.run_app(build_app(settings), host=settings.server.host, port=settings.server.port,
-                        print=None, access_log=None, handle_signals=True)
-    except DatabaseInUse as exc:
+            web.run_app(build_app(settings), sock=sockets, print=None, access_log=None, handle_signals=True)
+    except (DatabaseInUse, CannotListen) as exc:
         return _refused(exc)
     return 0
 
@@ -60,7 +61,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refused(exc: DatabaseInUse) -> int:
+def _refused(exc: DatabaseInUse | CannotListen) -> int:
     """Start-up refused: one error event in the log, the same in one line on stderr, exit status 1."""
     log.error(exc.event, message=str(exc), **exc.details)
     print(f"imgpipe: {exc}", file=sys.stderr)
