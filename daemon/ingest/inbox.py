@@ -21,7 +21,7 @@ from watchdog.observers import Observer
 
 from daemon.config import LimitSettings
 from daemon.eventlog.store import EventLog, StreamConflict
-from daemon.files import write_atomic
+from daemon.files import TEMP_FILES, remove_matching, write_atomic
 from daemon.ingest.accept import accept, new_request_id
 from daemon.ingest.csvfile import Batch, Problem, parse_csv
 
@@ -86,6 +86,7 @@ class Inbox:
     async def start(self) -> None:
         for sub in (CLAIMED, ARCHIVE, REJECTED):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(remove_matching, self.folder / REJECTED, TEMP_FILES)  # reports a crash cut short
         for claimed in sorted((self.folder / CLAIMED).iterdir()):
             await self._ingest_claimed(claimed)
         observer = Observer()
