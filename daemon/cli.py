@@ -119,8 +119,8 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--config", help="config file (default: ./config.toml)")
     sub = top.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="start the daemon in the foreground").set_defaults(func=cmd_run)
-    sub.add_parser("replay", help="drop the views and rebuild them from the event log (daemon stopped)"
-                   ).set_defaults(func=cmd_replay)
+    sub.add_parser("replay", help="drop the views and rebuild them from the event log (refused while a daemon "
+                   "uses the database)").set_defaults(func=cmd_replay)
     status = sub.add_parser("status", help="print a request's status from the running daemon")
     status.add_argument("request_id")
     status.set_defaults(func=cmd_status)
