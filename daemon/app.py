@@ -142,6 +142,7 @@ async def inbox_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Last of the set-up; `imgpipe run` listens before any of it (daemon.listen), so this is true when logged."""
     settings = app[SETTINGS]
     log.info("daemon_started", url=settings.public_url, database=settings.database_url,
              inbox=str(settings.path("inbox")) if settings.inbox.enabled else None, daemon_cpu=app[DAEMON_CPU])

@@ -11,8 +11,14 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import structlog
+
 from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings
+from daemon.instance import DatabaseInUse, exclusive
+from daemon.listen import CannotListen, listening_sockets
+
+log = structlog.get_logger("daemon")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -31,9 +37,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure()
-    keep_freed_memory()
-    web.run_app(build_app(settings), host=settings.server.host, port=settings.server.port,
-                print=None, access_log=None, handle_signals=True)
+    try:
+        with exclusive(settings.database_url):
+            sockets = listening_sockets(settings.server.host, settings.server.port)
+            keep_freed_memory()
+            web.run_app(build_app(settings), sock=sockets, print=None, access_log=None, handle_signals=True)
+    except (DatabaseInUse, CannotListen) as exc:
+        return _refused(exc)
     return 0
 
 
@@ -42,9 +52,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure()
-    count = asyncio.run(replay(settings))
+    try:
+        with exclusive(settings.database_url):
+            count = asyncio.run(replay(settings))
+    except DatabaseInUse as exc:
+        return _refused(exc)
     print(json.dumps({"event": "replayed", "events": count}))
     return 0
+
+
+def _refused(exc: DatabaseInUse | CannotListen) -> int:
+    """Start-up refused: one error event in the log, the same in one line on stderr, exit status 1."""
+    log.error(exc.event, message=str(exc), **exc.details)
+    print(f"imgpipe: {exc}", file=sys.stderr)
+    return 1
 
 
 def _http(settings: Settings, method: str, path: str, body: bytes | None = None,
@@ -98,8 +119,8 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--config", help="config file (default: ./config.toml)")
     sub = top.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="start the daemon in the foreground").set_defaults(func=cmd_run)
-    sub.add_parser("replay", help="drop the views and rebuild them from the event log (daemon stopped)"
-                   ).set_defaults(func=cmd_replay)
+    sub.add_parser("replay", help="drop the views and rebuild them from the event log (refused while a daemon "
+                   "uses the database)").set_defaults(func=cmd_replay)
     status = sub.add_parser("status", help="print a request's status from the running daemon")
     status.add_argument("request_id")
     status.set_defaults(func=cmd_status)

@@ -1,11 +1,14 @@
 """Settings: config.toml plus IMGPIPE_<SECTION>_<KEY> environment overrides, frozen.
 
+An unknown section, key or IMGPIPE_* variable is refused like a bad value, never silently ignored.
+
 This module is the only place defaults live; config.toml documents the same values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -120,7 +123,25 @@ class Settings:
         return url
 
 
-SECTIONS: frozenset[str] = frozenset(f.name for f in fields(Settings) if f.name != "base_dir")
+SECTION_TYPES: dict[str, type] = {name: kind for name, kind in get_type_hints(Settings).items() if name != "base_dir"}
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def _unknown(label: str, kind: str, name: str, candidates: Mapping[str, str], listing: str) -> ConfigError:
+    """`label` names no known `kind`: offer the spelling of the candidate closest to `name`, else `listing`."""
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return ConfigError(f"{label}: unknown {kind}; " + (f"did you mean {candidates[close[0]]}?" if close else listing))
+
+
+def _keys_of(section: str) -> str:
+    return f"valid keys of [{section}]: " + ", ".join(f.name for f in fields(SECTION_TYPES[section]))
+
+
+def _sections() -> str:
+    return "valid sections: " + ", ".join(f"[{name}]" for name in SECTION_TYPES)
 
 
 def _coerce(key: str, kind: Any, value: Any) -> Any:
@@ -164,13 +185,14 @@ def _section(name: str, cls: type, table: Mapping[str, Any], env: Mapping[str, s
     known = {f.name for f in fields(cls)}
     for key in table:
         if key not in known:
-            raise ConfigError(f"config key {name}.{key}: unknown setting")
+            raise _unknown(f"config key {name}.{key}", "setting", key, {k: f"{name}.{k}" for k in known},
+                           _keys_of(name))
     values: dict[str, Any] = {}
     for f in fields(cls):
         key = f"{name}.{f.name}"
-        env_name = f"{ENV_PREFIX}{name}_{f.name}".upper()
-        if env_name in env:
-            values[f.name] = _coerce(env_name, hints[f.name], env[env_name])
+        variable = _env_name(name, f.name)
+        if variable in env:
+            values[f.name] = _coerce(variable, hints[f.name], env[variable])
         elif f.name in table:
             values[f.name] = _coerce(key, hints[f.name], table[f.name])
     settings = cls(**values)
@@ -200,6 +222,25 @@ def _check(name: str, section: Any) -> None:
         raise ConfigError(f"config key webhooks.max_payload_bytes: must be at least 1, got {section.max_payload_bytes}")
 
 
+def _check_environment(env: Mapping[str, str]) -> None:
+    """Refuse an IMGPIPE_* variable that names no setting, as an unknown key in the file is refused: a typo
+    such as IMGPIPE_COMPRESS_QUALTY would otherwise leave the default in force without a word."""
+    valid = {_env_name(section, f.name): (section, f.name) for section, kind in SECTION_TYPES.items()
+             for f in fields(kind)}
+    for variable in sorted(env):
+        if not variable.startswith(ENV_PREFIX) or variable in valid:
+            continue
+        rest = variable[len(ENV_PREFIX):].upper()  # IMGPIPE_compress_quality is offered its right spelling
+        section = next((s for s in SECTION_TYPES if rest.startswith(f"{s.upper()}_")), None)
+        if section is None:  # compared without the prefix that every name shares
+            candidates = {name[len(ENV_PREFIX):]: name for name in valid}
+        else:
+            rest = rest[len(section) + 1:]
+            candidates = {key.upper(): name for name, (s, key) in valid.items() if s == section}
+        listing = _keys_of(section) if section else f"names are {ENV_PREFIX}<SECTION>_<KEY>; {_sections()}"
+        raise _unknown(f"config key {variable}", "setting", rest, candidates, listing)
+
+
 def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Read `path` (default ./config.toml if present), then apply environment overrides."""
     env = os.environ if env is None else env
@@ -216,12 +257,11 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
             raise ConfigError(f"config file {path}: {exc}") from None
         base_dir = Path(path).resolve().parent
     for name in table:
-        if name not in SECTIONS:
-            raise ConfigError(f"config section [{name}]: unknown section")
-    sections = {
-        name: _section(name, cls, table.get(name, {}), env) for name, cls in get_type_hints(Settings).items()
-        if name != "base_dir"
-    }
+        if name not in SECTION_TYPES:
+            raise _unknown(f"config section [{name}]", "section", name, {s: f"[{s}]" for s in SECTION_TYPES},
+                           _sections())
+    _check_environment(env)
+    sections = {name: _section(name, cls, table.get(name, {}), env) for name, cls in SECTION_TYPES.items()}
     settings = Settings(**sections, base_dir=base_dir)
     _check_listeners(settings)
     return settings

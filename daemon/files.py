@@ -7,13 +7,17 @@ import os
 import secrets
 from pathlib import Path
 
+TEMP_RANDOM_BYTES = 8
+# write_atomic's temp files, which only a crash leaves behind: each writer removes them from its folder at start.
+TEMP_FILES = ".*." + "[0-9a-f]" * (2 * TEMP_RANDOM_BYTES) + ".tmp"
+
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path` through a hidden temp file in the same folder, then rename it into place."""
     # Same folder so os.replace is atomic; hidden so listings and /images skip it; O_EXCL with 0o666 lets
     # the umask decide permissions like an ordinary file; a random part so concurrent writers never collide.
     directory, name = os.path.split(os.fspath(path))
-    temp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+    temp = os.path.join(directory, f".{name}.{secrets.token_hex(TEMP_RANDOM_BYTES)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with open(fd, "wb") as f:

@@ -96,6 +96,8 @@ def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
     ("", {"IMGPIPE_INBOX_ENABLED": "maybe"}, "IMGPIPE_INBOX_ENABLED"),
     ("", {"IMGPIPE_LIMITS_MAX_ROWS": "-1"}, "limits.max_rows"),
     ("", {"IMGPIPE_WEBHOOKS_RETRY_SCHEDULE": "5,soon"}, "IMGPIPE_WEBHOOKS_RETRY_SCHEDULE"),
+    ("", {"IMGPIPE_COMPRESS_QUALTY": "30"}, "IMGPIPE_COMPRESS_QUALTY"),
+    ("", {"IMGPIPE_SERVER": "1"}, "IMGPIPE_SERVER"),
     ("[server]\nbogus = 1\n", {}, "server.bogus"),
     ("[bogus]\nx = 1\n", {}, "[bogus]"),
     ('[server]\nport = "five thousand"\n', {}, "server.port"),
@@ -134,6 +136,34 @@ def test_a_configured_listener_on_an_internal_host_is_refused_at_start(tmp_path:
     assert allowed.webhooks.urls and allowed.network.allow_private
 
 
+@pytest.mark.parametrize(("text", "env", "message"), [
+    ("[compress]\nqualty = 30\n", {}, "config key compress.qualty: unknown setting; did you mean compress.quality?"),
+    ("", {"IMGPIPE_COMPRESS_QUALTY": "30"},
+     "config key IMGPIPE_COMPRESS_QUALTY: unknown setting; did you mean IMGPIPE_COMPRESS_QUALITY?"),
+    ("", {"IMGPIPE_COMPRES_QUALITY": "30"},
+     "config key IMGPIPE_COMPRES_QUALITY: unknown setting; did you mean IMGPIPE_COMPRESS_QUALITY?"),
+    ("", {"IMGPIPE_compress_quality": "30"},
+     "config key IMGPIPE_compress_quality: unknown setting; did you mean IMGPIPE_COMPRESS_QUALITY?"),
+    ("[inbox]\nzzz = 1\n", {}, "config key inbox.zzz: unknown setting; valid keys of [inbox]: settle_seconds, enabled"),
+    ("", {"IMGPIPE_INBOX_ZZZ": "1"},
+     "config key IMGPIPE_INBOX_ZZZ: unknown setting; valid keys of [inbox]: settle_seconds, enabled"),
+    ("[compres]\nquality = 30\n", {}, "config section [compres]: unknown section; did you mean [compress]?"),
+])
+def test_unknown_names_are_refused_with_the_closest_valid_one(tmp_path: Path, text: str, env: dict[str, str],
+                                                               message: str) -> None:
+    """An unknown key, section or IMGPIPE_* variable is refused, offering the closest valid name or the valid keys."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), env=env)
+    assert str(caught.value) == message
+
+
+def test_variables_outside_the_imgpipe_prefix_are_left_alone(tmp_path: Path) -> None:
+    """Only IMGPIPE_* variables are settings: others, even ones that look alike, are not checked."""
+    settings = load_settings(write(tmp_path, ""), env={"IMGPIPE": "x", "imgpipe_compress_qualty": "x",
+                                                       "MY_IMGPIPE_COMPRESS_QUALTY": "x"})
+    assert settings.compress.quality == 50
+
+
 def test_bad_toml_raises_config_error_naming_the_file(tmp_path: Path) -> None:
     """A file that is not TOML raises ConfigError naming the file and the line of the error."""
     path = write(tmp_path, "[server]\nport = 5000\nhost = \n")
@@ -156,6 +186,15 @@ def test_imgpipe_run_with_a_bad_environment_value_exits_naming_the_key(tmp_path:
     assert result.returncode != 0
     assert "IMGPIPE_SERVER_PORT" in result.stderr
     assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_imgpipe_run_with_a_misspelt_environment_variable_exits_naming_it(tmp_path: Path, helpers: Any) -> None:
+    """`imgpipe run` with IMGPIPE_COMPRESS_QUALTY=30 exits 2 before starting, naming it and the right spelling."""
+    result = helpers.run_imgpipe("run", cwd=tmp_path, env={"IMGPIPE_COMPRESS_QUALTY": "30"}, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr == ("imgpipe: config key IMGPIPE_COMPRESS_QUALTY: unknown setting; "
+                             "did you mean IMGPIPE_COMPRESS_QUALITY?\n")
     assert result.stdout == ""
 
 

@@ -21,7 +21,7 @@ from watchdog.observers import Observer
 
 from daemon.config import LimitSettings
 from daemon.eventlog.store import EventLog, StreamConflict
-from daemon.files import write_atomic
+from daemon.files import TEMP_FILES, remove_matching, write_atomic
 from daemon.ingest.accept import accept, new_request_id
 from daemon.ingest.csvfile import Batch, Problem, parse_csv
 
@@ -86,6 +86,7 @@ class Inbox:
     async def start(self) -> None:
         for sub in (CLAIMED, ARCHIVE, REJECTED):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(remove_matching, self.folder / REJECTED, TEMP_FILES)  # reports a crash cut short
         for claimed in sorted((self.folder / CLAIMED).iterdir()):
             await self._ingest_claimed(claimed)
         observer = Observer()
@@ -177,13 +178,23 @@ class Inbox:
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             await self._ingest(claimed, request_id, name)
 
-    async def _ingest(self, claimed: Path, request_id: str, name: str) -> None:
+    async def _parse(self, claimed: Path) -> Batch | list[Problem]:
+        """The claimed file's batch, or what is wrong with the file; other errors (e.g. EMFILE) are raised."""
         limit = self._limits.max_upload_bytes
-        parsed: Batch | list[Problem]
-        if (await asyncio.to_thread(claimed.stat)).st_size > limit:  # the same limit as an upload; never read
-            parsed = [Problem(1, "", f"the CSV is larger than the limit of {limit} bytes")]
-        else:
-            parsed = await asyncio.to_thread(parse_csv, await asyncio.to_thread(claimed.read_bytes), self._limits)
+        try:
+            st = await asyncio.to_thread(claimed.lstat)
+            # Only files are claimed, but a claim left from before a restart may have been replaced by hand.
+            if not stat.S_ISREG(st.st_mode):
+                return [Problem(1, "", "not a regular file (a folder, link, pipe or device)")]
+            if st.st_size > limit:  # the same limit as an upload; never read
+                return [Problem(1, "", f"the CSV is larger than the limit of {limit} bytes")]
+            data = await asyncio.to_thread(claimed.read_bytes)
+        except PermissionError as exc:
+            return [Problem(1, "", f"the file cannot be read: {exc.strerror}")]
+        return await asyncio.to_thread(parse_csv, data, self._limits)
+
+    async def _ingest(self, claimed: Path, request_id: str, name: str) -> None:
+        parsed = await self._parse(claimed)
         if isinstance(parsed, list):
             target = self.folder / REJECTED / claimed.name
             await asyncio.to_thread(write_atomic, target.with_name(target.name + ".errors.txt"),

@@ -20,7 +20,7 @@ from daemon.events import (
     ImageEvent,
     ImageFailed,
 )
-from daemon.files import remove_matching
+from daemon.files import TEMP_FILES, remove_matching
 from daemon.stages.bodies import Bodies
 from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file
 from daemon.stages.pool import CodecPool, pool_size
@@ -71,7 +71,7 @@ class CompressStage(Follower):
         """Temp files of encodes that a crash cut short (workers end with the daemon), and bodies whose image was
         settled just before a crash, before they became spares: nobody will take them, so they must not fill the
         backlog (were they all of it, downloads would wait for them forever)."""
-        await asyncio.to_thread(remove_matching, self.images, ".*.tmp")
+        await asyncio.to_thread(remove_matching, self.images, TEMP_FILES)
         for request_id, waiting in self.bodies.waiting_by_request().items():
             records = await self.eventlog.read(self.eventlog.read_stream_sync, request_id, IMAGE_TERMINAL)
             settled = {(r.event.product, r.event.index) for r in records if isinstance(r.event, ImageEvent)}

@@ -16,7 +16,7 @@ import structlog
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event, ImageCompressed, RequestAccepted
-from daemon.files import write_atomic
+from daemon.files import TEMP_FILES, remove_matching, write_atomic
 from daemon.views.status import StatusImage, StatusRequest, image_url
 
 log = structlog.get_logger("export")
@@ -111,6 +111,10 @@ class OutboxWriter(Follower):
     def __init__(self, eventlog: EventLog, outbox: Path, public_url: str) -> None:
         super().__init__(eventlog)
         self.outbox, self.public_url = outbox, public_url
+
+    async def recover(self) -> None:
+        """Temp files of writes that a crash cut short."""
+        await asyncio.to_thread(remove_matching, self.outbox, TEMP_FILES)
 
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         accepted, images = stream_images(await self.eventlog.read_stream(record.stream))

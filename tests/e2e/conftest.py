@@ -80,6 +80,9 @@ class Daemon:
     def stderr(self) -> str:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
 
+    def healthy(self) -> bool:
+        return _healthy(self.base_url)
+
     def cli(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run `imgpipe ARGS` as a client of this daemon (pass --config or IMGPIPE_* in env to find it)."""

@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from daemon.config import Settings
@@ -291,6 +292,55 @@ async def test_claimed_file_not_yet_accepted_is_ingested_under_its_claim_id(serv
     assert [(stream, d["source_name"]) for stream, d in accepted_requests(helpers, settings)] == [
         (request_id, "half.csv")]
     assert status["source"] == {"kind": "inbox", "name": "half.csv"}
+
+
+async def test_a_claim_that_is_not_a_readable_file_is_rejected_and_start_up_goes_on(
+        serve_app: Serve, settings: Settings, helpers: Any) -> None:
+    """A claim found at start-up that is a folder, a pipe or a symlink is moved to rejected/ with a report, and the
+    claims beside it are still ingested."""
+    claims = settings.path("inbox") / CLAIMED
+    claims.mkdir(parents=True)
+    (claims / f"{'c' * 32}--folder.csv").mkdir()
+    os.mkfifo(claims / f"{'d' * 32}--pipe.csv")  # never opened: reading it would wait for a writer forever
+    outside = settings.path("inbox").parent / "elsewhere.csv"
+    outside.write_bytes(helpers.sample_csv.read_bytes())
+    (claims / f"{'e' * 32}--link.csv").symlink_to(outside)
+    (claims / f"{'f' * 32}--good.csv").write_bytes(helpers.sample_csv.read_bytes())
+    with capture_logs() as logs:
+        async with serve_app(settings) as served:
+            await served.inbox.idle()
+            status = await served.status_when_ready("f" * 32)
+    assert status["source"] == {"kind": "inbox", "name": "good.csv"}
+    assert [stream for stream, _ in accepted_requests(helpers, settings)] == ["f" * 32]
+    rejected = settings.path("inbox") / REJECTED
+    for request_id, name in (("c", "folder.csv"), ("d", "pipe.csv"), ("e", "link.csv")):
+        report = rejected / f"{request_id * 32}--{name}.errors.txt"
+        assert report.read_text(encoding="utf-8").splitlines()[:3] == [
+            f"{name} was rejected: 1 problem(s). Nothing from it was accepted.", "",
+            "line 1: not a regular file (a folder, link, pipe or device)"]
+        assert os.path.lexists(rejected / f"{request_id * 32}--{name}")
+    assert (rejected / f"{'e' * 32}--link.csv").is_symlink() and outside.exists()
+    assert list(claims.iterdir()) == []
+    assert sorted(e["source_name"] for e in logs if e["event"] == "csv_rejected") == [
+        "folder.csv", "link.csv", "pipe.csv"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its permissions")
+async def test_an_unreadable_claim_is_rejected_and_start_up_goes_on(serve_app: Serve, settings: Settings,
+                                                                     helpers: Any) -> None:
+    """A claim found at start-up that cannot be read is moved to rejected/ with a report saying so."""
+    claims = settings.path("inbox") / CLAIMED
+    claims.mkdir(parents=True)
+    unreadable = claims / f"{'c' * 32}--secret.csv"
+    unreadable.write_bytes(helpers.sample_csv.read_bytes())
+    unreadable.chmod(0)
+    (claims / f"{'f' * 32}--good.csv").write_bytes(helpers.sample_csv.read_bytes())
+    async with serve_app(settings) as served:
+        await served.inbox.idle()
+        await served.status_when_ready("f" * 32)
+    report = settings.path("inbox") / REJECTED / f"{'c' * 32}--secret.csv.errors.txt"
+    assert report.read_text(encoding="utf-8").splitlines()[2] == "line 1: the file cannot be read: Permission denied"
+    assert list(claims.iterdir()) == []
 
 
 async def test_stop_leaves_no_observer_thread_behind(settings: Settings, helpers: Any) -> None:

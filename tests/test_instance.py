@@ -1,0 +1,64 @@
+"""The one-process-per-database lock: where it lives, what it says, and that a dead holder never keeps it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from daemon.instance import DatabaseInUse, exclusive, lock_file
+
+
+def test_the_lock_file_sits_next_to_a_sqlite_database(tmp_path: Path) -> None:
+    """A SQLite file's lock is `<file>.lock` beside it; an in-memory database has none."""
+    assert lock_file(f"sqlite:///{tmp_path / 'imgpipe.db'}") == tmp_path / "imgpipe.db.lock"
+    assert lock_file(f"sqliteext:///{tmp_path / 'log.db'}") == tmp_path / "log.db.lock"
+    assert lock_file("sqlite:///:memory:") is None
+
+
+def test_a_server_database_is_locked_in_the_temp_folder_without_its_password() -> None:
+    """A server URL is locked through a file in the temp folder named by a hash, so its password is not shown."""
+    path = lock_file("postgresql://imgpipe:secret@db.example/imgpipe")
+    assert path is not None
+    assert path.parent == Path(tempfile.gettempdir())
+    assert path.name.startswith("imgpipe-") and path.suffix == ".lock"
+    assert "secret" not in str(path)
+    assert lock_file("postgresql://imgpipe:secret@db.example/other") != path
+
+
+def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path: Path) -> None:
+    """Taking a held lock fails at once naming the file and the holder's pid; once released it is free again."""
+    url = f"sqlite:///{tmp_path / 'data' / 'imgpipe.db'}"
+    with exclusive(url) as path:
+        assert path == tmp_path / "data" / "imgpipe.db.lock"
+        assert path.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(DatabaseInUse) as refused, exclusive(url):
+            pass
+        assert refused.value.details == {"database": url, "lock_file": str(path), "pid": os.getpid()}
+        assert str(refused.value) == f"the database is in use by another imgpipe process (pid {os.getpid()}): " \
+                                     f"{path} is locked"
+    assert path.read_text() == ""
+    with exclusive(url):
+        pass
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
+    """A process killed with SIGKILL while holding the lock leaves it free for the next one."""
+    url = f"sqlite:///{tmp_path / 'imgpipe.db'}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom daemon.instance import exclusive\n"
+         f"with exclusive({url!r}):\n    print('held', flush=True)\n    time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(DatabaseInUse), exclusive(url):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(url) as path:
+        assert path is not None and path.read_text() == f"{os.getpid()}\n"
