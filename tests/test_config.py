@@ -26,6 +26,7 @@ def test_defaults_without_a_config_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert settings.limits.max_upload_bytes == 20 * 1024 * 1024
     assert (settings.limits.max_rows, settings.limits.max_cell_bytes) == (20_000, 65536)
     assert (settings.inbox.enabled, settings.inbox.settle_seconds) == (True, 1.0)
+    assert settings.compress.job_timeout == 120.0
     assert settings.path("inbox") == tmp_path / "inbox"
     assert settings.path("images") == tmp_path / "compressed_images"
     assert settings.database_url == f"sqlite:///{tmp_path / 'imgpipe.db'}"
@@ -67,6 +68,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         "IMGPIPE_WEBHOOKS_RETRY_SCHEDULE": "1,2.5,60",
         "IMGPIPE_INBOX_ENABLED": "false",
         "IMGPIPE_INBOX_SETTLE_SECONDS": "0.2",
+        "IMGPIPE_COMPRESS_JOB_TIMEOUT": "30",
         "UNRELATED": "ignored",
     })
     assert settings.server.port == 8080
@@ -77,6 +79,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert settings.webhooks.retry_schedule == (1.0, 2.5, 60.0)
     assert settings.inbox.enabled is False
     assert settings.inbox.settle_seconds == 0.2
+    assert settings.compress.job_timeout == 30.0
 
 
 def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
@@ -100,6 +103,7 @@ def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
     ("[server]\nport = 5000.5\n", {}, "server.port"),
     ("[limits]\nmax_rows = true\n", {}, "limits.max_rows"),
     ("[compress]\nquality = 0\n", {}, "compress.quality"),
+    ("[compress]\njob_timeout = 0\n", {}, "compress.job_timeout"),
 ])
 def test_bad_values_raise_config_error_naming_the_key(tmp_path: Path, text: str, env: dict[str, str],
                                                       key: str) -> None:
