@@ -18,6 +18,7 @@ import contextlib
 import multiprocessing
 import os
 import select
+import signal
 import threading
 import time
 from collections import deque
@@ -79,6 +80,10 @@ def start_worker(daemon_pid: int, cpus: frozenset[int] | None = None) -> None:
     one of them, see daemon.machine), and end with the daemon."""
     # The loop feeds the pool and answers /status; at equal priority a saturated pool starves both.
     os.nice(WORKER_NICENESS)
+    # A stop signal for the whole process group (Ctrl-C, systemd) is the daemon's to act on: it closes the pipes
+    # and the workers end after their job. Dying with it would look like a crash, to be logged and replaced.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     if cpus:
         with contextlib.suppress(OSError):  # CPUs taken away since (a changed cpuset): keep what it has
             os.sched_setaffinity(0, cpus)

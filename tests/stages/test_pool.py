@@ -163,6 +163,23 @@ async def test_the_deadline_counts_from_when_a_job_starts_not_from_when_it_was_s
         pool.shutdown()
 
 
+async def test_a_stop_signal_to_every_process_leaves_the_workers_to_the_shutdown() -> None:
+    """SIGTERM or Ctrl-C sent to the daemon's whole process group (systemd, a terminal) neither ends a worker
+    nor makes the pool replace one: their jobs answer, and nothing up to the end of the shutdown logs
+    codec_worker_replaced (or any codec_worker_* event)."""
+    pool = CodecPool(CompressSettings(workers=2))
+    with capture_logs() as logs:
+        workers = await pool.start()
+        running = asyncio.gather(*(pool.run(time.sleep, 0.3) for _ in range(2)))  # one on each worker
+        for pid, stop in zip(sorted(workers), (signal.SIGTERM, signal.SIGINT)):
+            os.kill(pid, stop)
+        assert await asyncio.wait_for(running, 10) == [None, None]
+        assert set(await asyncio.gather(*(pool.run(os.getpid) for _ in range(4)))) == workers
+        pool.shutdown()
+    assert [e for e in logs if e["event"].startswith("codec_worker")] == []
+    assert not any(alive(pid) for pid in workers)
+
+
 async def test_shutdown_ends_every_worker() -> None:
     """After shutdown no worker process is left running."""
     pool = CodecPool(CompressSettings(workers=2))
