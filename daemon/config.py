@@ -75,6 +75,7 @@ class CompressSettings:
     workers: int = 0  # 0: one per CPU
     pin_daemon: bool = True  # the daemon's own threads on one CPU, the workers on all (see daemon.machine)
     max_pixels: int = 50_000_000
+    job_timeout: float = 120.0  # seconds one image may run in a worker before the worker is killed
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,8 @@ def _check(name: str, section: Any) -> None:
         raise ConfigError(f"config key compress.quality: must be 1..95, got {section.quality}")
     if name == "compress" and not 0 <= section.target_ratio < 1:
         raise ConfigError(f"config key compress.target_ratio: must be 0 (off) or below 1, got {section.target_ratio}")
+    if name == "compress" and section.job_timeout <= 0:
+        raise ConfigError(f"config key compress.job_timeout: must be above 0 seconds, got {section.job_timeout}")
     if name == "server" and not 0 <= section.port <= 65535:
         raise ConfigError(f"config key server.port: must be 0..65535, got {section.port}")
     if name == "download" and section.concurrency < 1:

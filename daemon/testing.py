@@ -302,3 +302,9 @@ def fail_unpicklably() -> None:
 def end_worker() -> None:
     """Ends the worker process at once, as a crash inside a codec library would."""
     os._exit(70)
+
+
+def hang() -> None:
+    """Never answers, as a codec caught in a loop on a pathological image would."""
+    while True:
+        time.sleep(3600)

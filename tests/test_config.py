@@ -26,6 +26,7 @@ def test_defaults_without_a_config_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert settings.limits.max_upload_bytes == 20 * 1024 * 1024
     assert (settings.limits.max_rows, settings.limits.max_cell_bytes) == (20_000, 65536)
     assert (settings.inbox.enabled, settings.inbox.settle_seconds) == (True, 1.0)
+    assert settings.compress.job_timeout == 120.0
     assert settings.path("inbox") == tmp_path / "inbox"
     assert settings.path("images") == tmp_path / "compressed_images"
     assert settings.database_url == f"sqlite:///{tmp_path / 'imgpipe.db'}"
@@ -68,6 +69,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
         "IMGPIPE_INBOX_ENABLED": "false",
         "IMGPIPE_INBOX_SETTLE_SECONDS": "0.2",
         "IMGPIPE_WEBHOOKS_MAX_PAYLOAD_BYTES": "1000",
+        "IMGPIPE_COMPRESS_JOB_TIMEOUT": "30",
         "UNRELATED": "ignored",
     })
     assert settings.server.port == 8080
@@ -79,6 +81,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert settings.inbox.enabled is False
     assert settings.inbox.settle_seconds == 0.2
     assert settings.webhooks.max_payload_bytes == 1000
+    assert settings.compress.job_timeout == 30.0
 
 
 def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
@@ -106,6 +109,7 @@ def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
     ("[compress]\nquality = 0\n", {}, "compress.quality"),
     ("", {"IMGPIPE_WEBHOOKS_MAX_PAYLOAD_BYTES": "0"}, "webhooks.max_payload_bytes"),
     ('[webhooks]\nurls = ["ftp://hooks.example/x"]\n', {}, "webhooks.urls"),
+    ("[compress]\njob_timeout = 0\n", {}, "compress.job_timeout"),
 ])
 def test_bad_values_raise_config_error_naming_the_key(tmp_path: Path, text: str, env: dict[str, str],
                                                       key: str) -> None:

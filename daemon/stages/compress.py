@@ -23,7 +23,7 @@ from daemon.events import (
 from daemon.files import TEMP_FILES, remove_matching
 from daemon.stages.bodies import Bodies
 from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file
-from daemon.stages.pool import CodecPool, pool_size
+from daemon.stages.pool import CodecPool, JobTimedOut, pool_size
 
 log = structlog.get_logger("compress")
 CODEC_ATTEMPTS = 3
@@ -58,6 +58,10 @@ class CompressStage(Follower):
             return [ImageFailed(**where, stage="compress", error=str(exc))]
         except FileNotFoundError:
             return [ImageFailed(**where, stage="compress", error="the downloaded body is gone; upload the CSV again")]
+        except JobTimedOut as exc:  # not tried again: the same image would hold a worker as long each time
+            error = f"compress failed: {exc}"
+            log.warning("image_failed", request_id=record.stream, error=error, **where)
+            return [ImageFailed(**where, stage="compress", error=error)]
         except Exception as exc:  # a dead worker, MemoryError...: try again, but never forever
             if attempt >= CODEC_ATTEMPTS:
                 error = f"could not compress it in {attempt} attempts: {type(exc).__name__}: {exc}".rstrip(": ")

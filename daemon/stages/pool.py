@@ -6,7 +6,9 @@ machine the codec then did not get. Here the loop writes a job to a worker's pip
 that pipe is readable: no threads and no locks. Each worker has up to `DEPTH` jobs sent ahead, so it never
 waits for the loop between two images. A worker that dies (the OOM killer, a crash inside a codec library)
 fails the job it was running with WorkerLost, which the compress stage retries, sends the jobs queued behind it to
-another worker, and another worker takes its place.
+another worker, and another worker takes its place. A worker whose job runs past `compress.job_timeout` (a codec
+looping on a pathological image, a stopped process) is killed and goes the same way, its job failing with
+JobTimedOut, which is not retried.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import multiprocessing
 import os
 import select
+import signal
 import threading
 import time
 from collections import deque
@@ -38,8 +41,18 @@ REPLACE_RETRY_FIRST = 0.05  # seconds before trying again to start a replacement
 REPLACE_RETRY_MAX = 5.0
 
 
+SHUTDOWN_WAIT = 10.0  # seconds the workers get to finish their current jobs before they are killed
+
+
 class WorkerLost(Exception):
     """The worker running a job died before it answered."""
+
+
+class JobTimedOut(WorkerLost):
+    """The job ran longer than compress.job_timeout, so its worker was killed."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"took longer than {seconds:g} s (compress.job_timeout)")
 
 
 def pool_size(settings: CompressSettings) -> int:
@@ -70,6 +83,10 @@ def start_worker(daemon_pid: int, cpus: frozenset[int] | None = None) -> None:
     one of them, see daemon.machine), and end with the daemon."""
     # The loop feeds the pool and answers /status; at equal priority a saturated pool starves both.
     os.nice(WORKER_NICENESS)
+    # A stop signal for the whole process group (Ctrl-C, systemd) is the daemon's to act on: it closes the pipes
+    # and the workers end after their job. Dying with it would look like a crash, to be logged and replaced.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     if cpus:
         with contextlib.suppress(OSError):  # CPUs taken away since (a changed cpuset): keep what it has
             os.sched_setaffinity(0, cpus)
@@ -84,14 +101,14 @@ def exit_with(pid: int) -> None:
             with os.fdopen(os.pidfd_open(pid), "rb", buffering=0) as handle:
                 select.select([handle], [], [])  # readable once the process has exited
         except OSError:  # no pidfd (old kernel): poll
-            while os.getppid() != 1 and _alive(pid):
+            while os.getppid() != 1 and alive(pid):
                 time.sleep(1.0)
         os._exit(0)
 
     threading.Thread(target=watch, name="exit-with-daemon", daemon=True).start()
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -106,6 +123,7 @@ class _Worker:
     def __init__(self, process: BaseProcess, conn: Connection) -> None:
         self.process, self.conn = process, conn
         self.jobs: deque[_Job] = deque()  # sent, answered in this order
+        self.started = 0.0  # time.monotonic() when the first of `jobs` started running
 
 
 class CodecPool:
@@ -113,6 +131,7 @@ class CodecPool:
 
     def __init__(self, settings: CompressSettings) -> None:
         self.size = pool_size(settings)
+        self.job_timeout = settings.job_timeout
         self._cpus = allowed_cpus()  # taken before the daemon confines its own threads to one of them
         # forkserver: workers do not inherit the daemon's threads (observer, DB writer) mid-flight.
         self._context = multiprocessing.get_context("forkserver")
@@ -121,6 +140,7 @@ class CodecPool:
         self._queued: deque[_Job] = deque()
         self._spawning: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._deadlines: asyncio.TimerHandle | None = None
 
     @property
     def pids(self) -> set[int]:
@@ -131,6 +151,8 @@ class CodecPool:
         and the imports. Returns the workers' pids."""
         while len(self._workers) < self.size:
             await self._spawn()
+        if self._deadlines is None:
+            self._check_deadlines()
         # Sent together: the least busy worker takes each, so every worker runs one.
         return set(await asyncio.gather(*(self.run(warm_up) for _ in range(self.size))))
 
@@ -143,13 +165,16 @@ class CodecPool:
     def shutdown(self) -> None:
         """Close every worker's pipe (each ends after its current job) and wait for them."""
         self._closed = True
+        if self._deadlines is not None:
+            self._deadlines.cancel()
         for task in self._spawning:
             task.cancel()
         workers, self._workers = self._workers, []
         for worker in workers:
             self._close(worker)
+        deadline = time.monotonic() + SHUTDOWN_WAIT  # for all of them: a worker stuck in a job holds up no other
         for worker in workers:
-            worker.process.join(timeout=10)
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
@@ -173,6 +198,8 @@ class CodecPool:
                 self._queued.appendleft((fn, args, future))
                 self._lost(worker)
                 continue
+            if not worker.jobs:
+                worker.started = time.monotonic()
             worker.jobs.append((fn, args, future))
 
     def _readable(self, worker: _Worker) -> None:
@@ -184,6 +211,7 @@ class CodecPool:
         except Exception as exc:  # a whole answer arrived but does not unpickle: it is still this job's
             ok, value = False, RuntimeError(f"the codec's answer could not be read: {exc!r}")
         *_, future = worker.jobs.popleft()
+        worker.started = time.monotonic()  # the worker went on to the next job as it sent this answer
         if not future.done():
             if ok:
                 future.set_result(value)
@@ -191,9 +219,19 @@ class CodecPool:
                 future.set_exception(value)
         self._dispatch()
 
-    def _lost(self, worker: _Worker) -> None:
-        """A worker died: fail the job it ran (the compress stage tries again), hand the others to the remaining
-        workers, and start another in its place."""
+    def _check_deadlines(self) -> None:
+        """Kill every worker whose job has run past the deadline; then again in a while. One timer for the pool
+        rather than one per job: the loop sends thousands of jobs a minute."""
+        now = time.monotonic()
+        for worker in [w for w in self._workers if w.jobs and now - w.started > self.job_timeout]:
+            log.warning("codec_job_timed_out", pid=worker.process.pid, seconds=self.job_timeout)
+            worker.process.kill()  # SIGKILL: also ends a stopped process
+            self._lost(worker, JobTimedOut(self.job_timeout))
+        self._deadlines = asyncio.get_running_loop().call_later(min(1.0, self.job_timeout / 4), self._check_deadlines)
+
+    def _lost(self, worker: _Worker, failure: WorkerLost | None = None) -> None:
+        """A worker died or was killed: fail the job it ran with `failure` (by default WorkerLost, which the compress
+        stage tries again), hand the others to the remaining workers, and start another in its place."""
         if worker not in self._workers:
             return
         self._workers.remove(worker)
@@ -203,7 +241,7 @@ class CodecPool:
         if worker.jobs:
             *_, running = worker.jobs.popleft()
             if not running.done():
-                running.set_exception(WorkerLost(f"codec worker {worker.process.pid} died"))
+                running.set_exception(failure or WorkerLost(f"codec worker {worker.process.pid} died"))
         self._queued.extendleft(reversed([job for job in worker.jobs if not job[2].done()]))
         worker.jobs.clear()
         self._dispatch()

@@ -230,6 +230,26 @@ async def test_a_dead_worker_is_replaced_and_the_batch_completes(app: web.Applic
         ("codec_worker_replaced", victim)]
 
 
+async def test_an_image_whose_compression_overruns_the_deadline_fails_once_with_a_readable_error(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """An image whose worker does not answer within compress.job_timeout (here: a stopped worker) fails at its first
+    attempt with an error naming the limit; the image sent behind it to that worker is compressed by its
+    replacement."""
+    async with daemon_app(make_settings(compress={"workers": 1, "job_timeout": 0.5})) as app:
+        (stopped,) = app[POOL].pids
+        os.kill(stopped, signal.SIGSTOP)
+        accepted = await submit(app, [[f"{origin.url}/img/photo.jpg", f"{origin.url}/img/photo2.jpg"]])
+        with capture_logs() as logs:
+            await asyncio.wait_for(drain(app), 20)
+        body = await status_of(app, accepted.request_id)
+        assert sorted((i["status"], i["error"]) for i in images_of(body)) == [
+            ("compressed", None), ("failed", "compress failed: took longer than 0.5 s (compress.job_timeout)")]
+        assert body["status"] == "completed_with_errors"
+        # Attempted once: a second attempt would have gone to the replacement, which is not stopped, and succeeded.
+        assert [e["pid"] for e in logs if e["event"] == "codec_job_timed_out"] == [stopped]
+        assert len(app[POOL].pids) == 1 and stopped not in app[POOL].pids
+
+
 async def test_attempts_made_before_a_restart_count(make_settings: Callable[..., Settings], origin: Origin) -> None:
     """A download retrying when the daemon stops gets only its remaining attempts after the restart."""
     waiting = make_settings(download={"attempts": 3, "backoff_base": 30.0, "backoff_max": 30.0})

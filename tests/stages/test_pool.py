@@ -1,4 +1,4 @@
-"""The codec pool with real worker processes: answers, errors, a worker killed mid-job, shutdown."""
+"""The codec pool with real worker processes: answers, errors, a worker killed mid-job, deadlines, shutdown."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -19,8 +21,8 @@ from daemon.stages.codec import (
     _compress,
     _unidentified_reason,
 )
-from daemon.stages.pool import CodecPool, WorkerLost
-from daemon.testing import end_worker, eventually, fail_unpicklably
+from daemon.stages.pool import CodecPool, JobTimedOut, WorkerLost, alive
+from daemon.testing import end_worker, eventually, fail_unpicklably, hang
 
 
 async def test_jobs_run_in_the_workers_and_their_errors_come_back() -> None:
@@ -82,33 +84,100 @@ async def test_a_replacement_that_cannot_start_is_tried_again_until_it_starts() 
         pool.shutdown()
 
 
-async def job_and_the_one_behind(first: Callable[[], object]) -> tuple[int, object, object, set[int]]:
-    """On a one-worker pool, send `first` and os.getpid right behind it; returns (the worker that started,
-    first's outcome, the pid that answered the second, the workers at the end)."""
-    pool = CodecPool(CompressSettings(workers=1))
+@dataclass(frozen=True)
+class Sent:
+    worker: int  # the pool's one worker at the start
+    outcome: object  # the first job's result or exception
+    behind: object  # the pid that answered the job sent behind it
+    workers: set[int]  # the pool's workers at the end
+    logs: list[dict[str, Any]]
+
+
+async def job_and_the_one_behind(first: Callable[[], object], settings: CompressSettings | None = None) -> Sent:
+    """On a one-worker pool, send `first` and os.getpid right behind it, on the same worker."""
+    pool = CodecPool(settings or CompressSettings(workers=1))
     try:
         (worker,) = await pool.start()
-        with capture_logs():
+        with capture_logs() as logs:
             sent = [asyncio.ensure_future(pool.run(first)), asyncio.ensure_future(pool.run(os.getpid))]
             outcome, behind = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 20)
-        return worker, outcome, behind, pool.pids
+        return Sent(worker, outcome, behind, pool.pids, logs)
     finally:
         pool.shutdown()
 
 
 async def test_an_answer_that_does_not_unpickle_fails_its_own_job_and_no_other() -> None:
     """A job whose answer cannot be read back fails with the reason; the job sent behind it gets its own answer."""
-    worker, outcome, behind, _ = await job_and_the_one_behind(fail_unpicklably)
-    assert isinstance(outcome, RuntimeError)
-    assert "the codec's answer could not be read" in str(outcome)
-    assert behind == worker
+    sent = await job_and_the_one_behind(fail_unpicklably)
+    assert isinstance(sent.outcome, RuntimeError)
+    assert "the codec's answer could not be read" in str(sent.outcome)
+    assert sent.behind == sent.worker
 
 
 async def test_a_job_that_kills_its_worker_costs_the_job_sent_behind_it_nothing() -> None:
     """Only the job that was running when its worker died fails; the one already sent behind it runs elsewhere."""
-    worker, outcome, behind, workers = await job_and_the_one_behind(end_worker)
-    assert isinstance(outcome, WorkerLost)
-    assert behind in workers and behind != worker
+    sent = await job_and_the_one_behind(end_worker)
+    assert isinstance(sent.outcome, WorkerLost)
+    assert sent.behind in sent.workers and sent.behind != sent.worker
+
+
+async def test_a_job_past_its_deadline_fails_alone_and_its_worker_is_replaced() -> None:
+    """A job that never answers fails after job_timeout with a readable JobTimedOut, its worker is killed and
+    replaced, and the job sent behind it runs on the replacement."""
+    sent = await job_and_the_one_behind(hang, CompressSettings(workers=1, job_timeout=0.5))
+    assert isinstance(sent.outcome, JobTimedOut)
+    assert str(sent.outcome) == "took longer than 0.5 s (compress.job_timeout)"
+    assert sent.behind in sent.workers and sent.behind != sent.worker and len(sent.workers) == 1
+    assert [(e["pid"], e["seconds"]) for e in sent.logs if e["event"] == "codec_job_timed_out"] == [(sent.worker, 0.5)]
+    await eventually(lambda: asyncio.sleep(0, not alive(sent.worker)), "the timed-out worker to be gone")
+
+
+async def test_a_stopped_worker_is_killed_at_the_deadline_and_replaced() -> None:
+    """A worker stopped with SIGSTOP cannot answer: its job fails with JobTimedOut, the stopped process is killed,
+    and the pool is back to its full size, running jobs."""
+    pool = CodecPool(CompressSettings(workers=1, job_timeout=0.5))
+    try:
+        (stopped,) = await pool.start()
+        os.kill(stopped, signal.SIGSTOP)
+        with pytest.raises(JobTimedOut, match="took longer than 0.5 s"):
+            await asyncio.wait_for(pool.run(os.getpid), 20)
+        await eventually(lambda: asyncio.sleep(0, not alive(stopped)), "the stopped worker to be killed")
+        (replacement,) = await eventually(lambda: asyncio.sleep(0, pool.pids), "a replacement worker")
+        assert replacement != stopped and await pool.run(os.getpid) == replacement
+    finally:
+        pool.shutdown()
+
+
+async def test_the_deadline_counts_from_when_a_job_starts_not_from_when_it_was_sent() -> None:
+    """Two jobs of 0.8 s sent together to one worker both finish under a 1.2 s deadline: the second is not blamed
+    for the time it waited behind the first."""
+    pool = CodecPool(CompressSettings(workers=1, job_timeout=1.2))
+    try:
+        (worker,) = await pool.start()
+        with capture_logs() as logs:
+            both = asyncio.gather(*(pool.run(time.sleep, 0.8) for _ in range(2)))  # both sent at once (DEPTH 2)
+            assert await asyncio.wait_for(both, 20) == [None, None]
+        assert pool.pids == {worker}
+        assert [e for e in logs if e["event"] == "codec_job_timed_out"] == []
+    finally:
+        pool.shutdown()
+
+
+async def test_a_stop_signal_to_every_process_leaves_the_workers_to_the_shutdown() -> None:
+    """SIGTERM or Ctrl-C sent to the daemon's whole process group (systemd, a terminal) neither ends a worker
+    nor makes the pool replace one: their jobs answer, and nothing up to the end of the shutdown logs
+    codec_worker_replaced (or any codec_worker_* event)."""
+    pool = CodecPool(CompressSettings(workers=2))
+    with capture_logs() as logs:
+        workers = await pool.start()
+        running = asyncio.gather(*(pool.run(time.sleep, 0.3) for _ in range(2)))  # one on each worker
+        for pid, stop in zip(sorted(workers), (signal.SIGTERM, signal.SIGINT)):
+            os.kill(pid, stop)
+        assert await asyncio.wait_for(running, 10) == [None, None]
+        assert set(await asyncio.gather(*(pool.run(os.getpid) for _ in range(4)))) == workers
+        pool.shutdown()
+    assert [e for e in logs if e["event"].startswith("codec_worker")] == []
+    assert not any(alive(pid) for pid in workers)
 
 
 async def test_shutdown_ends_every_worker() -> None:
