@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import struct
+import sys
 import time
 import zlib
 from collections import Counter
@@ -57,6 +58,18 @@ def pipeline_settings(tmp_path: Path, **sections: dict[str, object]) -> Settings
     for name, values in sections.items():
         defaults[name] = {**defaults.get(name, {}), **values}
     return replace(base, **defaults)
+
+
+def imgpipe_command() -> list[str]:
+    """The installed `imgpipe` console script of this interpreter's environment, else `python -m daemon`."""
+    script = Path(sys.executable).with_name("imgpipe")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "daemon"]
+
+
+def clean_environment(**overrides: str) -> dict[str, str]:
+    """This process's environment without any IMGPIPE_* variable, plus `overrides` (for `imgpipe` subprocesses)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
+    return {**env, "PYTHONUNBUFFERED": "1", **overrides}
 
 
 def free_port() -> int:

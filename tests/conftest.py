@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import (
@@ -33,7 +31,7 @@ from daemon.app import INBOX, build_app
 from daemon.config import Settings, load_settings, replace
 from daemon.ingest.csvfile import COLUMNS
 from daemon.ingest.inbox import Inbox
-from daemon.testing import free_port
+from daemon.testing import clean_environment, free_port, imgpipe_command
 from daemon.web import STATUS_VIEW
 
 T = TypeVar("T")
@@ -216,17 +214,10 @@ def serve_app() -> Callable[[Settings], AbstractAsyncContextManager[Served]]:
     return serve
 
 
-def imgpipe_command() -> list[str]:
-    """The installed `imgpipe` console script of this interpreter's environment, else `python -m daemon`."""
-    script = Path(sys.executable).with_name("imgpipe")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "daemon"]
-
-
 def run_imgpipe(*args: str, cwd: Path, env: dict[str, str] | None = None,
                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `imgpipe ARGS` as a real process in `cwd`, with only `env`'s IMGPIPE_* variables set."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
-    return subprocess.run([*imgpipe_command(), *args], cwd=cwd, env={**clean, **(env or {})},
+    return subprocess.run([*imgpipe_command(), *args], cwd=cwd, env=clean_environment(**(env or {})),
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 

@@ -10,7 +10,6 @@ case) reads its next page from there, without a trip to the writer thread, SQL o
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -275,6 +274,3 @@ def _recorded(position: int, stream: str, version: int, recorded_at: str, type_:
     return RecordedEvent(position=position, stream=stream, version=version, recorded_at=recorded_at,
                          event=decode(type_, data))
 
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,24 +15,12 @@ from typing import Any
 
 import pytest
 
-from daemon.testing import free_port
+from daemon.testing import clean_environment, free_port, imgpipe_command
 
 START_DEADLINE = 30.0
 STOP_DEADLINE = 20.0
 
 
-
-
-def imgpipe_command() -> list[str]:
-    """The environment's `imgpipe` console script, else `python -m daemon`."""
-    script = Path(sys.executable).with_name("imgpipe")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "daemon"]
-
-
-def clean_environment(**overrides: str) -> dict[str, str]:
-    """This process's environment without any IMGPIPE_* variable, plus `overrides`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGPIPE_")}
-    return {**env, "PYTHONUNBUFFERED": "1", **overrides}
 
 
 @dataclass
