@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
-from bench.harness import Daemon, cpu_mark, cpu_use, make_photos, upload
+from bench.harness import Daemon, cpu_mark, cpu_seconds, cpu_use, make_photos, upload
 from bench.load import add_load_arguments, run_load
 from daemon.testing import Listener, Origin
 
@@ -67,10 +67,11 @@ async def run_daemon(urls: list[str], workers: int, quality: int, workdir: Path)
         await listener.wait_for(1, timeout=3600)
         elapsed = time.perf_counter() - start
         cpu = cpu_use(mark, daemon.pid)
+        main_cpu_s = cpu_seconds(daemon.pid) - mark.processes.get(daemon.pid, 0.0)
         async with client.get(f"{daemon.base}/status/{accepted['request_id']}") as r:
             status = await r.json()
     return {"elapsed_s": elapsed, "ack_s": ack, "status": status["status"], "progress": status["progress"],
-            **daemon.memory(), "cpu": cpu}
+            **daemon.memory(), "cpu": cpu, "main_cpu_s": main_cpu_s}
 
 
 async def throughput(photos: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
@@ -95,6 +96,7 @@ async def throughput(photos: list[bytes], args: argparse.Namespace) -> dict[str,
                 "daemon_peak_rss_mb": daemon["daemon_peak_rss_mb"],
                 "pool_rss_mb": daemon["pool_rss_mb"],
                 "cpu_cores_while_running": daemon["cpu"],
+                "daemon_main_cpu_ms_per_image": round(1000 * daemon["main_cpu_s"] / n, 3),
                 "ceiling_s": ceiling_s, "pipeline_s": daemon["elapsed_s"],
             })
     ceiling_total = sum(r.pop("ceiling_s") for r in rounds)
@@ -116,6 +118,7 @@ async def throughput(photos: list[bytes], args: argparse.Namespace) -> dict[str,
         "daemon_peak_rss_mb": max(r["daemon_peak_rss_mb"] for r in rounds),
         "pool_rss_mb": max(r["pool_rss_mb"] for r in rounds),
         "cpu_cores_while_running": cpu,
+        "daemon_main_cpu_ms_per_image": round(statistics.mean(r["daemon_main_cpu_ms_per_image"] for r in rounds), 3),
         "rounds": rounds,
     }
 
