@@ -17,8 +17,10 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import pickle
 import select
 import signal
+import struct
 import threading
 import time
 from collections import deque
@@ -42,6 +44,11 @@ REPLACE_RETRY_MAX = 5.0
 
 
 SHUTDOWN_WAIT = 10.0  # seconds the workers get to finish their current jobs before they are killed
+# The loop's side of a pipe speaks multiprocessing.Connection's framing (a signed 4-byte big-endian length, then
+# a pickle) without its classes: ForkingPickler builds a pickler and copies a dispatch table per message, and
+# recv() reads twice. Each was more of the loop's CPU per image than sending the job itself.
+FRAME_HEADER = struct.Struct("!i")
+READ_SIZE = 64 * 1024
 
 
 class WorkerLost(Exception):
@@ -64,7 +71,7 @@ def serve(conn: Connection, daemon_pid: int, cpus: frozenset[int] | None) -> Non
     start_worker(daemon_pid, cpus)
     while True:
         try:
-            fn, args = conn.recv()
+            fn, args = pickle.loads(conn.recv_bytes())
         except EOFError:  # the daemon closed its end: shut down
             return
         reply: tuple[bool, Any]
@@ -73,9 +80,10 @@ def serve(conn: Connection, daemon_pid: int, cpus: frozenset[int] | None) -> Non
         except Exception as exc:
             reply = (False, exc)
         try:
-            conn.send(reply)
+            answer = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # it did not pickle; nothing was written yet
-            conn.send((False, RuntimeError(f"the codec's answer could not be sent back: {exc!r}")))
+            answer = pickle.dumps((False, RuntimeError(f"the codec's answer could not be sent back: {exc!r}")))
+        conn.send_bytes(answer)
 
 
 def start_worker(daemon_pid: int, cpus: frozenset[int] | None = None) -> None:
@@ -119,11 +127,33 @@ def alive(pid: int) -> bool:
 _Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]
 
 
+def frame(message: Any) -> bytes:
+    payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+def unframe(buffer: bytearray) -> list[bytes]:
+    """The whole messages at the start of `buffer`, which keeps what follows them (part of the next one)."""
+    messages: list[bytes] = []
+    start = 0
+    while len(buffer) - start >= FRAME_HEADER.size:
+        (size,) = FRAME_HEADER.unpack_from(buffer, start)
+        end = start + FRAME_HEADER.size + size
+        if size < 0 or end > len(buffer):  # negative: Connection's marker for a message over 2 GB, never ours
+            break
+        messages.append(bytes(buffer[start + FRAME_HEADER.size:end]))
+        start = end
+    del buffer[:start]
+    return messages
+
+
 class _Worker:
     def __init__(self, process: BaseProcess, conn: Connection) -> None:
         self.process, self.conn = process, conn
+        self.fd = conn.fileno()
         self.jobs: deque[_Job] = deque()  # sent, answered in this order
         self.started = 0.0  # time.monotonic() when the first of `jobs` started running
+        self.received = bytearray()  # answers read but not yet whole
 
 
 class CodecPool:
@@ -193,7 +223,8 @@ class CodecPool:
             if future.done():  # cancelled while queued
                 continue
             try:
-                worker.conn.send((fn, args))  # paths and settings: far below what a pipe buffers
+                # Paths and settings: far below what a pipe buffers, so the write never blocks.
+                os.write(worker.fd, frame((fn, args)))
             except OSError:  # it died and the loop has not seen its pipe close yet
                 self._queued.appendleft((fn, args, future))
                 self._lost(worker)
@@ -204,19 +235,25 @@ class CodecPool:
 
     def _readable(self, worker: _Worker) -> None:
         try:
-            ok, value = worker.conn.recv()
-        except (EOFError, OSError):
+            data = os.read(worker.fd, READ_SIZE)
+        except OSError:
+            data = b""
+        if not data:  # the worker's end closed: it died
             self._lost(worker)
             return
-        except Exception as exc:  # a whole answer arrived but does not unpickle: it is still this job's
-            ok, value = False, RuntimeError(f"the codec's answer could not be read: {exc!r}")
-        *_, future = worker.jobs.popleft()
-        worker.started = time.monotonic()  # the worker went on to the next job as it sent this answer
-        if not future.done():
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+        worker.received += data
+        for message in unframe(worker.received):
+            try:
+                ok, value = pickle.loads(message)
+            except Exception as exc:  # a whole answer arrived but does not unpickle: it is still this job's
+                ok, value = False, RuntimeError(f"the codec's answer could not be read: {exc!r}")
+            *_, future = worker.jobs.popleft()
+            worker.started = time.monotonic()  # the worker went on to the next job as it sent this answer
+            if not future.done():
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
         self._dispatch()
 
     def _check_deadlines(self) -> None:

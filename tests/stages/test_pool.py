@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing.forkserver
 import os
+import pickle
 import signal
 import time
 from collections.abc import Callable
@@ -21,7 +23,7 @@ from daemon.stages.codec import (
     _compress,
     _unidentified_reason,
 )
-from daemon.stages.pool import CodecPool, JobTimedOut, WorkerLost, alive
+from daemon.stages.pool import CodecPool, JobTimedOut, WorkerLost, alive, frame, unframe
 from daemon.testing import end_worker, eventually, fail_unpicklably, hang
 
 
@@ -112,6 +114,23 @@ async def test_an_answer_that_does_not_unpickle_fails_its_own_job_and_no_other()
     assert isinstance(sent.outcome, RuntimeError)
     assert "the codec's answer could not be read" in str(sent.outcome)
     assert sent.behind == sent.worker
+
+
+async def test_an_answer_longer_than_one_read_of_the_pipe_arrives_whole() -> None:
+    """An answer several pipe reads long (here 1 MB) comes back byte for byte, and so does the one behind it."""
+    sent = await job_and_the_one_behind(functools.partial(os.urandom, 1024 * 1024))
+    assert isinstance(sent.outcome, bytes) and len(sent.outcome) == 1024 * 1024
+    assert sent.behind == sent.worker
+
+
+def test_answers_are_cut_from_the_pipe_whole_however_the_reads_split_them() -> None:
+    """Messages are taken out only once whole, several from one read, and a message's rest waits for the next."""
+    stream = frame("first") + frame({"second": 2}) + frame(b"x" * 70_000)
+    buffer, taken = bytearray(), []
+    for start in range(0, len(stream), 4099):  # reads that cut headers and payloads anywhere
+        buffer += stream[start:start + 4099]
+        taken += [pickle.loads(m) for m in unframe(buffer)]
+    assert taken == ["first", {"second": 2}, b"x" * 70_000] and buffer == bytearray()
 
 
 async def test_a_job_that_kills_its_worker_costs_the_job_sent_behind_it_nothing() -> None:
