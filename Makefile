@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench install install-test clean
+.PHONY: run test check bench install install-test install-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +17,23 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-check: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[check]'
+	touch $@ $(VENV)/.installed
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+install-check: $(VENV)/.installed-check
 
 run: install
 	$(BIN)/imgpipe run
 
 test: install-test
 	$(BIN)/pytest
+
+check: install-check
+	$(BIN)/mypy
+	$(BIN)/ruff check daemon tests bench
 
 bench: install-test
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -113,7 +113,7 @@ class Settings:
 
     def path(self, name: str) -> Path:
         """An absolute path from [paths]; relative ones are relative to the config file's folder."""
-        return (self.base_dir / getattr(self.paths, name)).resolve()
+        return (self.base_dir / str(getattr(self.paths, name))).resolve()
 
     @property
     def database_url(self) -> str:

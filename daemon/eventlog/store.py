@@ -58,6 +58,7 @@ class RecordedEvent:
 
 def open_database(url: str) -> peewee.Database:
     """Connect by peewee database URL; SQLite gets WAL and the durability we document."""
+    db: peewee.Database
     if url.startswith("sqlite"):
         # WAL + synchronous=NORMAL: a commit survives a killed process (the kill -9 case);
         # only an OS crash or power cut can lose the last commits. FULL would fsync every commit.

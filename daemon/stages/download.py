@@ -130,7 +130,7 @@ class DownloadStage(Follower):
         return room if room >= min(self.concurrency, self.bodies.limit) // 2 else 0
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
-        computed = min(self.settings.backoff_max, self.settings.backoff_base * 2 ** (attempt - 1))
+        computed = min(self.settings.backoff_max, self.settings.backoff_base * 2.0 ** (attempt - 1))
         computed *= random.uniform(0.5, 1.0)
         if retry_after is not None:
             return min(self.settings.backoff_max, max(retry_after, computed))
