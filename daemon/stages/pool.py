@@ -46,7 +46,7 @@ REPLACE_RETRY_MAX = 5.0
 SHUTDOWN_WAIT = 10.0  # seconds the workers get to finish their current jobs before they are killed
 # The loop's side of a pipe speaks multiprocessing.Connection's framing (a signed 4-byte big-endian length, then
 # a pickle) without its classes: ForkingPickler builds a pickler and copies a dispatch table per message, and
-# recv() reads twice. Each was more of the loop's CPU per image than sending the job itself.
+# recv() reads twice.
 FRAME_HEADER = struct.Struct("!i")
 READ_SIZE = 64 * 1024
 
