@@ -44,9 +44,9 @@ REPLACE_RETRY_MAX = 5.0
 
 
 SHUTDOWN_WAIT = 10.0  # seconds the workers get to finish their current jobs before they are killed
-# The loop's side of a pipe speaks multiprocessing.Connection's framing (a signed 4-byte big-endian length, then
-# a pickle) without its classes: ForkingPickler builds a pickler and copies a dispatch table per message, and
-# recv() reads twice.
+# Both sides send plain pickles with Connection.send_bytes (ForkingPickler builds a pickler and copies a dispatch
+# table per message). The loop reads whatever the pipe holds and cuts the messages out itself (recv() reads twice,
+# blocking): a signed 4-byte big-endian length, then the pickle.
 FRAME_HEADER = struct.Struct("!i")
 READ_SIZE = 64 * 1024
 
@@ -125,11 +125,6 @@ def alive(pid: int) -> bool:
 
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]
-
-
-def frame(message: Any) -> bytes:
-    payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-    return FRAME_HEADER.pack(len(payload)) + payload
 
 
 def unframe(buffer: bytearray) -> list[bytes]:
@@ -224,7 +219,7 @@ class CodecPool:
                 continue
             try:
                 # Paths and settings: far below what a pipe buffers, so the write never blocks.
-                os.write(worker.fd, frame((fn, args)))
+                worker.conn.send_bytes(pickle.dumps((fn, args), pickle.HIGHEST_PROTOCOL))
             except OSError:  # it died and the loop has not seen its pipe close yet
                 self._queued.appendleft((fn, args, future))
                 self._lost(worker)

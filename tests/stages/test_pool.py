@@ -24,7 +24,7 @@ from daemon.stages.codec import (
     _compress,
     _unidentified_reason,
 )
-from daemon.stages.pool import CodecPool, JobTimedOut, WorkerLost, alive, frame, unframe
+from daemon.stages.pool import FRAME_HEADER, CodecPool, JobTimedOut, WorkerLost, alive, unframe
 from daemon.testing import end_worker, eventually, fail_unpicklably, hang
 
 
@@ -127,7 +127,8 @@ async def test_an_answer_longer_than_one_read_of_the_pipe_arrives_whole() -> Non
 
 def test_answers_are_cut_from_the_pipe_whole_however_the_reads_split_them() -> None:
     """Messages are taken out only once whole, several from one read, and a message's rest waits for the next."""
-    stream = frame("first") + frame({"second": 2}) + frame(b"x" * 70_000)
+    messages = [pickle.dumps(m) for m in ("first", {"second": 2}, b"x" * 70_000)]
+    stream = b"".join(FRAME_HEADER.pack(len(m)) + m for m in messages)
     buffer, taken = bytearray(), []
     for start in range(0, len(stream), 4099):  # reads that cut headers and payloads anywhere
         buffer += stream[start:start + 4099]
