@@ -22,7 +22,6 @@ import io
 import json
 import os
 import statistics
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -31,7 +30,17 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
-from bench.harness import Daemon, cpu_mark, cpu_seconds, cpu_use, make_photos, upload
+from bench.harness import (
+    Daemon,
+    cpu_mark,
+    cpu_seconds,
+    cpu_use,
+    file_create_ms,
+    make_photos,
+    new_workdir,
+    scratch,
+    upload,
+)
 from bench.load import add_load_arguments, run_load
 from daemon.testing import Listener, Origin
 
@@ -74,18 +83,18 @@ async def run_daemon(urls: list[str], workers: int, quality: int, workdir: Path)
             **daemon.memory(), "cpu": cpu, "main_cpu_s": main_cpu_s}
 
 
-async def throughput(photos: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     """`args.rounds` rounds of ceiling then pipeline, alternated so that a machine that speeds up or slows down
     during the run moves both; the headline figures are over all rounds, the spread is in `rounds`."""
     files = {f"p{i}.jpg": photos[i % len(photos)] for i in range(args.images)}
     n = args.images
     rounds: list[dict[str, Any]] = []
     async with Origin(files) as origin:
-        for _ in range(args.rounds):
+        for k in range(args.rounds):
             ceiling_s = ceiling(list(files.values()), args.workers, args.quality)
-            with tempfile.TemporaryDirectory(prefix="imgpipe-bench-") as tmp:
-                daemon = await run_daemon([f"{origin.url}/img/{name}" for name in files], args.workers,
-                                          args.quality, Path(tmp))
+            create_ms = file_create_ms(scratch)
+            daemon = await run_daemon([f"{origin.url}/img/{name}" for name in files], args.workers,
+                                      args.quality, new_workdir(scratch, f"throughput-{k}"))
             if daemon["status"] != "completed":
                 raise SystemExit(f"throughput: the batch ended {daemon['status']}: {daemon['progress']}")
             rounds.append({
@@ -97,6 +106,7 @@ async def throughput(photos: list[bytes], args: argparse.Namespace) -> dict[str,
                 "pool_rss_mb": daemon["pool_rss_mb"],
                 "cpu_cores_while_running": daemon["cpu"],
                 "daemon_main_cpu_ms_per_image": round(1000 * daemon["main_cpu_s"] / n, 3),
+                "file_create_ms": create_ms,
                 "ceiling_s": ceiling_s, "pipeline_s": daemon["elapsed_s"],
             })
     ceiling_total = sum(r.pop("ceiling_s") for r in rounds)
@@ -145,13 +155,14 @@ async def main() -> None:
         return photos[key]
 
     results: dict[str, Any] = {}
-    if args.scenario in ("all", "throughput"):
-        results["throughput"] = await throughput(photos_of(args.size, args.images), args)
-        print(json.dumps({"throughput": results["throughput"]}, indent=2), flush=True)
-    if args.scenario in ("all", "load"):
-        load_photos = photos_of(args.load_size, args.load_requests * args.load_images)
-        results["load"] = await run_load(load_photos, args)
-        print(json.dumps({"load": results["load"]}, indent=2), flush=True)
+    with scratch() as folder:
+        if args.scenario in ("all", "throughput"):
+            results["throughput"] = await throughput(photos_of(args.size, args.images), args, folder)
+            print(json.dumps({"throughput": results["throughput"]}, indent=2), flush=True)
+        if args.scenario in ("all", "load"):
+            load_photos = photos_of(args.load_size, args.load_requests * args.load_images)
+            results["load"] = await run_load(load_photos, args, folder)
+            print(json.dumps({"load": results["load"]}, indent=2), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if results.get("load", {}).get("errors"):

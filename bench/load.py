@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import math
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.harness import ACTIVE, Daemon, cpu_mark, cpu_use, origin_process, upload
+from bench.harness import ACTIVE, Daemon, cpu_mark, cpu_use, new_workdir, origin_process, upload
 
 POLL_TIMEOUT = aiohttp.ClientTimeout(total=10)
 UPLOAD_TIMEOUT = aiohttp.ClientTimeout(total=60)
@@ -109,22 +108,22 @@ async def poll_clock(client: aiohttp.ClientSession, base: str, rate: float, dead
     return sent
 
 
-async def run_load(photos: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+async def run_load(photos: list[bytes], args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """`scratch`: where the daemon's folders go; the caller removes it after every measurement (see bench.scratch)."""
     requests, per = args.load_requests, args.load_images
     files = {f"r{r}p{i}.jpg": photos[(r * per + i) % len(photos)] for r in range(requests) for i in range(per)}
     async with origin_process(files) as origin:
-        with tempfile.TemporaryDirectory(prefix="imgpipe-bench-load-") as tmp:
-            async with Daemon(Path(tmp), args.workers, args.quality) as daemon, aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=0), timeout=UPLOAD_TIMEOUT) as client:
-                mark = cpu_mark()
-                tally = Tally(start=time.perf_counter())
-                uploads = [asyncio.create_task(submit(
-                    client, daemon.base, [f"{origin}/img/r{r}p{i}.jpg" for i in range(per)], tally))
-                    for r in range(requests)]
-                polls = await poll_clock(client, daemon.base, args.load_rate, tally.start + args.load_timeout,
-                                         uploads, tally)
-                await asyncio.gather(*uploads)
-                cpu = cpu_use(mark, daemon.pid)
+        async with Daemon(new_workdir(scratch, "load"), args.workers, args.quality) as daemon, aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=UPLOAD_TIMEOUT) as client:
+            mark = cpu_mark()
+            tally = Tally(start=time.perf_counter())
+            uploads = [asyncio.create_task(submit(
+                client, daemon.base, [f"{origin}/img/r{r}p{i}.jpg" for i in range(per)], tally))
+                for r in range(requests)]
+            polls = await poll_clock(client, daemon.base, args.load_rate, tally.start + args.load_timeout,
+                                     uploads, tally)
+            await asyncio.gather(*uploads)
+            cpu = cpu_use(mark, daemon.pid)
     unfinished = len(tally.ids) - len(tally.finished)
     if unfinished:
         tally.errors.append(f"{unfinished} request(s) still unfinished after {args.load_timeout} s")
