@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from yarl import URL
+
 from daemon.config import LimitSettings
 from daemon.events import Product
 
@@ -58,6 +60,14 @@ def check_url(url: str, limits: LimitSettings) -> str | None:
         return f"only http and https URLs are accepted, got {url!r}"
     if not parts.hostname:
         return f"URL has no host: {url!r}"
+    try:
+        # The host as the HTTP client will resolve it: the resolver's IDNA encoding refuses an empty label
+        # (`cdn..shop.com`) or one over 63 characters, an error no download could ever get past.
+        (URL(url).raw_host or "").encode("idna")
+    except UnicodeError:
+        return f"URL has an invalid host name (a label is empty or longer than 63 characters): {url!r}"
+    except ValueError as exc:
+        return f"malformed URL {url!r}: {exc}"
     return None
 
 

@@ -99,6 +99,8 @@ async def fetch(client: aiohttp.ClientSession, url: str, body: BodyWriter, setti
         raise DownloadError(f"too many redirects (more than {settings.max_redirects})") from None
     except aiohttp.InvalidURL as exc:
         raise DownloadError(f"invalid URL: {exc}") from None
+    except UnicodeError:  # the resolver's IDNA encoding, reached through a redirect to such a host
+        raise DownloadError("invalid host name (a label is empty or longer than 63 characters)") from None
     except TimeoutError:
         raise DownloadError(f"timed out (connect {settings.connect_timeout:g} s, total {settings.total_timeout:g} s)",
                             transient=True) from None

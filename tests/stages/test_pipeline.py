@@ -169,6 +169,21 @@ async def test_byte_cap_and_redirect_limit(make_settings: Callable[..., Settings
         assert origin.hits["/loop"] == 6
 
 
+async def test_a_redirect_to_an_unresolvable_host_name_fails_the_image_at_once(app: web.Application,
+                                                                              origin: Origin) -> None:
+    """A redirect to a host with an empty label fails that image with a clear error on the first attempt, and the
+    rest of the request completes (the resolver's encoding error once hung the image and held a download slot)."""
+    bad = f"{origin.url}/to?url=http://cdn..shop.example/a.jpg"
+    accepted = await submit(app, [[bad], [f"{origin.url}/img/photo.jpg"]])
+    async with asyncio.timeout(30):  # before the fix, the image was retried for ever
+        await drain(app)
+    body = await status_of(app, accepted.request_id)
+    failed, fine = images_of(body)
+    assert failed["error"] == "download failed: invalid host name (a label is empty or longer than 63 characters)"
+    assert failed["attempts"] == 1 and fine["status"] == "compressed"
+    assert body["status"] == "completed_with_errors"
+
+
 async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Callable[..., Settings],
                                                              origin: Origin) -> None:
     """After a stop between stages, finished images are not redone, the rest are, and completion happens once."""
