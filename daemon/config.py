@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 
+from standardwebhooks import Webhook
+
 ENV_PREFIX = "IMGPIPE_"
 
 
@@ -267,7 +269,21 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     sections = {name: _section(name, cls, table.get(name, {}), env) for name, cls in SECTION_TYPES.items()}
     settings = Settings(**sections, base_dir=base_dir)
     _check_listeners(settings)
+    _check_secrets(settings.webhooks)
     return settings
+
+
+def _check_secrets(webhooks: WebhookSettings) -> None:
+    """A secret that cannot sign or verify is refused at start: otherwise every delivery would fail before its
+    first attempt, and every notification in would be turned away, for as long as the daemon ran."""
+    for key in ("secret", "inbound_secret"):
+        if value := getattr(webhooks, key):
+            try:
+                Webhook(value)
+            except Exception as exc:  # binascii.Error, EmptyWebhookSecretError...
+                raise ConfigError(f"config key webhooks.{key}: not a usable secret ({exc or type(exc).__name__}); "
+                                  "expected 'whsec_' and base64, e.g. 'whsec_' + the output of openssl rand -base64 24"
+                                  ) from None
 
 
 def _check_listeners(settings: Settings) -> None:

@@ -110,6 +110,9 @@ def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
     ("", {"IMGPIPE_WEBHOOKS_MAX_PAYLOAD_BYTES": "0"}, "webhooks.max_payload_bytes"),
     ('[webhooks]\nurls = ["ftp://hooks.example/x"]\n', {}, "webhooks.urls"),
     ("[compress]\njob_timeout = 0\n", {}, "compress.job_timeout"),
+    ('[webhooks]\nsecret = "changeme1"\n', {}, "webhooks.secret: not a usable secret"),
+    ("", {"IMGPIPE_WEBHOOKS_SECRET": "whsec_"}, "webhooks.secret: not a usable secret (webhook secret may not be empty)"),
+    ('[webhooks]\ninbound_secret = "whsec_abcde"\n', {}, "webhooks.inbound_secret: not a usable secret"),
 ])
 def test_bad_values_raise_config_error_naming_the_key(tmp_path: Path, text: str, env: dict[str, str],
                                                       key: str) -> None:
