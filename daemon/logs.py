@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 from typing import TextIO
@@ -17,6 +18,8 @@ def event_first(_logger: object, _name: str, event_dict: structlog.typing.EventD
 def configure(stream: TextIO | None = None, level: int = logging.INFO) -> None:
     """Route structlog (and stdlib logging from libraries) to JSON lines on `stream`."""
     out = stream or sys.stdout
+    if isinstance(out, io.TextIOWrapper):  # a file name that is not UTF-8 is logged escaped, never a failed line
+        out.reconfigure(errors="backslashreplace")
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -15,6 +15,7 @@ from daemon.events import RequestAccepted
 from daemon.ingest.accept import Accepted, accept, idempotent_request_id
 from daemon.ingest.csvfile import Batch, check_url, parse_csv
 from daemon.network import AddressPolicy
+from daemon.text import storable
 from daemon.web import (
     EVENTLOG,
     SETTINGS,
@@ -53,7 +54,7 @@ async def read_upload(request: web.Request, settings: Settings) -> tuple[bytes, 
                 if not isinstance(part, BodyPartReader):
                     continue
                 if part.name == "file":
-                    filename = part.filename or filename
+                    filename = storable(part.filename or filename)
                     body = await read_limited(part.read_chunk, min(limit, budget))
                     budget -= len(body)
                 elif part.name and len(fields) < MAX_FIELDS:
@@ -69,7 +70,7 @@ async def read_upload(request: web.Request, settings: Settings) -> tuple[bytes, 
         if request.content_type in RAW_TYPES:
             # A raw body may name its file the standard way: Content-Disposition: attachment; filename="x.csv".
             _, params = parse_content_disposition(request.headers.get(hdrs.CONTENT_DISPOSITION))
-            filename = content_disposition_filename(params, "filename") or "upload.csv"
+            filename = storable(content_disposition_filename(params, "filename") or "upload.csv")
             return await read_limited(request.content.read, limit), filename, fields
     except BodyTooLarge:
         raise too_large(limit) from None

@@ -24,6 +24,7 @@ from daemon.eventlog.store import EventLog, StreamConflict
 from daemon.files import TEMP_FILES, remove_matching, write_atomic
 from daemon.ingest.accept import accept, new_request_id
 from daemon.ingest.csvfile import Batch, Problem, parse_csv
+from daemon.text import storable
 
 log = structlog.get_logger("inbox")
 
@@ -128,7 +129,7 @@ class Inbox:
             if not await self._settled(path):
                 return
             request_id = new_request_id()
-            claimed = self.folder / CLAIMED / f"{request_id}--{fitted_name(path.name)}"
+            claimed = self.folder / CLAIMED / f"{request_id}--{fitted_name(storable(path.name))}"
             try:
                 os.rename(path, claimed)
             except FileNotFoundError:

@@ -16,6 +16,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from daemon.eventlog.store import EventLog
 from daemon.events import NotificationReceived
+from daemon.text import storable
 from daemon.web import (
     EVENTLOG,
     SETTINGS,
@@ -83,7 +84,7 @@ async def receive(request: web.Request) -> web.Response:
         body = await read_limited(request.content.read, limit)
     except BodyTooLarge:
         raise too_large from None
-    webhook_id = request.headers.get("webhook-id", "")
+    webhook_id = storable(request.headers.get("webhook-id", ""))
     secret = settings.webhooks.inbound_secret
     verified = False
     if secret:
@@ -98,6 +99,11 @@ async def receive(request: web.Request) -> web.Response:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise bad_request(f"malformed JSON: {exc}") from None
+    try:  # "\ud800" is valid JSON but no character: it could be neither stored nor shown
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"malformed JSON: a string holds {exc.object[exc.start:exc.end]!r}, "
+                          "a lone surrogate that is not a character") from None
     request_id, kind, status = parse_notification(payload)
     structlog.contextvars.bind_contextvars(request_id=request_id)
     notification = NotificationReceived(webhook_id=webhook_id, verified=verified, kind=kind, status=status,

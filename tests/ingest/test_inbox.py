@@ -245,6 +245,26 @@ async def test_a_file_whose_name_is_too_long_to_prefix_is_ingested_under_a_short
     assert list((served.folder / CLAIMED).iterdir()) == []
 
 
+async def test_files_named_in_latin1_are_taken_and_shown_with_replacement_characters(
+        serve_app: Serve, settings: Settings, helpers: Any) -> None:
+    """A file named in Latin-1 (as unzipped from a Windows archive) is ingested, and a bad one rejected with its
+    report, under its name with U+FFFD for the byte that is not UTF-8; before, neither was ever taken."""
+    good, bad = os.fsdecode("März.csv".encode("latin-1")), os.fsdecode("Juni-Lücke.csv".encode("latin-1"))
+    async with serve_app(settings) as served:
+        (served.folder / good).write_bytes(helpers.sample_csv.read_bytes())
+        (served.folder / bad).write_bytes(helpers.csv_bytes([("1", "", "https://a.example/1.jpg")]))
+        (report,) = await helpers.eventually(lambda: sorted((served.folder / REJECTED).glob("*.errors.txt")),
+                                             "the rejection report")
+        archive = await wait_archived(helpers, settings, "M\ufffdrz.csv")
+        await served.inbox.idle()
+        status = await served.status_when_ready(request_id_of(archive))
+    assert status["source"] == {"kind": "inbox", "name": "M\ufffdrz.csv"}
+    assert report.name.endswith("--Juni-L\ufffdcke.csv.errors.txt")
+    assert report.read_text(encoding="utf-8").startswith("Juni-L\ufffdcke.csv was rejected")
+    assert not (served.folder / good).exists() and not (served.folder / bad).exists()
+    assert list((served.folder / CLAIMED).iterdir()) == []
+
+
 async def accept_directly(settings: Settings, request_id: str, data: bytes, name: str) -> None:
     """Record a request as the inbox would have before a crash (then close, as the crashed daemon did)."""
     batch = parse_csv(data, settings.limits)

@@ -108,6 +108,20 @@ async def test_raw_text_csv_body_is_accepted(served: Any, helpers: Any) -> None:
     assert status["source"] == {"kind": "upload", "name": "upload.csv"}
 
 
+async def test_a_file_name_that_is_not_utf8_is_kept_with_replacement_characters(served: Any, helpers: Any) -> None:
+    """A multipart file named in Latin-1 (as some Windows clients send it) is accepted, and its name is shown with
+    U+FFFD for the byte that is not UTF-8 (it used to answer 500: the name could not be stored)."""
+    boundary = "imgpipe-test-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="'.encode()
+            + "März.csv".encode("latin-1") + b'"\r\nContent-Type: text/csv\r\n\r\n'
+            + helpers.sample_csv.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
+    response = await served.client.post("/upload", data=body,
+                                        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status == 202, await response.text()
+    status = (await served.status((await response.json())["request_id"]))[1]
+    assert status["source"] == {"kind": "upload", "name": "M\ufffdrz.csv"}
+
+
 async def test_invalid_csv_is_rejected_with_every_problem_and_leaves_nothing_behind(served: Any,
                                                                                     helpers: Any) -> None:
     """An invalid CSV answers 400 invalid_csv listing every problem, and records no event or request."""

@@ -167,3 +167,26 @@ async def test_malformed_notifications_get_clear_errors(make_client: Callable[..
     assert response.status == status and payload["error"] == error
     if field:
         assert payload["field"] == field and field.split(".")[-1] in payload["message"]
+
+
+async def test_text_that_is_no_unicode_is_refused_or_replaced(make_client: Callable[..., TestClient]) -> None:  # type: ignore[type-arg]
+    """A JSON string holding a lone surrogate escape answers 400 naming it, and a webhook-id header that is not UTF-8
+    is recorded with U+FFFD for its bad byte; both used to answer 500, as neither could be stored."""
+    async with make_client() as client:
+        request_id = await new_request(client)
+        lone = json.dumps({"image_id": request_id, "status": "\ud800", "output_images": []}).encode()
+        response = await client.post("/webhook", data=lone, headers={"Content-Type": "application/json"})
+        payload = await response.json()
+        assert (response.status, payload["error"]) == (400, "invalid_notification")
+        assert payload["message"] == "malformed JSON: a string holds '\\ud800', a lone surrogate that is not a character"
+        # A raw request: aiohttp's client only sends UTF-8 headers.
+        reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+        body = classic(request_id)
+        writer.write(b"POST /webhook HTTP/1.1\r\nHost: imgpipe\r\nContent-Type: application/json\r\n"
+                     b"webhook-id: msg_\xe4\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        assert answer.startswith(b"HTTP/1.1 202"), answer
+        (note,) = await notifications(client, request_id)
+    assert note["webhook_id"] == "msg_\ufffd"
