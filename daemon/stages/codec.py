@@ -46,6 +46,7 @@ _REFUSED_FORMATS = frozenset({"EPS"})
 _ICC_SPACE = {"L": b"GRAY", "RGB": b"RGB ", "RGBA": b"RGB "}
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
 
 
 def warm_up() -> int:
@@ -134,9 +135,10 @@ def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, bool]:
                 f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}"
             )
         try:
-            # is_animated peeks at one frame ahead, where n_frames may walk all of them.
-            # MPO is a camera JPEG with extra pictures appended; frame 0 is the photo itself.
-            if im.format != "MPO" and getattr(im, "is_animated", False):
+            # is_animated peeks at one frame ahead, where n_frames may walk all of them. Only these formats
+            # animate in a browser; other frames are not an animation (a TIFF's thumbnail page, a PSD's layers,
+            # the extra pictures appended to an MPO camera JPEG), and frame 0 is the picture itself.
+            if im.format in _ANIMATED_FORMATS and getattr(im, "is_animated", False):
                 return im, True
             im.load()
             ImageOps.exif_transpose(im, in_place=True)

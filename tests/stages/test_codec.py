@@ -425,6 +425,22 @@ def test_animated_images_are_kept_as_is(tmp_path: Path, fmt: str, name: str) -> 
     assert frame_count(out / name) == 3
 
 
+def test_a_multi_page_tiff_is_compressed_from_its_first_page(tmp_path: Path) -> None:
+    """A TIFF with a second page (say, a thumbnail) is no animation: its first page is compressed to a JPEG of the
+    same size, not kept byte for byte as "animated"."""
+    first, thumbnail = photo(), Image.new("RGB", (64, 48), BLUE)
+    source = save(first, tmp_path / "in", "TIFF", save_all=True, append_images=[thumbnail])
+    with Image.open(source) as check:
+        assert check.n_frames == 2
+    out = tmp_path / "out"
+    result = run(source, out)
+
+    assert (result.name, result.format, result.kept_original, result.note) == ("abc_1_0.jpg", "JPEG", False, "")
+    assert (result.width, result.height) == first.size
+    assert result.bytes_out < result.bytes_in
+    assert opened(out, result).getpixel((10, 10)) != BLUE
+
+
 def test_gif_with_thousands_of_frames_is_kept_quickly(tmp_path: Path) -> None:
     """A 3000-frame GIF is kept byte for byte with every frame."""
     data = animation("GIF", 3000, (16, 16))
