@@ -182,7 +182,9 @@ async def image(request: web.Request) -> web.FileResponse:
     if not IMAGE_NAME.match(name) or ".." in name or path.parent != folder or not path.is_file():
         raise json_error(web.HTTPNotFound, "unknown_image", f"no image named {name!r}")
     content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": "public, max-age=86400"})
+    # With API tokens, a shared cache (a CDN or proxy in front) must not hand the image to callers without one.
+    scope = "private" if request.app[SETTINGS].server.tokens else "public"
+    return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": f"{scope}, max-age=86400"})
 
 
 def add_routes(app: web.Application) -> None:

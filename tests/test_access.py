@@ -73,3 +73,18 @@ async def test_malformed_multipart_is_a_400(tmp_path: Path, body: bytes, content
         response = await client.post("/upload", data=body, headers={"Content-Type": content_type})
         payload = await response.json()
     assert response.status == 400 and payload["error"] == "invalid_multipart"
+
+
+@pytest.mark.parametrize(("tokens", "cache_control"), [(("alpha-token",), "private, max-age=86400"),
+                                                       ((), "public, max-age=86400")])
+async def test_images_behind_tokens_are_not_for_shared_caches(tmp_path: Path, tokens: tuple[str, ...],
+                                                               cache_control: str) -> None:
+    """With API tokens an image is served `private`, so a caching proxy in front cannot hand it to callers without
+    a token; without tokens it is `public`."""
+    settings = pipeline_settings(tmp_path, server={"tokens": tokens})
+    async with TestClient(TestServer(build_app(settings))) as c:
+        (settings.path("images") / "r_1_0.jpg").write_bytes(b"\xff\xd8\xff\xe0 a JPEG")
+        headers = {"Authorization": "Bearer alpha-token"} if tokens else {}
+        response = await c.get("/images/r_1_0.jpg", headers=headers)
+        assert response.status == 200 and await response.read() == b"\xff\xd8\xff\xe0 a JPEG"
+        assert response.headers["Cache-Control"] == cache_control
