@@ -30,7 +30,8 @@ log = structlog.get_logger("ingest")
 
 RAW_TYPES = frozenset({"text/csv", "application/csv", "text/plain", "application/vnd.ms-excel"})
 FIELD_LIMIT = 8192
-MAX_FIELDS = 4
+FORM_FIELDS = frozenset({"webhook_url"})  # the form fields read; any others are skipped
+MAX_FIELDS = 4  # how many fields' worth of bytes, besides the file, the whole body may hold
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
@@ -57,11 +58,18 @@ async def read_upload(request: web.Request, settings: Settings) -> tuple[bytes, 
                     filename = storable(part.filename or filename)
                     body = await read_limited(part.read_chunk, min(limit, budget))
                     budget -= len(body)
-                elif part.name and len(fields) < MAX_FIELDS:
-                    value = await read_limited(part.read_chunk, min(FIELD_LIMIT, budget))
+                elif part.name in FORM_FIELDS:
+                    try:
+                        value = await read_limited(part.read_chunk, min(FIELD_LIMIT, budget))
+                    except BodyTooLarge:
+                        if budget > FIELD_LIMIT:  # this field, not the whole body, is what is too large
+                            raise json_error(web.HTTPRequestEntityTooLarge, "too_large",
+                                             f"form field {part.name!r} is larger than {FIELD_LIMIT} bytes",
+                                             field=part.name, limit=FIELD_LIMIT) from None
+                        raise
                     budget -= len(value)
                     fields[part.name] = value.decode("utf-8", "replace").strip()
-                else:
+                else:  # a field we do not read (a form's submit button...): skipped, within the body's budget
                     budget -= len(await read_limited(part.read_chunk, budget))
             if body is None:
                 raise json_error(web.HTTPBadRequest, "missing_file",

@@ -215,6 +215,28 @@ async def test_invalid_webhook_url_answers_400_naming_the_field(served: Any, hel
     assert helpers.query(served.settings, "SELECT count(*) FROM events") == [(0,)]
 
 
+async def test_a_webhook_url_field_counts_however_many_fields_come_before_it(served: Any, helpers: Any) -> None:
+    """webhook_url is read even after five other form fields (it used to be dropped after four, silently): here its
+    internal host is refused, which shows it was read."""
+    others = {f"extra{i}": "x" for i in range(5)}
+    response = await served.client.post("/upload", data=multipart(helpers.sample_csv.read_bytes(), **others,
+                                                                  webhook_url="http://10.1.2.3/hook"))
+    body = await response.json()
+    assert response.status == 400 and (body["error"], body["field"]) == ("invalid_webhook_url", "webhook_url")
+    assert "10.1.2.3, a private address" in body["message"]
+
+
+async def test_an_oversized_form_field_is_named_in_the_413(served: Any, helpers: Any) -> None:
+    """A 9 KB webhook_url field answers 413 naming that field and its limit, not the CSV's."""
+    response = await served.client.post("/upload", data=multipart(helpers.sample_csv.read_bytes(),
+                                                                  webhook_url="https://h.example/" + "x" * 9000))
+    body = await response.json()
+    assert response.status == 413
+    assert body == {"error": "too_large", "message": "form field 'webhook_url' is larger than 8192 bytes",
+                    "field": "webhook_url", "limit": 8192}
+    assert helpers.query(served.settings, "SELECT count(*) FROM events") == [(0,)]
+
+
 LOOPBACK_REFUSAL = "a loopback address (set [network] allow_private = true or list it in [network] allow)"
 
 
