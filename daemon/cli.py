@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import urllib.error
 import urllib.parse
@@ -77,11 +78,19 @@ def _http(settings: Settings, method: str, path: str, body: bytes | None = None,
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read() or b"{}")
+            code, answer = response.status, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-    except urllib.error.URLError as exc:
-        print(f"imgpipe: cannot reach the daemon at {settings.public_url}: {exc.reason}", file=sys.stderr)
+        code, answer = exc.code, exc.read()
+    except OSError as exc:  # refused, unknown host, timed out, connection reset...
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        print(f"imgpipe: cannot reach the daemon at {settings.public_url}: {reason}", file=sys.stderr)
+        raise SystemExit(1) from None
+    try:
+        return code, json.loads(answer or b"{}")
+    except ValueError:  # e.g. a reverse proxy's HTML error page while the daemon is down
+        text = answer[:200].decode("utf-8", "replace").strip()
+        print(f"imgpipe: {settings.public_url} answered HTTP {code} that is not the daemon's JSON: {text}",
+              file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -99,7 +108,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"imgpipe: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     # The file's name travels with it (RFC 6266), so the request's source is named after it.
-    disposition = f"attachment; filename*=UTF-8''{urllib.parse.quote(path.name)}"
+    disposition = f"attachment; filename*=UTF-8''{urllib.parse.quote(os.fsencode(path.name))}"
     code, body = _http(_settings(args), "POST", "/upload", data, headers={"Content-Disposition": disposition})
     if code == 202:
         print(body["request_id"])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import http.server
 import io
 import json
 import os
 import re
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -156,6 +158,38 @@ def test_cli_submit_prints_the_request_id_and_status_prints_its_json(daemon: Any
     error = json.loads(refused.stderr)
     assert error["error"] == "invalid_csv"
     assert [(p["line"], p["column"]) for p in error["problems"]] == [(2, "Product Name"), (2, "Input Image Urls")]
+
+
+class ProxyErrorPage(http.server.BaseHTTPRequestHandler):
+    """A reverse proxy in front of a daemon that is down: 502 with an HTML page."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+        self.send_response(502)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_cli_reports_an_answer_that_is_not_json_in_one_line(daemon: Any) -> None:
+    """`imgpipe status` through a proxy answering an HTML 502 prints one line naming the status, not a traceback."""
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ProxyErrorPage)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{proxy.server_address[1]}"
+        shown = daemon.cli("status", "f" * 32, env={"IMGPIPE_SERVER_PUBLIC_URL": url})
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join()
+    assert (shown.returncode, shown.stdout) == (1, "")
+    assert shown.stderr == (f"imgpipe: {url} answered HTTP 502 that is not the daemon's JSON: "
+                            "<html><body><h1>502 Bad Gateway</h1></body></html>\n")
 
 
 def test_daemon_logs_json_lines_to_stdout(daemon: Any) -> None:
