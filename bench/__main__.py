@@ -8,10 +8,13 @@ throughput: the daemon end to end vs. the bare Pillow ceiling, measured side by 
    no network, no events.
 Ceiling and pipeline alternate for --rounds rounds (default 3, a fresh daemon each). Reports images/s for
 both and their ratio over all rounds, the lowest and median round's ratio, and the daemon's peak RSS.
+Before the first round the bench waits, up to --settle-max seconds, until creating a file costs what it does
+with no recent deletions, and it deletes no daemon's files before the end (see harness.settled_filesystem).
 
 load (bench/load.py): concurrent uploads while clients poll /status at a fixed rate; see there.
 
-Prints both results and writes them to bench/results/latest.json as {"throughput": {...}, "load": {...}}.
+Prints the results and writes them to bench/results/latest.json as
+{"filesystem": {...}, "throughput": {...}, "load": {...}}.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from bench.harness import (
     make_photos,
     new_workdir,
     scratch,
+    settled_filesystem,
     upload,
 )
 from bench.load import add_load_arguments, run_load
@@ -142,6 +146,8 @@ async def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quality", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3, help="throughput: ceiling and pipeline, alternated")
+    parser.add_argument("--settle-max", type=float, default=420.0,
+                        help="seconds to wait at most for file creation to cost what it does with no recent deletions")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     add_load_arguments(parser)
     args = parser.parse_args()
@@ -156,6 +162,8 @@ async def main() -> None:
 
     results: dict[str, Any] = {}
     with scratch() as folder:
+        results["filesystem"] = await settled_filesystem(folder, args.settle_max)
+        print(json.dumps({"filesystem": results["filesystem"]}), flush=True)
         if args.scenario in ("all", "throughput"):
             results["throughput"] = await throughput(photos_of(args.size, args.images), args, folder)
             print(json.dumps({"throughput": results["throughput"]}, indent=2), flush=True)
