@@ -99,7 +99,7 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = CodecPool(app[SETTINGS].compress)
     await app[POOL].start()
     yield
-    app[POOL].shutdown()
+    await app[POOL].shutdown()
 
 
 async def cpu_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -117,4 +117,4 @@ async def test_a_worker_replaced_while_the_daemon_is_on_one_cpu_gets_every_cpu()
             assert await pool.run(os.getpid) == replacement
             assert frozenset(os.sched_getaffinity(replacement)) == CPUS
     finally:
-        pool.shutdown()
+        await pool.shutdown()

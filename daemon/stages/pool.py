@@ -187,8 +187,9 @@ class CodecPool:
         self._dispatch()
         return await future
 
-    def shutdown(self) -> None:
-        """Close every worker's pipe (each ends after its current job) and wait for them."""
+    async def shutdown(self) -> None:
+        """Close every worker's pipe (each ends after its current job) and wait for them, on a thread: a worker
+        finishing a long job must not stop the loop meanwhile."""
         self._closed = True
         if self._deadlines is not None:
             self._deadlines.cancel()
@@ -197,16 +198,11 @@ class CodecPool:
         workers, self._workers = self._workers, []
         for worker in workers:
             self._close(worker)
-        deadline = time.monotonic() + SHUTDOWN_WAIT  # for all of them: a worker stuck in a job holds up no other
-        for worker in workers:
-            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
         # Nothing will answer these any more: whoever still awaits one must not wait forever.
         for *_, future in [*(job for w in workers for job in w.jobs), *self._queued]:
             future.cancel()
         self._queued.clear()
+        await asyncio.to_thread(_join_all, [worker.process for worker in workers])
 
     # the loop's side of the pipes --------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -322,3 +318,14 @@ class CodecPool:
         with contextlib.suppress(RuntimeError):  # no running loop: nothing is registered either
             asyncio.get_running_loop().remove_reader(worker.conn.fileno())
         worker.conn.close()
+
+
+def _join_all(processes: list[BaseProcess]) -> None:
+    """(thread) Wait for every worker to end, killing those still running after SHUTDOWN_WAIT (for all of them:
+    a worker stuck in a job holds up no other)."""
+    deadline = time.monotonic() + SHUTDOWN_WAIT
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()

@@ -39,7 +39,7 @@ async def test_jobs_run_in_the_workers_and_their_errors_come_back() -> None:
         with pytest.raises(ImageRejected, match="empty body"):
             await pool.run(_compress, b"", EncodeSettings())
     finally:
-        pool.shutdown()
+        await pool.shutdown()
 
 
 async def test_a_worker_killed_mid_job_fails_that_job_and_is_replaced() -> None:
@@ -58,7 +58,7 @@ async def test_a_worker_killed_mid_job_fails_that_job_and_is_replaced() -> None:
         assert victim not in pool.pids
         assert set(await asyncio.gather(*(pool.run(os.getpid) for _ in range(4)))) <= pool.pids
     finally:
-        pool.shutdown()
+        await pool.shutdown()
 
 
 async def test_a_replacement_that_cannot_start_is_tried_again_until_it_starts() -> None:
@@ -84,7 +84,7 @@ async def test_a_replacement_that_cannot_start_is_tried_again_until_it_starts() 
         assert "FileNotFoundError" in failures[0]["error"] or "ConnectionRefusedError" in failures[0]["error"]
         assert failures[1]["retry_in"] == 2 * failures[0]["retry_in"]
     finally:
-        pool.shutdown()
+        await pool.shutdown()
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ async def job_and_the_one_behind(first: Callable[[], object], settings: Compress
             outcome, behind = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 20)
         return Sent(worker, outcome, behind, pool.pids, logs)
     finally:
-        pool.shutdown()
+        await pool.shutdown()
 
 
 async def test_an_answer_that_does_not_unpickle_fails_its_own_job_and_no_other() -> None:
@@ -167,7 +167,7 @@ async def test_a_stopped_worker_is_killed_at_the_deadline_and_replaced() -> None
         (replacement,) = await eventually(lambda: asyncio.sleep(0, pool.pids), "a replacement worker")
         assert replacement != stopped and await pool.run(os.getpid) == replacement
     finally:
-        pool.shutdown()
+        await pool.shutdown()
 
 
 async def test_the_deadline_counts_from_when_a_job_starts_not_from_when_it_was_sent() -> None:
@@ -182,7 +182,7 @@ async def test_the_deadline_counts_from_when_a_job_starts_not_from_when_it_was_s
         assert pool.pids == {worker}
         assert [e for e in logs if e["event"] == "codec_job_timed_out"] == []
     finally:
-        pool.shutdown()
+        await pool.shutdown()
 
 
 async def test_a_stop_signal_to_every_process_leaves_the_workers_to_the_shutdown() -> None:
@@ -197,7 +197,7 @@ async def test_a_stop_signal_to_every_process_leaves_the_workers_to_the_shutdown
             os.kill(pid, stop)
         assert await asyncio.wait_for(running, 10) == [None, None]
         assert set(await asyncio.gather(*(pool.run(os.getpid) for _ in range(4)))) == workers
-        pool.shutdown()
+        await pool.shutdown()
     assert [e for e in logs if e["event"].startswith("codec_worker")] == []
     assert not any(alive(pid) for pid in workers)
 
@@ -206,10 +206,26 @@ async def test_shutdown_ends_every_worker() -> None:
     """After shutdown no worker process is left running."""
     pool = CodecPool(CompressSettings(workers=2))
     workers = await pool.start()
-    pool.shutdown()
+    await pool.shutdown()
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_shutdown_waits_for_a_busy_worker_without_stopping_the_loop() -> None:
+    """While shutdown waits for a worker to finish its job, the event loop keeps running other work."""
+    pool = CodecPool(CompressSettings(workers=1))
+    await pool.start()
+    running = asyncio.ensure_future(pool.run(time.sleep, 0.5))
+    await asyncio.sleep(0.05)
+    stopping = asyncio.ensure_future(pool.shutdown())
+    ticks = 0
+    while not stopping.done():
+        await asyncio.sleep(0.01)
+        ticks += 1
+    await stopping
+    assert ticks >= 10  # the worker took ~0.45 s more: a blocked loop would have ticked once
+    assert running.cancelled()
 
 
 async def test_a_job_still_running_at_shutdown_is_cancelled_not_left_waiting() -> None:
@@ -218,6 +234,6 @@ async def test_a_job_still_running_at_shutdown_is_cancelled_not_left_waiting() -
     await pool.start()
     running = asyncio.ensure_future(pool.run(time.sleep, 0.3))
     await asyncio.sleep(0.05)
-    pool.shutdown()
+    await pool.shutdown()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(running, 5)
