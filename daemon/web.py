@@ -16,7 +16,7 @@ from aiohttp.typedefs import Middleware
 from daemon.config import Settings
 from daemon.eventlog.store import EventLog
 from daemon.views.export import FINISHED, export_rows, finished_request_ids, to_csv
-from daemon.views.status import StatusView, request_status
+from daemon.views.status import Page, StatusView, request_status
 
 log = structlog.get_logger("http")
 
@@ -123,14 +123,31 @@ def flag(request: web.Request, name: str, default: bool) -> bool:
     return FLAG_VALUES[value.lower()]
 
 
+def whole_number(request: web.Request, name: str, minimum: int, maximum: int) -> int | None:
+    """A whole-number query parameter from `minimum` to `maximum`, or None when absent; 400 naming it otherwise."""
+    value = request.query.get(name)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or not minimum <= int(value) <= maximum:
+        raise json_error(web.HTTPBadRequest, "invalid_parameter",
+                         f"{name} must be a whole number from {minimum} to {maximum}, got {value!r}", field=name)
+    return int(value)
+
+
+MAX_PAGE = 100_000
+
+
 async def status(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     structlog.contextvars.bind_contextvars(request_id=request_id)
     settings, eventlog = request.app[SETTINGS], request.app[EVENTLOG]
     with_products = flag(request, "products", default=True)
+    offset = whole_number(request, "offset", 0, 10**9)
+    limit = whole_number(request, "limit", 1, MAX_PAGE)
+    page = None if offset is None and limit is None else Page(offset or 0, limit)
 
     def encoded() -> bytes | None:
-        body = request_status(request_id, settings.public_url, with_products)
+        body = request_status(request_id, settings.public_url, with_products, page)
         return None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
 
     # Built and encoded on a reader thread: a 10,000-image body must not hold up the event loop.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import peewee
@@ -208,16 +209,27 @@ def image_url(public_url: str, name: str | None) -> str | None:
     return f"{public_url}/images/{name}" if name else None
 
 
-def request_status(request_id: str, public_url: str, with_products: bool = True) -> dict[str, Any] | None:
-    """The GET /status body for one request, or None (reader thread); without `products` when not asked for.
+@dataclass(frozen=True)
+class Page:
+    """Products `offset` to `offset + limit - 1` (0-based, in input order) of a request."""
+
+    offset: int = 0
+    limit: int | None = None
+
+
+def request_status(request_id: str, public_url: str, with_products: bool = True,
+                   page: Page | None = None) -> dict[str, Any] | None:
+    """The GET /status body for one request, or None (reader thread); without `products` when not asked for, or
+    with one page of them.
 
     Its queries share one read transaction, so on SQLite they see one moment: a commit landing between them would
     otherwise show an image compressed beside a progress that does not count it yet."""
     with database.atomic():
-        return _request_status(request_id, public_url, with_products)
+        return _request_status(request_id, public_url, with_products, page)
 
 
-def _request_status(request_id: str, public_url: str, with_products: bool) -> dict[str, Any] | None:
+def _request_status(request_id: str, public_url: str, with_products: bool,
+                    page: Page | None) -> dict[str, Any] | None:
     request = StatusRequest.get_or_none(StatusRequest.request_id == request_id)
     if request is None:
         return None
@@ -232,7 +244,9 @@ def _request_status(request_id: str, public_url: str, with_products: bool) -> di
         "status_url": f"{public_url}/status/{request.request_id}",
     }
     if with_products:
-        body["products"] = products(request_id, public_url)
+        body["products"] = products(request_id, public_url, page or Page())
+        if page is not None:
+            body["page"] = page_links(request_id, public_url, page)
     body["webhooks"] = webhooks(request_id)
     body["notifications"] = [
         {"webhook_id": n.webhook_id or None, "kind": n.kind, "status": n.status, "verified": n.verified,
@@ -243,16 +257,29 @@ def _request_status(request_id: str, public_url: str, with_products: bool) -> di
     return body
 
 
-def products(request_id: str, public_url: str) -> list[dict[str, Any]]:
-    """Every product of a request with its images, in input order."""
+def page_links(request_id: str, public_url: str, page: Page) -> dict[str, Any]:
+    """Where a page of products sits among all of them, and the URL of the next page (None after the last)."""
+    total = StatusImage.select(peewee.fn.COUNT(StatusImage.product.distinct())).where(
+        StatusImage.request_id == request_id).scalar() or 0
+    following = page.offset + page.limit if page.limit is not None else total
+    return {
+        "offset": page.offset, "limit": page.limit, "products_total": total,
+        "next": f"{public_url}/status/{request_id}?offset={following}&limit={page.limit}" if following < total else None,
+    }
+
+
+def products(request_id: str, public_url: str, page: Page = Page()) -> list[dict[str, Any]]:
+    """A request's products (all, or one page of them) with their images, in input order."""
     found: list[dict[str, Any]] = []
     # Plain rows, not model instances: this runs for every poll and the ORM objects cost most of it.
     columns = (StatusImage.product, StatusImage.serial, StatusImage.product_name, StatusImage.input_url,
                StatusImage.status, StatusImage.output_name, StatusImage.bytes_in, StatusImage.bytes_out,
                StatusImage.width, StatusImage.height, StatusImage.format, StatusImage.attempts, StatusImage.note,
                StatusImage.error)
-    rows = StatusImage.select(*columns).where(StatusImage.request_id == request_id).order_by(
-        StatusImage.product, StatusImage.index).tuples()
+    where = (StatusImage.request_id == request_id) & (StatusImage.product >= page.offset)
+    if page.limit is not None:
+        where &= StatusImage.product < page.offset + page.limit
+    rows = StatusImage.select(*columns).where(where).order_by(StatusImage.product, StatusImage.index).tuples()
     for (product, serial, name, input_url, state, output_name, bytes_in, bytes_out, width, height, fmt, attempts,
          note, error) in cast(Iterable[tuple[Any, ...]], rows):
         if not found or found[-1]["_product"] != product:

@@ -316,6 +316,39 @@ async def test_status_without_products_leaves_out_only_the_products(served: Any,
                                   "field": "products"}
 
 
+async def test_status_pages_through_the_products_in_input_order(served: Any, helpers: Any) -> None:
+    """?limit=N answers N products with the total and the next page's URL, which walks the rest in input order and
+    ends with next null; a bad offset or limit is a 400 naming it."""
+    response = await served.client.post("/upload", data=multipart(helpers.csv_bytes(helpers.batch_rows(5, 2))))
+    request_id = (await response.json())["request_id"]
+    full = await served.status_when_ready(request_id)
+    base = f"http://127.0.0.1:{served.settings.server.port}"
+    pages, url = [], f"{base}/status/{request_id}?limit=2"
+    while url is not None:
+        answer = await served.client.get(url.removeprefix(base))
+        assert answer.status == 200
+        body = await answer.json()
+        assert {key: value for key, value in body.items() if key not in ("products", "page")} == {
+            key: value for key, value in full.items() if key != "products"}
+        pages.append(body)
+        url = body["page"]["next"]
+    assert [[p["serial"] for p in body["products"]] for body in pages] == [["1", "2"], ["3", "4"], ["5"]]
+    assert [body["page"] for body in pages] == [
+        {"offset": 0, "limit": 2, "products_total": 5, "next": f"{base}/status/{request_id}?offset=2&limit=2"},
+        {"offset": 2, "limit": 2, "products_total": 5, "next": f"{base}/status/{request_id}?offset=4&limit=2"},
+        {"offset": 4, "limit": 2, "products_total": 5, "next": None},
+    ]
+    assert [p for body in pages for p in body["products"]] == full["products"]
+    rest = await (await served.client.get(f"/status/{request_id}", params={"offset": "3"})).json()
+    assert [p["serial"] for p in rest["products"]] == ["4", "5"]
+    assert rest["page"] == {"offset": 3, "limit": None, "products_total": 5, "next": None}
+    for name, value in (("limit", "0"), ("offset", "-1"), ("limit", "two"), ("offset", "\u00b2")):
+        wrong = await served.client.get(f"/status/{request_id}", params={name: value})
+        assert wrong.status == 400
+        error = await wrong.json()
+        assert (error["error"], error["field"]) == ("invalid_parameter", name) and name in error["message"]
+
+
 async def test_unknown_status_id_answers_404_json(served: Any) -> None:
     """GET /status/<unknown id> answers 404 unknown_request as JSON."""
     code, body = await served.status("0123456789abcdef")
