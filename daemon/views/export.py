@@ -6,7 +6,6 @@ import asyncio
 import csv
 import io
 import itertools
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -90,15 +89,11 @@ def finished_request_ids() -> list[str]:
 
 
 def outbox_name(request_id: str, accepted: RequestAccepted) -> str:
-    """Inbox batches keep their file name (prefixed like the archive copy); uploads are named by id."""
+    """Inbox batches keep their file name, prefixed exactly like the archive copy; uploads are named by id. An
+    inbox source name is its claim's file name (fitted and made UTF-8 there), so it fits here too."""
     if accepted.source == "inbox":
-        return f"{request_id}--{safe_file_name(accepted.source_name)}"
+        return f"{request_id}--{Path(accepted.source_name).name or 'batch.csv'}"
     return f"{request_id}.csv"
-
-
-def safe_file_name(name: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9._ -]+", "_", Path(name).name).strip(". ")
-    return cleaned[:120] or "batch.csv"
 
 
 class OutboxWriter(Follower):
