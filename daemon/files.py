@@ -18,7 +18,11 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     # the umask decide permissions like an ordinary file; a random part so concurrent writers never collide.
     directory, name = os.path.split(os.fspath(path))
     temp = os.path.join(directory, f".{name}.{secrets.token_hex(TEMP_RANDOM_BYTES)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileNotFoundError:  # the folder was removed while the daemon ran (it made it at start): again
+        os.makedirs(directory or ".", exist_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with open(fd, "wb") as f:
             f.write(data)

@@ -30,6 +30,10 @@ class ImageRejected(Exception):
     """The bytes are not an image we can compress; str(exc) is a clear user-facing reason."""
 
 
+class BodyGone(Exception):
+    """The downloaded body to compress is not on disk any more (removed by hand, or its folder with it)."""
+
+
 ANIMATED_NOTE = "animated image kept as is"
 NOT_SMALLER_NOTE = "re-encoded output was not smaller"
 TARGET_MISSED_NOTE = "target ratio not reachable: the smallest output (quality {quality}) is {ratio:.2f} of the input"
@@ -59,8 +63,11 @@ def compress_file(source: str, directory: str, stem: str, settings: EncodeSettin
     """Compress `source` into `directory/stem.<ext>`; raises ImageRejected (writing nothing) for bad input."""
     if stem in ("", ".", "..") or os.path.basename(stem) != stem:
         raise ValueError(f"stem must be a plain file name, got {stem!r}")
-    with open(source, "rb") as f:
-        data = f.read()
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise BodyGone(source) from None
     payload, fmt, width, height, quality, note = _compress(data, settings)
     name = stem + _extension(fmt)
     write_atomic(os.path.join(directory, name), payload)

@@ -22,7 +22,7 @@ from daemon.events import (
 )
 from daemon.files import TEMP_FILES, remove_matching
 from daemon.stages.bodies import Bodies
-from daemon.stages.codec import EncodeSettings, ImageRejected, compress_file
+from daemon.stages.codec import BodyGone, EncodeSettings, ImageRejected, compress_file
 from daemon.stages.pool import CodecPool, JobTimedOut, pool_size
 
 log = structlog.get_logger("compress")
@@ -56,7 +56,7 @@ class CompressStage(Follower):
         except ImageRejected as exc:
             log.info("image_failed", request_id=record.stream, error=str(exc), **where)
             return [ImageFailed(**where, stage="compress", error=str(exc))]
-        except FileNotFoundError:
+        except BodyGone:
             return [ImageFailed(**where, stage="compress", error="the downloaded body is gone; upload the CSV again")]
         except JobTimedOut as exc:  # not tried again: the same image would hold a worker as long each time
             error = f"compress failed: {exc}"

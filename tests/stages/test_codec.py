@@ -17,6 +17,7 @@ import pytest
 from PIL import Image, ImageCms, ImageFile, ImageStat
 
 from daemon.stages.codec import (
+    BodyGone,
     Compressed,
     EncodeSettings,
     ImageRejected,
@@ -638,3 +639,13 @@ def test_works_in_a_process_pool(tmp_path: Path) -> None:
 
     assert isinstance(result, Compressed) and result.name == "a.jpg"
     assert listing(out) == ["a.jpg"]
+
+def test_a_missing_output_folder_is_made_again_and_a_missing_body_says_so(tmp_path: Path) -> None:
+    """An images folder removed while the daemon runs is made again for the next output; a body that is gone raises
+    BodyGone (not a FileNotFoundError that could be the output's), so only that case reads "the body is gone"."""
+    source = photo_jpeg(tmp_path)
+    out = tmp_path / "images"  # never made: as if removed by hand
+    result = compress_file(source, str(out), "abc_1_0", DEFAULTS)
+    assert (out / result.name).stat().st_size == result.bytes_out > 0
+    with pytest.raises(BodyGone):
+        compress_file(str(tmp_path / "gone"), str(out), "abc_1_1", DEFAULTS)
