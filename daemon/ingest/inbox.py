@@ -29,6 +29,7 @@ from daemon.text import storable
 log = structlog.get_logger("inbox")
 
 CLAIMED, ARCHIVE, REJECTED = ".claimed", "archive", "rejected"
+ACCEPTED = frozenset({"RequestAccepted"})
 # File names are at most 255 bytes. Ours add "<request_id>--" (34) to the inbox name, and the longest file made
 # from it, a rejection report written atomically (".<name>.errors.txt.<16 hex>.tmp"), 33 more.
 MAX_NAME_BYTES = 255 - 34 - 33
@@ -195,6 +196,12 @@ class Inbox:
         return await asyncio.to_thread(parse_csv, data, self._limits)
 
     async def _ingest(self, claimed: Path, request_id: str, name: str) -> None:
+        # A claim left by a crash whose request was recorded: whatever the file says now (stricter limits since,
+        # or a file changed by hand), it was accepted, and it is archived like any accepted file.
+        if await self._eventlog.read(self._eventlog.read_stream_sync, request_id, ACCEPTED):
+            log.info("inbox_claim_recovered", source_name=name, note="accepted before a restart")
+            os.replace(claimed, self.folder / ARCHIVE / claimed.name)
+            return
         parsed = await self._parse(claimed)
         if isinstance(parsed, list):
             target = self.folder / REJECTED / claimed.name

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.config import Settings
+from daemon.config import Settings, replace
 from daemon.eventlog.store import EventLog, open_database
 from daemon.ingest.accept import accept
 from daemon.ingest.csvfile import Batch, parse_csv
@@ -298,6 +298,25 @@ async def test_claimed_file_already_accepted_is_archived_not_ingested_again(serv
     assert status["progress"]["images"] == 6
     assert [e["event"] for e in logs if e["event"] in {"csv_accepted", "inbox_claim_recovered"}] == [
         "inbox_claim_recovered"]
+
+
+async def test_a_claim_accepted_before_a_crash_is_archived_even_if_it_no_longer_passes(
+        serve_app: Serve, settings: Settings, helpers: Any) -> None:
+    """A claim whose request was recorded before a crash is archived after a restart with stricter limits (and a
+    file changed by hand since), never rejected with a report saying nothing was accepted."""
+    request_id, data = "b" * 32, helpers.sample_csv.read_bytes()
+    settings.path("inbox").mkdir(parents=True)
+    await accept_directly(settings, request_id, data, "crashed.csv")
+    claimed = settings.path("inbox") / CLAIMED / f"{request_id}--crashed.csv"
+    claimed.parent.mkdir()
+    claimed.write_bytes(data + b"not,a,row,of,this,file\n")
+    events_before = helpers.stored_events(settings)
+    async with serve_app(replace(settings, limits={"max_rows": 1})) as served:
+        path = await wait_archived(helpers, settings, "crashed.csv")
+        await served.inbox.idle()
+    assert path.name == f"{request_id}--crashed.csv" and not claimed.exists()
+    assert list((settings.path("inbox") / REJECTED).iterdir()) == []
+    assert helpers.stored_events(settings) == events_before
 
 
 async def test_claimed_file_not_yet_accepted_is_ingested_under_its_claim_id(serve_app: Serve, settings: Settings,
