@@ -138,10 +138,12 @@ class WebhookDelivery(Follower):
         accepted = records[0].event
         assert isinstance(accepted, RequestAccepted)
         if isinstance(record.event, WebhookRedeliveryRequested):
+            # The n-th request for a message is its round n, counted in the log up to this request: the rounds
+            # queued so far would not do, as a request handled before the one ahead of it committed its round
+            # would take the same number, and the two would share one round's attempts.
             msg_id = record.event.message_id
-            rounds = [r.event.round for r in records
-                      if isinstance(r.event, WebhookQueued) and r.event.message_id == msg_id]
-            next_round = max(rounds, default=-1) + 1
+            next_round = sum(1 for r in records if r.version <= record.version
+                             and isinstance(r.event, WebhookRedeliveryRequested) and r.event.message_id == msg_id)
         else:
             msg_id, next_round = message_id(record.stream, record.version), 0
             if self.status_view is not None:

@@ -29,7 +29,7 @@ from daemon.ingest.csvfile import Batch, parse_csv
 from daemon.testing import Listener, Origin, daemon_app, drain, eventually
 from daemon.views.status import StatusView, request_status
 from daemon.web import SETTINGS
-from daemon.webhooks.deliver import completion_payload
+from daemon.webhooks.deliver import completion_payload, request_redelivery
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAST = (0.05, 0.05, 0.05)
@@ -77,6 +77,25 @@ async def test_a_failing_listener_gets_three_attempts_under_one_id(make_settings
     assert [a["status_code"] for a in delivery["attempts"]] == [500, 500, 200]
     assert [a["outcome"] for a in delivery["attempts"]] == ["retrying", "retrying", "delivered"]
     assert all(a["latency_ms"] >= 0 for a in delivery["attempts"])
+
+
+async def test_redeliveries_requested_back_to_back_each_get_their_own_round(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """Two redeliveries requested before either is handled (a double click) are rounds 1 and 2, each delivered
+    once with its own attempt 1; they used to share one round and count each other's attempts."""
+    async with Listener([200]) as listener:
+        settings = make_settings(webhooks={"urls": (listener.url,), "retry_schedule": FAST})
+        async with daemon_app(settings) as app:
+            accepted = await submit(app, origin)
+            await drain(app)
+            eventlog = app[EVENTLOG]
+            for _ in range(2):
+                assert isinstance(await eventlog.write(request_redelivery, eventlog, settings, accepted.request_id), str)
+            await drain(app)
+            status = await status_of(app, accepted.request_id)
+    assert len(listener.received) == 3 and len({r.headers["webhook-id"] for r in listener.received}) == 1
+    assert [(d["round"], d["state"], [a["attempt"] for a in d["attempts"]]) for d in status["webhooks"]] == [
+        (0, "delivered", [1]), (1, "delivered", [1]), (2, "delivered", [1])]
 
 
 async def test_gone_listener_is_not_retried(make_settings: Callable[..., Settings], origin: Origin) -> None:
