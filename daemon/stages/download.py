@@ -47,11 +47,11 @@ def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not just isdigit: '²' is a digit float() cannot read
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a zone offset of 20 digits overflows
         return None
     return max(0.0, when.timestamp() - time.time())
 
@@ -99,6 +99,8 @@ async def fetch(client: aiohttp.ClientSession, url: str, body: BodyWriter, setti
         raise DownloadError(f"too many redirects (more than {settings.max_redirects})") from None
     except aiohttp.InvalidURL as exc:
         raise DownloadError(f"invalid URL: {exc}") from None
+    except aiohttp.NonHttpUrlClientError as exc:  # e.g. a redirect to ftp:// or file://: the same every time
+        raise DownloadError(f"redirected to a URL that is not http(s): {exc}") from None
     except UnicodeError:  # the resolver's IDNA encoding, reached through a redirect to such a host
         raise DownloadError("invalid host name (a label is empty or longer than 63 characters)") from None
     except TimeoutError:

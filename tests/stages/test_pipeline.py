@@ -184,6 +184,16 @@ async def test_a_redirect_to_an_unresolvable_host_name_fails_the_image_at_once(a
     assert body["status"] == "completed_with_errors"
 
 
+async def test_a_redirect_to_a_url_that_is_not_http_fails_at_once(app: web.Application, origin: Origin) -> None:
+    """A redirect to ftp:// or file:// fails its image on the first attempt (it used to be retried as transient)."""
+    accepted = await submit(app, [[f"{origin.url}/to?url=ftp://files.example/a.jpg"],
+                                  [f"{origin.url}/to?url=file:///etc/passwd"]])
+    await drain(app)
+    for image in images_of(await status_of(app, accepted.request_id)):
+        assert image["status"] == "failed" and image["attempts"] == 1
+        assert image["error"].startswith("download failed: redirected to a URL that is not http(s): ")
+
+
 async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Callable[..., Settings],
                                                              origin: Origin) -> None:
     """After a stop between stages, finished images are not redone, the rest are, and completion happens once."""
