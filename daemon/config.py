@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -203,20 +204,32 @@ def _section(name: str, cls: type, table: Mapping[str, Any], env: Mapping[str, s
     return settings
 
 
+# A timeout of 0 means none at all to aiohttp: a stalled origin or listener would hold its slot for ever.
+ABOVE_ZERO = frozenset({("download", "connect_timeout"), ("download", "total_timeout"), ("webhooks", "timeout"),
+                        ("compress", "job_timeout")})
+
+
 def _check(name: str, section: Any) -> None:
     """Range checks that a type alone cannot express."""
     for f in fields(section):
         value = getattr(section, f.name)
+        for number in value if isinstance(value, tuple) else (value,):
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"config key {name}.{f.name}: must be a finite number, got {number!r}")
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"config key {name}.{f.name}: must not be negative, got {value!r}")
+        if (name, f.name) in ABOVE_ZERO and value <= 0:
+            raise ConfigError(f"config key {name}.{f.name}: must be above 0 seconds, got {value!r}")
     if name == "compress" and not 1 <= section.quality <= 95:
         raise ConfigError(f"config key compress.quality: must be 1..95, got {section.quality}")
     if name == "compress" and not 0 <= section.target_ratio < 1:
         raise ConfigError(f"config key compress.target_ratio: must be 0 (off) or below 1, got {section.target_ratio}")
-    if name == "compress" and section.job_timeout <= 0:
-        raise ConfigError(f"config key compress.job_timeout: must be above 0 seconds, got {section.job_timeout}")
-    if name == "server" and not 0 <= section.port <= 65535:
-        raise ConfigError(f"config key server.port: must be 0..65535, got {section.port}")
+    if name == "server" and not 1 <= section.port <= 65535:
+        # 0 would bind a random port, which every URL the daemon hands out (from public_url) would not name.
+        raise ConfigError(f"config key server.port: must be 1..65535, got {section.port}")
+    if name == "server" and any(not token.strip() for token in section.tokens):
+        raise ConfigError("config key server.tokens: an empty token would let in anyone who sends "
+                          "'Authorization: Bearer' with nothing after it")
     if name == "download" and section.concurrency < 1:
         raise ConfigError(f"config key download.concurrency: must be at least 1, got {section.concurrency}")
     if name == "download" and section.backlog < 1:

@@ -73,7 +73,9 @@ def bearer_auth(tokens: tuple[str, ...]) -> Middleware:
         if expected and request.path not in OPEN_PATHS:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             # Compare against every token, so the time taken says nothing about which one matched.
-            matched = [hmac.compare_digest(given.strip().encode(), token) for token in expected]
+            # surrogateescape: aiohttp decodes header bytes that are not UTF-8 so, and they must read as a wrong token.
+            matched = [hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token)
+                       for token in expected]
             if scheme.lower() != "bearer" or not any(matched):
                 error = json_error(web.HTTPUnauthorized, "unauthorized",
                                    "send a valid API token as 'Authorization: Bearer <token>'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -34,6 +35,19 @@ async def test_endpoints_need_a_valid_token(client: TestClient, headers: dict[st
         assert (await response.json())["error"] == "unauthorized"
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_a_token_that_is_not_utf8_is_refused_with_401(client: TestClient) -> None:  # type: ignore[type-arg]
+    """An Authorization header whose bytes are not UTF-8 is a wrong token (401), not a 500."""
+    assert client.server.host is not None and client.server.port is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"GET /status/x HTTP/1.1\r\nHost: imgpipe\r\nAuthorization: Bearer \xff\xfe\r\n"
+                 b"Connection: close\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+    assert b'"error": "unauthorized"' in answer
 
 
 async def test_any_configured_token_is_accepted(client: TestClient) -> None:  # type: ignore[type-arg]

@@ -111,6 +111,13 @@ def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
     ('[webhooks]\nurls = ["ftp://hooks.example/x"]\n', {}, "webhooks.urls"),
     ("[compress]\njob_timeout = 0\n", {}, "compress.job_timeout"),
     ('[webhooks]\nsecret = "changeme1"\n', {}, "webhooks.secret: not a usable secret"),
+    ("", {"IMGPIPE_DOWNLOAD_CONNECT_TIMEOUT": "0"}, "download.connect_timeout: must be above 0 seconds"),
+    ("[download]\ntotal_timeout = 0\n", {}, "download.total_timeout: must be above 0 seconds"),
+    ("[webhooks]\ntimeout = nan\n", {}, "webhooks.timeout: must be a finite number, got nan"),
+    ("[compress]\njob_timeout = inf\n", {}, "compress.job_timeout: must be a finite number, got inf"),
+    ("", {"IMGPIPE_WEBHOOKS_RETRY_SCHEDULE": "5,nan"}, "webhooks.retry_schedule: must be a finite number"),
+    ("[server]\nport = 0\n", {}, "server.port: must be 1..65535, got 0"),
+    ('[server]\ntokens = ["alpha", ""]\n', {}, "server.tokens: an empty token would let in anyone"),
     ("", {"IMGPIPE_WEBHOOKS_SECRET": "whsec_"}, "webhooks.secret: not a usable secret (webhook secret may not be empty)"),
     ('[webhooks]\ninbound_secret = "whsec_abcde"\n', {}, "webhooks.inbound_secret: not a usable secret"),
 ])
