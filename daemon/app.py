@@ -1,7 +1,7 @@
 """The aiohttp application: routes, and the daemon's resources in dependency order.
 
 cleanup_ctx runs set-up top to bottom and teardown bottom to top:
-event log -> downloaded bodies -> process pool -> the daemon's CPU -> HTTP client -> consumers -> inbox.
+event log -> downloaded bodies -> process pool -> the daemon's CPU -> HTTP clients (downloads, webhooks) -> consumers -> inbox.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ FOLLOWERS = web.AppKey("followers", list[Follower])
 FOLLOW = web.AppKey("follow", bool)
 INBOX = web.AppKey("inbox", Inbox)
 POOL = web.AppKey("pool", CodecPool)
-CLIENT = web.AppKey("client", aiohttp.ClientSession)
+CLIENT = web.AppKey("client", aiohttp.ClientSession)  # downloads
+WEBHOOK_CLIENT = web.AppKey("webhook_client", aiohttp.ClientSession)
+WEBHOOK_CONNECTIONS = 64
 BODIES = web.AppKey("bodies", Bodies)
 DAEMON_CPU: web.AppKey[int | None] = web.AppKey("daemon_cpu")
 VIEW_TABLES = (*STATUS_TABLES,)
@@ -77,7 +79,7 @@ def build_followers(app: web.Application) -> list[Follower]:
         CompressStage(eventlog, app[POOL], bodies, settings.path("images"), settings.compress),
         CompleteStage(eventlog, bodies),
         OutboxWriter(eventlog, settings.path("outbox"), settings.public_url),
-        WebhookDelivery(eventlog, app[CLIENT], settings, status_view),
+        WebhookDelivery(eventlog, app[WEBHOOK_CLIENT], settings, status_view),
     ]
 
 
@@ -110,14 +112,19 @@ async def cpu_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def client_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Two HTTP clients, each with its own connections: listeners that hang on webhook deliveries must not hold
+    the connections downloads wait for (aiohttp counts that wait in the connect timeout)."""
     settings = app[SETTINGS]
-    connector = GuardedConnector(AddressPolicy(settings.network), limit=settings.download.concurrency * 2,
+    policy = AddressPolicy(settings.network)
+    downloads = GuardedConnector(policy, limit=settings.download.concurrency * 2,
                                  limit_per_host=settings.download.concurrency)
+    listeners = GuardedConnector(policy, limit=WEBHOOK_CONNECTIONS, limit_per_host=WEBHOOK_CONNECTIONS // 4)
+    headers = {"User-Agent": "imgpipe/0.1"}
     # read_bufsize: aiohttp pauses a socket once twice this much is buffered; at the 64 KiB default a
     # photo's body pauses and resumes its socket at every read. 16 downloads x 512 KiB stay small.
-    async with aiohttp.ClientSession(connector=connector, headers={"User-Agent": "imgpipe/0.1"},
-                                     read_bufsize=256 * 1024) as client:
-        app[CLIENT] = client
+    async with (aiohttp.ClientSession(connector=downloads, headers=headers, read_bufsize=256 * 1024) as client,
+                aiohttp.ClientSession(connector=listeners, headers=headers) as webhook_client):
+        app[CLIENT], app[WEBHOOK_CLIENT] = client, webhook_client
         yield
 
 

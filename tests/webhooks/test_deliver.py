@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from standardwebhooks.webhooks import Webhook
 from structlog.testing import capture_logs
 
-from daemon.app import EVENTLOG, build_app
+from daemon.app import BODIES, CLIENT, EVENTLOG, WEBHOOK_CLIENT, build_app
 from daemon.config import Settings
 from daemon.eventlog.store import RecordedEvent
 from daemon.events import (
@@ -26,6 +26,7 @@ from daemon.events import (
 )
 from daemon.ingest.accept import Accepted, accept
 from daemon.ingest.csvfile import Batch, parse_csv
+from daemon.stages.download import fetch
 from daemon.testing import Listener, Origin, daemon_app, drain, eventually
 from daemon.views.status import StatusView, request_status
 from daemon.web import SETTINGS
@@ -206,6 +207,26 @@ async def test_hanging_listener_fails_without_delaying_the_others(make_settings:
     assert len(fast.received) == 1 and len(slow.received) == 3
     assert fast.received[0].at < slow.received[1].at  # served while the slow one was still being retried
     assert status["status"] == "completed"
+
+
+async def test_hanging_listeners_hold_none_of_the_connections_downloads_wait_for(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """With as many deliveries hanging as downloads may hold connections, an image still downloads within its
+    connect timeout: webhooks have an HTTP client of their own (a shared one made downloads time out)."""
+    async with Listener(["hang"], hang_seconds=5) as listener:
+        settings = make_settings(download={"concurrency": 1, "connect_timeout": 1.0})
+        async with daemon_app(settings) as app:
+            hanging = [asyncio.create_task(app[WEBHOOK_CLIENT].post(listener.url, data=b"{}")) for _ in range(2)]
+            try:
+                await listener.wait_for(2, timeout=5)
+                target = app[BODIES].path("r", 1, 0)
+                size = await fetch(app[CLIENT], f"{origin.url}/img/photo.jpg", app[BODIES].writer(target),
+                                   settings.download)
+                assert size == len(origin.files["photo.jpg"]) == len(target.read_bytes())
+            finally:
+                for task in hanging:
+                    task.cancel()
+                await asyncio.gather(*hanging, return_exceptions=True)
 
 
 async def test_pending_retry_survives_a_restart(make_settings: Callable[..., Settings], origin: Origin) -> None:
