@@ -106,6 +106,9 @@ async def fetch(client: aiohttp.ClientSession, url: str, body: BodyWriter, setti
     except TimeoutError:
         raise DownloadError(f"timed out (connect {settings.connect_timeout:g} s, total {settings.total_timeout:g} s)",
                             transient=True) from None
+    except aiohttp.ClientConnectorCertificateError as exc:  # expired, self-signed, another name: not by waiting
+        raise DownloadError(f"the server's TLS certificate is not valid for {exc.host}: "
+                            f"{getattr(exc.certificate_error, 'verify_message', None) or exc.certificate_error}") from None
     except aiohttp.ClientConnectorError as exc:
         raise DownloadError(f"cannot connect to {exc.host}:{exc.port}: {exc.os_error or exc}", transient=True) from None
     except aiohttp.ClientError as exc:

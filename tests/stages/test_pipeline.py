@@ -6,12 +6,16 @@ import asyncio
 import csv
 import io
 import os
+import shutil
 import signal
+import ssl
+import subprocess
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from PIL import Image
 from structlog.testing import capture_logs
@@ -192,6 +196,43 @@ async def test_a_redirect_to_a_url_that_is_not_http_fails_at_once(app: web.Appli
     for image in images_of(await status_of(app, accepted.request_id)):
         assert image["status"] == "failed" and image["attempts"] == 1
         assert image["error"].startswith("download failed: redirected to a URL that is not http(s): ")
+
+
+@pytest.fixture
+async def tls_origin(tmp_path: Path, image_files: dict[str, bytes]) -> AsyncIterator[str]:
+    """The photo served over HTTPS with a self-signed certificate (made by the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    async def photo(_: web.Request) -> web.Response:
+        return web.Response(body=image_files["photo.jpg"])
+
+    app = web.Application()
+    app.router.add_get("/photo.jpg", photo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        yield f"https://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_certificate_the_client_cannot_trust_fails_the_image_at_once(app: web.Application,
+                                                                             tls_origin: str) -> None:
+    """An HTTPS origin whose certificate is self-signed fails its image on the first attempt, saying why (it used to
+    be retried as a connection failure)."""
+    accepted = await submit(app, [[f"{tls_origin}/photo.jpg"]])
+    await drain(app)
+    (image,) = images_of(await status_of(app, accepted.request_id))
+    assert image["status"] == "failed" and image["attempts"] == 1
+    assert image["error"] == ("download failed: the server's TLS certificate is not valid for 127.0.0.1: "
+                              "self-signed certificate")
 
 
 async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Callable[..., Settings],
