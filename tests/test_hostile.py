@@ -614,7 +614,7 @@ IMAGE_CASES = [
                            "truncated or corrupt image: image file is truncated (213 bytes not processed)", hits=1),
                  id="truncated-jpeg"),
     pytest.param(ImageCase("/img/bomb.png", "failed",
-                           "image too large: 40000x40000 pixels exceeds the limit of 50000000", hits=1),
+                           "image too large: 1,600,000,000 pixels exceeds the limit of 50,000,000", hits=1),
                  id="40000x40000-png-bomb"),
     pytest.param(ImageCase("/img/animated.gif", "kept_original", None, hits=1), id="3000-frame-gif"),
 ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
+import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -51,6 +53,8 @@ _ICC_SPACE = {"L": b"GRAY", "RGB": b"RGB ", "RGBA": b"RGB "}
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
+_BOMBS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")  # in Pillow's message: "Image size (N pixels) exceeds ..."
 
 
 def warm_up() -> int:
@@ -121,41 +125,50 @@ def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, bool]:
     """Open and fully decode `data` (upright); animated images are only opened. Returns (image, animated)."""
     if not data:
         raise ImageRejected("empty body (0 bytes)")
-    # Our max_pixels check replaces Pillow's global one, which would otherwise warn or raise
-    # with its own limit first; restored so the rest of the process keeps its protection.
+    # Pillow's own check, at our limit and as an error rather than a warning: it runs as soon as a size is read,
+    # also for pictures a format decodes while the file is opened (an ICO holding a huge PNG), where no check of
+    # ours after Image.open would come in time. Restored after, so the rest of the process keeps its own limit.
     previous_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        try:
-            im = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise ImageRejected(_unidentified_reason(data)) from None
-        except MemoryError:
-            raise
-        except Exception as exc:  # Pillow's parsers raise many types on hostile headers
-            raise ImageRejected(f"truncated or corrupt image: {_describe(exc)}") from None
-        if im.format in _REFUSED_FORMATS:
-            raise ImageRejected(f"unsupported image format: {im.format}")
-        width, height = im.size
-        if width * height > max_pixels:
-            raise ImageRejected(
-                f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}"
-            )
-        try:
-            # is_animated peeks at one frame ahead, where n_frames may walk all of them. Only these formats
-            # animate in a browser; other frames are not an animation (a TIFF's thumbnail page, a PSD's layers,
-            # the extra pictures appended to an MPO camera JPEG), and frame 0 is the picture itself.
-            if im.format in _ANIMATED_FORMATS and getattr(im, "is_animated", False):
-                return im, True
-            im.load()
-            ImageOps.exif_transpose(im, in_place=True)
-        except MemoryError:
-            raise
-        except Exception as exc:
-            raise ImageRejected(f"truncated or corrupt image: {_describe(exc)}") from None
-        return im, False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode_within_limit(data)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = _BOMB_PIXELS.search(str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "the picture"
+        raise ImageRejected(f"image too large: {size} exceeds the limit of {max_pixels:,}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
+
+
+def _decode_within_limit(data: bytes) -> tuple[Image.Image, bool]:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageRejected(_unidentified_reason(data)) from None
+    except (MemoryError, *_BOMBS):
+        raise
+    except Exception as exc:  # Pillow's parsers raise many types on hostile headers
+        raise ImageRejected(f"truncated or corrupt image: {_describe(exc)}") from None
+    if im.format in _REFUSED_FORMATS:
+        raise ImageRejected(f"unsupported image format: {im.format}")
+    try:
+        # is_animated peeks at one frame ahead, where n_frames may walk all of them. Only these formats
+        # animate in a browser; other frames are not an animation (a TIFF's thumbnail page, a PSD's layers,
+        # the extra pictures appended to an MPO camera JPEG), and frame 0 is the picture itself.
+        if im.format in _ANIMATED_FORMATS and getattr(im, "is_animated", False):
+            return im, True
+        im.load()
+    except (MemoryError, *_BOMBS):
+        raise
+    except Exception as exc:
+        raise ImageRejected(f"truncated or corrupt image: {_describe(exc)}") from None
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except Exception:  # EXIF that does not parse says nothing of orientation: the pixels are fine as they are
+        pass
+    return im, False
 
 
 def _normalise(im: Image.Image, icc: bytes | None) -> Image.Image:

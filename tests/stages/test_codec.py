@@ -455,7 +455,7 @@ def test_gif_with_thousands_of_frames_is_kept_quickly(tmp_path: Path) -> None:
 
 
 def test_decompression_bomb_is_rejected_before_decoding(tmp_path: Path) -> None:
-    """A 40000x40000 PNG is rejected by our pixel limit, without a Pillow bomb warning or error."""
+    """A 40000x40000 PNG is rejected by our pixel limit from its header, and no Pillow bomb warning escapes."""
     source = tmp_path / "bomb.png"
     source.write_bytes(bomb_png(40_000, 40_000))
     assert source.stat().st_size < 400_000
@@ -465,20 +465,53 @@ def test_decompression_bomb_is_rejected_before_decoding(tmp_path: Path) -> None:
         with pytest.raises(ImageRejected) as caught:
             run(str(source), out)
 
-    assert str(caught.value) == "image too large: 40000x40000 pixels exceeds the limit of 50000000"
+    assert str(caught.value) == "image too large: 1,600,000,000 pixels exceeds the limit of 50,000,000"
     assert listing(out) == []
 
 
 def test_our_pixel_limit_replaces_pillows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our max_pixels decides alone: Pillow's own limit neither fires nor is left changed."""
+    """Our max_pixels decides alone: Pillow's global limit (1000 here) plays no part and is left as it was."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     source = photo_jpeg(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert run(source, tmp_path / "ok").width == 600
-        with pytest.raises(ImageRejected, match=r"^image too large: 600x400 pixels exceeds the limit of 239999$"):
+        with pytest.raises(ImageRejected, match=r"^image too large: 240,000 pixels exceeds the limit of 239,999$"):
             run(source, tmp_path / "no", EncodeSettings(max_pixels=239_999))
     assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def refusal_and_peak_kb(source: str, out: str, max_pixels: int) -> tuple[str, int]:
+    """(in a fresh process) Why compress_file refused `source`, and the process's peak resident memory in KB."""
+    try:
+        compress_file(source, out, "abc_1_0", EncodeSettings(max_pixels=max_pixels))
+        reason = "accepted"
+    except ImageRejected as exc:
+        reason = str(exc)
+    # VmHWM, not getrusage's ru_maxrss: that one keeps the peak of the process this one was forked from.
+    status = Path("/proc/self/status").read_text()
+    return reason, int(status.split("VmHWM:", 1)[1].split()[0])
+
+
+def test_an_icon_holding_a_huge_png_is_refused_before_the_png_is_decoded(tmp_path: Path) -> None:
+    """An ICO whose directory says 16x16 but holds a 6000x6000 PNG is refused by the pixel limit before the PNG is
+    decoded: Pillow decodes an icon's picture while opening the file, before any check of ours could run."""
+    inner = io.BytesIO()
+    Image.new("RGB", (6000, 6000)).save(inner, "PNG")
+    png = inner.getvalue()
+    source = tmp_path / "icon.ico"
+    source.write_bytes(struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        reason, peak_kb = pool.submit(refusal_and_peak_kb, str(source), str(tmp_path / "out"), 1_000_000).result()
+    assert reason == "image too large: 36,000,000 pixels exceeds the limit of 1,000,000"
+    assert peak_kb < 100_000  # decoded, its pixels alone would be 108 MB
+
+
+def test_exif_that_does_not_parse_leaves_the_image_as_it_is(tmp_path: Path) -> None:
+    """A PNG whose EXIF block is not TIFF data is compressed unrotated, not rejected as corrupt."""
+    source = save(photo(), tmp_path / "in.png", "PNG", exif=b"Exif\x00\x00garbage-not-tiff")
+    result = run(source, tmp_path / "out")
+    assert (result.format, result.width, result.height, result.kept_original) == ("JPEG", 600, 400, False)
 
 
 def test_larger_reencode_keeps_original_bytes(tmp_path: Path) -> None:
