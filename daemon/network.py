@@ -33,6 +33,10 @@ BLOCKED: tuple[tuple[Network, str], ...] = tuple(
 )
 
 
+# What the resolver's IDNA encoding refuses (UnicodeError): said the same at upload and on a redirect.
+INVALID_HOST_NAME = "invalid host name (a label is empty or longer than 63 characters)"
+
+
 class AddressNotAllowed(aiohttp.ClientError):
     """The host resolves to an address the daemon must not connect to; never retried."""
 

@@ -16,6 +16,7 @@ from yarl import URL
 
 from daemon.config import LimitSettings
 from daemon.events import Product
+from daemon.network import INVALID_HOST_NAME
 
 SERIAL, NAME, URLS = "S. No.", "Product Name", "Input Image Urls"
 COLUMNS = (SERIAL, NAME, URLS)
@@ -65,7 +66,7 @@ def check_url(url: str, limits: LimitSettings) -> str | None:
         # (`cdn..shop.com`) or one over 63 characters, an error no download could ever get past.
         (URL(url).raw_host or "").encode("idna")
     except UnicodeError:
-        return f"URL has an invalid host name (a label is empty or longer than 63 characters): {url!r}"
+        return f"URL has an {INVALID_HOST_NAME}: {url!r}"
     except ValueError as exc:
         return f"malformed URL {url!r}: {exc}"
     return None

@@ -25,7 +25,7 @@ from daemon.events import (
     ImageFailed,
     ImageRequested,
 )
-from daemon.network import AddressNotAllowed
+from daemon.network import INVALID_HOST_NAME, AddressNotAllowed
 from daemon.stages.bodies import Bodies, BodyWriter
 
 log = structlog.get_logger("download")
@@ -102,7 +102,7 @@ async def fetch(client: aiohttp.ClientSession, url: str, body: BodyWriter, setti
     except aiohttp.NonHttpUrlClientError as exc:  # e.g. a redirect to ftp:// or file://: the same every time
         raise DownloadError(f"redirected to a URL that is not http(s): {exc}") from None
     except UnicodeError:  # the resolver's IDNA encoding, reached through a redirect to such a host
-        raise DownloadError("invalid host name (a label is empty or longer than 63 characters)") from None
+        raise DownloadError(INVALID_HOST_NAME) from None
     except TimeoutError:
         raise DownloadError(f"timed out (connect {settings.connect_timeout:g} s, total {settings.total_timeout:g} s)",
                             transient=True) from None
