@@ -14,6 +14,9 @@ import structlog
 from aiohttp import web
 
 from daemon.config import Settings
+from daemon.control import commands
+from daemon.control import http as control_http
+from daemon.control.cancellations import Cancellations
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, open_database
 from daemon.ingest import http as ingest_http
@@ -23,11 +26,15 @@ from daemon.network import AddressPolicy, GuardedConnector
 from daemon.stages.bodies import Bodies
 from daemon.stages.complete import CompleteStage
 from daemon.stages.compress import CompressStage
+from daemon.stages.delete import DeleteStage
 from daemon.stages.download import DownloadStage
 from daemon.stages.pool import CodecPool
 from daemon.views.export import OutboxWriter
 from daemon.views.status import STATUS_TABLES, StatusView
 from daemon.web import (
+    CANCELLATIONS,
+    COMPLETE_STAGE,
+    DELETE_STAGE,
     EVENTLOG,
     SETTINGS,
     STATUS_VIEW,
@@ -72,19 +79,24 @@ def build_followers(app: web.Application) -> list[Follower]:
     status_view = views[0]
     assert isinstance(status_view, StatusView)
     app[STATUS_VIEW] = status_view
-    bodies = app[BODIES]
+    bodies, cancellations = app[BODIES], app[CANCELLATIONS]
+    complete = app[COMPLETE_STAGE] = CompleteStage(eventlog, bodies)
+    delete = app[DELETE_STAGE] = DeleteStage(eventlog, bodies, settings.path("images"), settings.path("outbox"),
+                                             settings.path("inbox"))
     return [
         *views,
-        DownloadStage(eventlog, app[CLIENT], bodies, settings.download),
-        CompressStage(eventlog, app[POOL], bodies, settings.path("images"), settings.compress),
-        CompleteStage(eventlog, bodies),
+        DownloadStage(eventlog, app[CLIENT], bodies, settings.download, cancellations),
+        CompressStage(eventlog, app[POOL], bodies, settings.path("images"), settings.compress, cancellations),
+        complete,
         OutboxWriter(eventlog, settings.path("outbox"), settings.public_url),
         WebhookDelivery(eventlog, app[WEBHOOK_CLIENT], settings, status_view),
+        delete,
     ]
 
 
 async def eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[EVENTLOG] = await open_eventlog(app[SETTINGS])
+    eventlog = app[EVENTLOG] = await open_eventlog(app[SETTINGS])
+    app[CANCELLATIONS] = Cancellations(await eventlog.read(commands.cancelled_request_ids, eventlog))
     yield
     await app[EVENTLOG].close()
 
@@ -167,6 +179,7 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
                             announce_ctx])
     add_routes(app)
     ingest_http.add_routes(app)
+    control_http.add_routes(app)
     receive.add_routes(app)
     deliver.add_routes(app)
     return app

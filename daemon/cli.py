@@ -1,4 +1,4 @@
-"""The `imgpipe` command: run | replay | status ID | submit FILE.csv | redeliver ID."""
+"""The `imgpipe` command: run | replay | status ID | submit FILE.csv | redeliver ID | retry ID | cancel ID | delete ID."""
 
 from __future__ import annotations
 
@@ -117,10 +117,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 1
 
 
-def cmd_redeliver(args: argparse.Namespace) -> int:
-    code, body = _http(_settings(args), "POST", f"/redeliver/{args.request_id}", b"", "application/json")
-    print(json.dumps(body, indent=2, ensure_ascii=False))
-    return 0 if code == 202 else 1
+# Commands on one request: (HTTP method, path before the id, help).
+REQUEST_COMMANDS = {
+    "redeliver": ("POST", "/redeliver/", "send a completed request's webhook again (same webhook-id)"),
+    "retry": ("POST", "/retry/", "try the failed images of a finished request again"),
+    "cancel": ("POST", "/cancel/", "stop a running request; what is compressed stays"),
+    "delete": ("DELETE", "/requests/", "remove a finished request: its images, outbox file and archived CSV"),
+}
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    """One of REQUEST_COMMANDS: the daemon's JSON answer on stdout (stderr if refused), exit 0 if it was done."""
+    method, path, _ = REQUEST_COMMANDS[args.command]
+    body_bytes = b"" if method == "POST" else None
+    code, body = _http(_settings(args), method, f"{path}{urllib.parse.quote(args.request_id, safe='')}", body_bytes,
+                       "application/json")
+    print(json.dumps(body, indent=2, ensure_ascii=False), file=sys.stdout if code < 300 else sys.stderr)
+    return 0 if code < 300 else 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -136,9 +149,10 @@ def parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="upload a CSV to the running daemon and print the request id")
     submit.add_argument("file")
     submit.set_defaults(func=cmd_submit)
-    redeliver = sub.add_parser("redeliver", help="send a completed request's webhook again (same webhook-id)")
-    redeliver.add_argument("request_id")
-    redeliver.set_defaults(func=cmd_redeliver)
+    for name, (_, _, help_text) in REQUEST_COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("request_id")
+        command.set_defaults(func=cmd_request)
     for p in sub.choices.values():
         p.add_argument("--config", default=argparse.SUPPRESS, help="config file (default: ./config.toml)")
     return top

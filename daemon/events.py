@@ -83,6 +83,14 @@ class RequestAccepted(Event):
 class ImageRequested(ImageEvent):
     url: str
     stem: str  # output file name without extension: <request_id>_<product slug>_<index>
+    round: int = 0  # 0 when the request opened; n for its n-th retry (each round has its own attempt budget)
+
+
+@dataclass(frozen=True)
+class ImageRequeued(ImageRequested):
+    """The image is to be downloaded again: a retry of the request, or its downloaded body was lost."""
+
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class ImageDownloadRetried(ImageEvent):
     attempt: int
     error: str
     retry_in: float
+    round: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,10 +137,34 @@ class ImageFailed(ImageEvent):
 
 @dataclass(frozen=True)
 class RequestCompleted(Event):
-    status: str  # "completed" | "completed_with_errors" | "failed"
+    """The request reached a final status; after a retry it completes again, with a completion of its own."""
+
+    status: str  # "completed" | "completed_with_errors" | "failed" | "cancelled"
     images: int
     done: int
     failed: int
+
+
+@dataclass(frozen=True)
+class RequestCancelRequested(Event):
+    """Someone asked to stop the request: images not started are skipped, the request completes `cancelled`."""
+
+
+@dataclass(frozen=True)
+class RequestRetried(Event):
+    """Round `round` of a finished request: its failed `images` ((product, index) pairs) are tried again."""
+
+    round: int
+    images: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Self:
+        return cls(round=data["round"], images=tuple((p, i) for p, i in data["images"]))
+
+
+@dataclass(frozen=True)
+class RequestDeleted(Event):
+    """The request's files are to be removed and the views forget it."""
 
 
 IMAGE_TERMINAL = frozenset({"ImageCompressed", "ImageFailed"})

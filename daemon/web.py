@@ -14,6 +14,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from daemon.config import Settings
+from daemon.control.cancellations import Cancellations
+from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog
 from daemon.views.export import FINISHED, export_rows, finished_request_ids, to_csv
 from daemon.views.status import Page, StatusView, request_status
@@ -23,6 +25,9 @@ log = structlog.get_logger("http")
 SETTINGS = web.AppKey("settings", Settings)
 EVENTLOG = web.AppKey("eventlog", EventLog)
 STATUS_VIEW = web.AppKey("status_view", StatusView)
+COMPLETE_STAGE = web.AppKey("complete_stage", Follower)
+DELETE_STAGE = web.AppKey("delete_stage", Follower)
+CANCELLATIONS = web.AppKey("cancellations", Cancellations)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

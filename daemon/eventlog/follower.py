@@ -21,6 +21,7 @@ from daemon.events import Event
 
 log = structlog.get_logger("follower")
 FAILURES_FORGOTTEN_AFTER = 60.0  # seconds without a failure after which the pause starts short again
+LAG_WARNING = 5.0  # seconds a writer waits for a follower before the wait is logged as lag
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,17 @@ class Follower:
             return True
         finally:
             self._waiters -= 1
+
+    async def caught_up(self, position: int) -> None:
+        """Wait, however long it takes, until everything up to `position` is committed: a write endpoint answers
+        only once its effect shows. Each LAG_WARNING seconds of waiting is logged as lag."""
+        waited = 0.0
+        while not await self.wait_for(position, timeout=LAG_WARNING):
+            if self._bursts:
+                return  # driven by a test in bursts: nothing moves it while we wait
+            waited += LAG_WARNING
+            log.warning("consumer_lagging", consumer=self.name, position=position, checkpoint=self._checkpoint,
+                        waited_s=waited)
 
     async def _load(self) -> None:
         if self._loaded:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import structlog
 
 from daemon.eventlog.store import EventLog
-from daemon.events import Event, ImageRequested, RequestAccepted
+from daemon.events import Event, ImageRequested, Product, RequestAccepted
 from daemon.ingest.csvfile import Batch
 
 log = structlog.get_logger("ingest")
@@ -32,6 +32,11 @@ def idempotent_request_id(key: str) -> str:
     return hashlib.sha256(f"idempotency-key:{key}".encode()).hexdigest()[:32]
 
 
+def image_stem(request_id: str, product: Product, index: int) -> str:
+    """The output file name without extension: <request_id>_<product slug>_<index>."""
+    return f"{request_id}_{product.slug}_{index}"
+
+
 def opening_events(request_id: str, batch: Batch, source: str, source_name: str, webhook_url: str = "",
                    idempotency_key: str = "", body_sha256: str = "") -> list[Event]:
     accepted = RequestAccepted(
@@ -39,7 +44,7 @@ def opening_events(request_id: str, batch: Batch, source: str, source_name: str,
         idempotency_key=idempotency_key, body_sha256=body_sha256,
     )
     images: list[Event] = [
-        ImageRequested(product=p, index=i, url=url, stem=f"{request_id}_{product.slug}_{i}")
+        ImageRequested(product=p, index=i, url=url, stem=image_stem(request_id, product, i))
         for p, product in enumerate(batch.products)
         for i, url in enumerate(product.input_urls)
     ]

@@ -11,7 +11,7 @@ from aiohttp.multipart import content_disposition_filename, parse_content_dispos
 
 from daemon.config import Settings
 from daemon.eventlog.store import StreamConflict
-from daemon.events import RequestAccepted
+from daemon.events import RequestAccepted, RequestDeleted
 from daemon.ingest.accept import Accepted, accept, idempotent_request_id
 from daemon.ingest.csvfile import Batch, check_url, parse_csv
 from daemon.network import AddressPolicy
@@ -125,8 +125,8 @@ async def upload(request: web.Request) -> web.Response:
 
 async def _accepted_response(request: web.Request, accepted: Accepted, status: int = 202,
                              headers: dict[str, str] | None = None) -> web.Response:
-    # So that the status_url answers at once, wait (briefly) for the status view to fold the batch in.
-    await request.app[STATUS_VIEW].wait_for(accepted.position, timeout=5.0)
+    # So that the status_url answers at once, wait for the status view to fold the batch in.
+    await request.app[STATUS_VIEW].caught_up(accepted.position)
     response = json_response({
         "request_id": accepted.request_id,
         "status": "queued",
@@ -155,6 +155,10 @@ async def _idempotent_upload(request: web.Request, key: str, body: bytes, batch:
         records = await eventlog.read_stream(request_id)
     first = records[0].event
     assert isinstance(first, RequestAccepted)
+    if any(isinstance(r.event, RequestDeleted) for r in records):
+        raise json_error(web.HTTPConflict, "request_deleted",
+                         f"Idempotency-Key {key!r} belongs to request {request_id}, which was deleted; use a new key",
+                         request_id=request_id)
     if first.body_sha256 != digest:
         raise json_error(web.HTTPUnprocessableEntity, "idempotency_key_reused",
                          f"Idempotency-Key {key!r} was already used with a different body (request {request_id})",

@@ -1,7 +1,7 @@
 """Complete stage: when every image of a request is terminal, RequestCompleted records the outcome.
 
-A pure function of the log: per request it counts terminal image events in log order (the counts are
-rebuilt from the log for a request first seen after a restart).
+A pure function of the log: per request it folds terminal image events, retries and cancellations in log order
+(the tally is rebuilt from the log for a request first seen after a restart, or again after a retry).
 """
 
 from __future__ import annotations
@@ -9,32 +9,68 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
-
-import peewee
 
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.models import StoredEvent
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import (
     IMAGE_TERMINAL,
     Event,
+    ImageCompressed,
     ImageFailed,
     RequestAccepted,
+    RequestCancelRequested,
     RequestCompleted,
-    decode,
+    RequestRetried,
 )
 from daemon.stages.bodies import Bodies
 
 LAST_FEW = 4  # a request this close to done is not batched with others: a few more commits, no waiting
+COUNTED = IMAGE_TERMINAL | {"RequestCancelRequested", "RequestRetried"}
+TALLIED = COUNTED | {"RequestAccepted", "RequestCompleted"}
 
 
 @dataclass
-class _Tally:
+class RequestTally:
     images: int
     done: int = 0
     failed: int = 0
     completed: bool = False
+
+    def count(self, event: Event) -> RequestCompleted | None:
+        """Fold one event in; the completion it brings about, if any."""
+        if isinstance(event, ImageCompressed):
+            self.done += 1
+        elif isinstance(event, ImageFailed):
+            self.failed += 1
+        elif isinstance(event, RequestRetried):  # its failed images are open again
+            self.failed -= len(event.images)
+            self.completed = False
+            return None
+        elif isinstance(event, RequestCompleted):
+            self.completed = True
+            return None
+        if self.completed:
+            return None  # an image that finished after a cancellation: counted, the request stays as it ended
+        if isinstance(event, RequestCancelRequested):
+            status = "cancelled"
+        elif self.done + self.failed >= self.images:
+            status = final_status(self.images, self.failed)
+        else:
+            return None
+        self.completed = True
+        return RequestCompleted(status=status, images=self.images, done=self.done, failed=self.failed)
+
+
+def tally_of(records: Iterable[RecordedEvent]) -> RequestTally:
+    """A request's tally folded from its events (the first must be its RequestAccepted)."""
+    tally: RequestTally | None = None
+    for record in records:
+        if isinstance(record.event, RequestAccepted):
+            tally = RequestTally(record.event.image_count)
+        elif tally is not None:
+            tally.count(record.event)
+    assert tally is not None, "a request's stream opens with RequestAccepted"
+    return tally
 
 
 def final_status(images: int, failed: int) -> str:
@@ -43,9 +79,18 @@ def final_status(images: int, failed: int) -> str:
     return "failed" if failed == images else "completed_with_errors"
 
 
+def finished(records: Iterable[RecordedEvent]) -> bool:
+    """Whether the request's last word is a completion (not a retry that opened it again)."""
+    last = None
+    for record in records:
+        if isinstance(record.event, RequestCompleted | RequestRetried):
+            last = record.event
+    return isinstance(last, RequestCompleted)
+
+
 class CompleteStage(Follower):
     name = "stage.complete"
-    types = IMAGE_TERMINAL
+    types = COUNTED
     # Many at once so commits are batched; a per-request lock keeps each request's counts in log order.
     concurrency = 500
     ordered = True
@@ -54,7 +99,7 @@ class CompleteStage(Follower):
     def __init__(self, eventlog: EventLog, bodies: Bodies) -> None:
         super().__init__(eventlog)
         self.bodies = bodies
-        self._tallies: dict[str, _Tally] = {}
+        self._tallies: dict[str, RequestTally] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     def urgent(self) -> bool:
@@ -62,48 +107,28 @@ class CompleteStage(Follower):
         # twice: before its last image event is read, and again before the RequestCompleted is committed.
         return any(t.images - t.done - t.failed <= LAST_FEW for t in self._tallies.values())
 
-    def _tally_before(self, stream: str, position: int) -> _Tally:
-        """The tally of `stream` from the log, up to (not including) `position` (writer thread)."""
-        opening = StoredEvent.get((StoredEvent.stream == stream) & (StoredEvent.version == 1))
-        accepted = decode(opening.type, opening.data)
-        assert isinstance(accepted, RequestAccepted)
-        query = (StoredEvent.select(StoredEvent.type, peewee.fn.COUNT(StoredEvent.position))
-                 .where((StoredEvent.stream == stream) & (StoredEvent.position < position)
-                        & StoredEvent.type.in_([*IMAGE_TERMINAL, "RequestCompleted"]))
-                 .group_by(StoredEvent.type).tuples())
-        counts = dict(cast(Iterable[tuple[str, int]], query))  # .tuples(): (type, count) rows
-        failed = counts.get("ImageFailed", 0)
-        return _Tally(accepted.image_count, done=sum(counts.get(t, 0) for t in IMAGE_TERMINAL) - failed,
-                      failed=failed, completed=bool(counts.get("RequestCompleted")))
-
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         # Tasks reach the lock in the order they were started, which is log order.
         async with self._locks.setdefault(record.stream, asyncio.Lock()):
-            return self._count(record, self._tallies.get(record.stream) or await self._first_tally(record))
+            tally = self._tallies.get(record.stream) or await self._first_tally(record)
+            completion = tally.count(record.event)
+            if tally.completed and completion is None:
+                self._tallies.pop(record.stream, None)  # an image that finished after a cancellation
+            return [completion] if completion else ()
 
-    async def _first_tally(self, record: RecordedEvent) -> _Tally:
-        tally = await self.eventlog.write(self._tally_before, record.stream, record.position)
-        self._tallies[record.stream] = tally
+    async def _first_tally(self, record: RecordedEvent) -> RequestTally:
+        """The tally from the log, up to (not including) `record`."""
+        records = await self.eventlog.write(self.eventlog.read_stream_sync, record.stream, TALLIED)
+        tally = self._tallies[record.stream] = tally_of(r for r in records if r.position < record.position)
         return tally
-
-    def _count(self, record: RecordedEvent, tally: _Tally) -> Sequence[Event]:
-        if isinstance(record.event, ImageFailed):
-            tally.failed += 1
-        else:
-            tally.done += 1
-        if tally.completed or tally.done + tally.failed < tally.images:
-            return ()
-        tally.completed = True
-        return [RequestCompleted(status=final_status(tally.images, tally.failed), images=tally.images,
-                                 done=tally.done, failed=tally.failed)]
 
     async def recover(self) -> None:
         """Remove the download folders of requests that completed just before a crash."""
         folders = [p.name for p in await asyncio.to_thread(self.bodies.request_folders)]
 
         def completed(request_ids: list[str]) -> list[str]:
-            return [r for r in request_ids if StoredEvent.select().where(
-                (StoredEvent.stream == r) & (StoredEvent.type == "RequestCompleted")).exists()]
+            return [r for r in request_ids
+                    if finished(self.eventlog.read_stream_sync(r, frozenset({"RequestCompleted", "RequestRetried"})))]
 
         for request_id in await self.eventlog.read(completed, folders):
             await self.bodies.remove_request(request_id)

@@ -10,6 +10,7 @@ from pathlib import Path
 import structlog
 
 from daemon.config import CompressSettings
+from daemon.control.cancellations import Cancellations
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import (
@@ -19,6 +20,8 @@ from daemon.events import (
     ImageDownloaded,
     ImageEvent,
     ImageFailed,
+    ImageRequested,
+    ImageRequeued,
 )
 from daemon.files import TEMP_FILES, remove_matching
 from daemon.stages.bodies import Bodies
@@ -39,9 +42,10 @@ class CompressStage(Follower):
     types = frozenset({"ImageDownloaded"})
 
     def __init__(self, eventlog: EventLog, pool: CodecPool, bodies: Bodies, images: Path,
-                 settings: CompressSettings) -> None:
+                 settings: CompressSettings, cancellations: Cancellations) -> None:
         super().__init__(eventlog)
         self.pool, self.bodies, self.images = pool, bodies, images
+        self.cancellations = cancellations
         self.encode = encode_settings(settings)
         # Enough queued work that no worker waits for the loop between two images.
         self.concurrency = 2 * pool_size(settings)
@@ -49,6 +53,8 @@ class CompressStage(Follower):
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         event = record.event
         assert isinstance(event, ImageDownloaded)
+        if self.cancellations.is_cancelled(record.stream):
+            return ()  # its body is recycled on commit, like any other
         where = {"product": event.product, "index": event.index}
         source = self.bodies.path(record.stream, event.product, event.index)
         try:
@@ -56,8 +62,8 @@ class CompressStage(Follower):
         except ImageRejected as exc:
             log.info("image_failed", request_id=record.stream, error=str(exc), **where)
             return [ImageFailed(**where, stage="compress", error=str(exc))]
-        except BodyGone:
-            return [ImageFailed(**where, stage="compress", error="the downloaded body is gone; upload the CSV again")]
+        except BodyGone:  # working files are emptied on a clean stop, or removed by hand: not the image's fault
+            return [await self._requeued(record.stream, event)]
         except JobTimedOut as exc:  # not tried again: the same image would hold a worker as long each time
             error = f"compress failed: {exc}"
             log.warning("image_failed", request_id=record.stream, error=error, **where)
@@ -71,14 +77,29 @@ class CompressStage(Follower):
         # vars(): its fields are plain values, and asdict's deep copy showed up in every image's profile.
         return [ImageCompressed(product=event.product, index=event.index, **vars(result))]
 
+    async def _requeued(self, stream: str, event: ImageDownloaded) -> ImageRequeued:
+        """The image's download again, in its current round."""
+        records = await self.eventlog.read_stream(stream)
+        requested = [r.event for r in records if isinstance(r.event, ImageRequested)
+                     and (r.event.product, r.event.index) == (event.product, event.index)][-1]
+        log.info("image_requeued", request_id=stream, product=event.product, index=event.index,
+                 reason="downloaded body gone")
+        return ImageRequeued(product=event.product, index=event.index, url=requested.url, stem=requested.stem,
+                             round=requested.round, reason="the downloaded body was gone: downloading it again")
+
     async def recover(self) -> None:
         """Temp files of encodes that a crash cut short (workers end with the daemon), and bodies whose image was
         settled just before a crash, before they became spares: nobody will take them, so they must not fill the
         backlog (were they all of it, downloads would wait for them forever)."""
         await asyncio.to_thread(remove_matching, self.images, TEMP_FILES)
         for request_id, waiting in self.bodies.waiting_by_request().items():
-            records = await self.eventlog.read(self.eventlog.read_stream_sync, request_id, IMAGE_TERMINAL)
-            settled = {(r.event.product, r.event.index) for r in records if isinstance(r.event, ImageEvent)}
+            records = await self.eventlog.read(self.eventlog.read_stream_sync, request_id,
+                                               IMAGE_TERMINAL | {"ImageRequeued"})
+            settled: set[tuple[int, int]] = set()
+            for r in records:  # in log order: a requeued image is open again
+                if isinstance(r.event, ImageEvent):
+                    image = (r.event.product, r.event.index)
+                    (settled.discard if isinstance(r.event, ImageRequeued) else settled.add)(image)
             spent = [path for path in waiting if self.bodies.image_of(path) in settled]
             await asyncio.to_thread(self._recycle_all, spent)
             for path in spent:

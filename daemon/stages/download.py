@@ -15,13 +15,13 @@ import aiohttp
 import structlog
 
 from daemon.config import DownloadSettings
+from daemon.control.cancellations import Cancellations, RequestCancelled
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import (
     Event,
     ImageDownloaded,
     ImageDownloadRetried,
-    ImageEvent,
     ImageFailed,
     ImageRequested,
 )
@@ -117,12 +117,13 @@ async def fetch(client: aiohttp.ClientSession, url: str, body: BodyWriter, setti
 
 class DownloadStage(Follower):
     name = "stage.download"
-    types = frozenset({"ImageRequested"})
+    types = frozenset({"ImageRequested", "ImageRequeued"})
 
     def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, bodies: Bodies,
-                 settings: DownloadSettings) -> None:
+                 settings: DownloadSettings, cancellations: Cancellations) -> None:
         super().__init__(eventlog)
         self.client, self.bodies, self.settings = client, bodies, settings
+        self.cancellations = cancellations
         self.concurrency = settings.concurrency
         self._earlier: dict[int, int] = {}  # position -> attempts made before a restart
         bodies.listen(self.wake)
@@ -146,18 +147,24 @@ class DownloadStage(Follower):
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         event = record.event
         assert isinstance(event, ImageRequested)
+        if self.cancellations.is_cancelled(record.stream):
+            return ()
         where = {"product": event.product, "index": event.index}
         target = self.bodies.path(record.stream, event.product, event.index)
         if attempt == 1 and record.position <= self.head_at_start:
             self._earlier[record.position] = await self._attempts_before_restart(record.stream, event)
         attempt += self._earlier.get(record.position, 0)
         try:
-            size = await fetch(self.client, event.url, self.bodies.writer(target), self.settings)
+            size = await self.cancellations.unless_cancelled(
+                record.stream, fetch(self.client, event.url, self.bodies.writer(target), self.settings))
+        except RequestCancelled:
+            return ()
         except DownloadError as exc:
             if exc.transient and attempt < self.settings.attempts:
                 delay = self.backoff(attempt, exc.retry_after)
                 raise Retry(defer=delay, events=(
-                    ImageDownloadRetried(**where, attempt=attempt, error=str(exc), retry_in=round(delay, 3)),
+                    ImageDownloadRetried(**where, attempt=attempt, error=str(exc), retry_in=round(delay, 3),
+                                         round=event.round),
                 )) from None
             suffix = f" (after {attempt} attempts)" if exc.transient else ""
             log.info("image_failed", request_id=record.stream, url=event.url, error=str(exc), **where)
@@ -166,9 +173,9 @@ class DownloadStage(Follower):
         return [ImageDownloaded(**where, stem=event.stem, bytes=size, attempts=attempt)]
 
     async def _attempts_before_restart(self, stream: str, event: ImageRequested) -> int:
-        """Attempts already made for an image this daemon took over mid-retry (counted from the log)."""
+        """Attempts already made in this round for an image this daemon took over mid-retry (counted from the log)."""
         records = await self.eventlog.read(self.eventlog.read_stream_sync, stream, frozenset({"ImageDownloadRetried"}))
-        return sum(1 for r in records if isinstance(r.event, ImageEvent)
+        return sum(1 for r in records if isinstance(r.event, ImageDownloadRetried) and r.event.round == event.round
                    and (r.event.product, r.event.index) == (event.product, event.index))
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:

@@ -21,7 +21,7 @@ from daemon.views.status import StatusImage, StatusRequest, image_url
 log = structlog.get_logger("export")
 
 HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
-FINISHED = ("completed", "completed_with_errors", "failed")
+FINISHED = ("completed", "completed_with_errors", "failed", "cancelled")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 

@@ -19,14 +19,19 @@ from daemon.events import (
     ImageDownloadRetried,
     ImageEvent,
     ImageFailed,
+    ImageRequeued,
     NotificationReceived,
     RequestAccepted,
     RequestCompleted,
+    RequestDeleted,
+    RequestRetried,
     WebhookAttempted,
     WebhookQueued,
+    WebhookRedeliveryRequested,
 )
 
 DONE_STATES = ("compressed", "kept_original")
+OPEN_STATES = ("pending", "retrying", "downloaded")  # an image not settled yet
 
 
 class StatusRequest(BaseModel):
@@ -122,7 +127,8 @@ class StatusView(Follower):
     name = "view.status"
     types = frozenset({
         "RequestAccepted", "ImageDownloadRetried", "ImageDownloaded", "ImageCompressed", "ImageFailed",
-        "RequestCompleted", "WebhookQueued", "WebhookAttempted", "NotificationReceived",
+        "RequestCompleted", "WebhookQueued", "WebhookAttempted", "NotificationReceived", "RequestRetried",
+        "ImageRequeued", "RequestDeleted", "WebhookRedeliveryRequested",
     })
     ordered = True
     concurrency = 500
@@ -149,6 +155,21 @@ def apply(record: RecordedEvent) -> None:
     if isinstance(event, RequestCompleted):
         StatusRequest.update(status=event.status, completed_at=at, updated_at=at).where(
             StatusRequest.request_id == rid).execute()
+        if event.status == "cancelled":
+            StatusImage.update(status="cancelled").where(
+                (StatusImage.request_id == rid) & StatusImage.status.in_(OPEN_STATES)).execute()
+        return
+    if isinstance(event, RequestRetried):
+        StatusRequest.update(status="processing", completed_at=None, updated_at=at,
+                             failed=StatusRequest.failed - len(event.images)).where(
+            StatusRequest.request_id == rid).execute()
+        return
+    if isinstance(event, RequestDeleted):
+        for table in STATUS_TABLES:
+            table.delete().where(table.request_id == rid).execute()  # type: ignore[attr-defined]
+        return
+    if isinstance(event, WebhookRedeliveryRequested):
+        _queue_redelivery(rid, event.message_id, at)
         return
     if isinstance(event, WebhookQueued):
         StatusDelivery.insert(request_id=rid, message_id=event.message_id, listener=event.listener, round=event.round,
@@ -172,6 +193,17 @@ def apply(record: RecordedEvent) -> None:
     execute(_image_update(tuple(changes)), (*changes.values(), rid, event.product, event.index))
     done, failed = int(isinstance(event, ImageCompressed)), int(isinstance(event, ImageFailed))
     execute(_REQUEST_UPDATE, (at, done, failed, rid))
+
+
+def _queue_redelivery(rid: str, message_id: str, at: str) -> None:
+    """The next round of a message, pending, for each listener it went to: the n-th redelivery request is round n,
+    as webhook delivery numbers it, so the row is there before the delivery stage queues it."""
+    rounds = list(StatusDelivery.select(StatusDelivery.listener, peewee.fn.MAX(StatusDelivery.round)).where(
+        (StatusDelivery.request_id == rid) & (StatusDelivery.message_id == message_id)).group_by(
+        StatusDelivery.listener).tuples())
+    for listener, last in cast(Iterable[tuple[str, int]], rounds):
+        StatusDelivery.insert(request_id=rid, message_id=message_id, listener=listener, round=last + 1,
+                              queued_at=at).on_conflict_ignore().execute()
 
 
 # Hand-written: these two run for every image event (see eventlog.models.execute).
@@ -202,6 +234,8 @@ def _image_changes(event: ImageEvent) -> dict[str, Any]:
         }
     if isinstance(event, ImageFailed):
         return {"status": "failed", "error": event.error, **({"attempts": event.attempts} if event.attempts else {})}
+    if isinstance(event, ImageRequeued):
+        return {"status": "pending", "attempts": 0, "error": None}
     raise TypeError(event)
 
 
@@ -311,7 +345,8 @@ def webhooks(request_id: str) -> list[dict[str, Any]]:
 
 
 def progress(request: StatusRequest) -> dict[str, int]:
-    return {
-        "images": request.images, "done": request.done, "failed": request.failed,
-        "pending": request.images - request.done - request.failed,
-    }
+    open_images = request.images - request.done - request.failed
+    if request.status == "cancelled":  # never to be done: not pending
+        return {"images": request.images, "done": request.done, "failed": request.failed, "pending": 0,
+                "cancelled": open_images}
+    return {"images": request.images, "done": request.done, "failed": request.failed, "pending": open_images}

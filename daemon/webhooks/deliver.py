@@ -27,6 +27,7 @@ from daemon.events import (
     Event,
     RequestAccepted,
     RequestCompleted,
+    RequestDeleted,
     WebhookAttempted,
     WebhookQueued,
     WebhookRedeliveryRequested,
@@ -35,7 +36,7 @@ from daemon.network import AddressNotAllowed
 from daemon.stages.download import retry_after_seconds
 from daemon.views.export import ExportImage, stream_images
 from daemon.views.status import image_url
-from daemon.web import EVENTLOG, SETTINGS, json_error, json_response
+from daemon.web import EVENTLOG, SETTINGS, STATUS_VIEW, json_error, json_response
 
 log = structlog.get_logger("webhooks")
 
@@ -63,7 +64,7 @@ def completion_payload(records: Sequence[RecordedEvent], public_url: str,
                        with_products: bool = True) -> dict[str, Any]:
     """The request.completed message body, a pure function of the request's events."""
     accepted, images = stream_images(records)
-    completed = next(r for r in records if isinstance(r.event, RequestCompleted))
+    completed = [r for r in records if isinstance(r.event, RequestCompleted)][-1]
     event = completed.event
     assert isinstance(event, RequestCompleted)
     request_id = completed.stream
@@ -167,8 +168,9 @@ class WebhookDelivery(Follower):
             if wait > 0:
                 raise Retry(defer=wait)
         number = len(tried) + 1
-        completed = next(r for r in records if isinstance(r.event, RequestCompleted))
-        body = completion_body(records[: records.index(completed) + 1], self.settings.public_url,
+        # The message is of one completion (a retried request completes again, with a message of its own).
+        completed = next(i for i, r in enumerate(records) if message_id(r.stream, r.version) == queued.message_id)
+        body = completion_body(records[: completed + 1], self.settings.public_url,
                                self.settings.webhooks.max_payload_bytes)
         answer = await self._post(queued, body)
 
@@ -236,11 +238,14 @@ def listeners(settings: Settings, accepted: RequestAccepted) -> list[str]:
     return list(dict.fromkeys([*settings.webhooks.urls, *filter(None, [accepted.webhook_url])]))
 
 
-def request_redelivery(eventlog: EventLog, settings: Settings, request_id: str) -> str | web.HTTPException:
-    """Queue the request's completion message again (same webhook-id): its id, or the error to answer."""
+def request_redelivery(eventlog: EventLog, settings: Settings,
+                       request_id: str) -> tuple[str, int] | web.HTTPException:
+    """Queue the request's completion message again (same webhook-id): its id and the request's position, or the
+    error to answer."""
     with eventlog.transaction():
-        records = eventlog.read_stream_sync(request_id, frozenset({"RequestAccepted", "RequestCompleted"}))
-        if not records:
+        records = eventlog.read_stream_sync(request_id, frozenset({"RequestAccepted", "RequestCompleted",
+                                                                   "RequestDeleted"}))
+        if not records or any(isinstance(r.event, RequestDeleted) for r in records):
             return json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
         completed = [r for r in records if isinstance(r.event, RequestCompleted)]
         if not completed:
@@ -252,17 +257,18 @@ def request_redelivery(eventlog: EventLog, settings: Settings, request_id: str) 
                               f"request {request_id} has no listener to redeliver to: none in [webhooks] urls "
                               "and no webhook_url given at upload")
         msg_id = message_id(request_id, completed[-1].version)
-        eventlog.append_sync(request_id, [WebhookRedeliveryRequested(message_id=msg_id)])
-        return msg_id
+        return msg_id, eventlog.append_sync(request_id, [WebhookRedeliveryRequested(message_id=msg_id)])
 
 
 async def redeliver(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     eventlog = request.app[EVENTLOG]
-    msg_id = await eventlog.write(request_redelivery, eventlog, request.app[SETTINGS], request_id)
-    if isinstance(msg_id, web.HTTPException):
-        raise msg_id
+    queued = await eventlog.write(request_redelivery, eventlog, request.app[SETTINGS], request_id)
+    if isinstance(queued, web.HTTPException):
+        raise queued
+    msg_id, position = queued
     eventlog.notify(["WebhookRedeliveryRequested"])
+    await request.app[STATUS_VIEW].caught_up(position)
     log.info("webhook_redelivery_requested", request_id=request_id, message_id=msg_id)
     return json_response({"request_id": request_id, "message_id": msg_id, "status": "queued"}, status=202)
 

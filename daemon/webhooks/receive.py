@@ -15,11 +15,12 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from daemon.eventlog.store import EventLog
-from daemon.events import NotificationReceived
+from daemon.events import NotificationReceived, RequestDeleted
 from daemon.text import storable
 from daemon.web import (
     EVENTLOG,
     SETTINGS,
+    STATUS_VIEW,
     BodyTooLarge,
     json_error,
     json_response,
@@ -57,18 +58,18 @@ def parse_notification(payload: Any) -> tuple[str, str, str]:
     return request_id, kind, status
 
 
-def record_once(eventlog: EventLog, request_id: str, notification: NotificationReceived) -> str:
-    """'recorded', 'duplicate' or 'unknown' — checked and appended in one writer transaction."""
+def record_once(eventlog: EventLog, request_id: str, notification: NotificationReceived) -> tuple[str, int]:
+    """'recorded', 'duplicate' or 'unknown', and the position to wait for; checked and appended in one writer
+    transaction."""
     with eventlog.transaction():
         records = eventlog.read_stream_sync(request_id)
-        if not records:
-            return "unknown"
+        if not records or any(isinstance(r.event, RequestDeleted) for r in records):
+            return "unknown", 0
         if notification.webhook_id and any(
                 isinstance(r.event, NotificationReceived) and r.event.webhook_id == notification.webhook_id
                 for r in records):
-            return "duplicate"
-        eventlog.append_sync(request_id, [notification])
-        return "recorded"
+            return "duplicate", records[-1].position
+        return "recorded", eventlog.append_sync(request_id, [notification])
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -108,11 +109,12 @@ async def receive(request: web.Request) -> web.Response:
     structlog.contextvars.bind_contextvars(request_id=request_id)
     notification = NotificationReceived(webhook_id=webhook_id, verified=verified, kind=kind, status=status,
                                         payload=payload)
-    outcome = await eventlog.write(record_once, eventlog, request_id, notification)
+    outcome, position = await eventlog.write(record_once, eventlog, request_id, notification)
     if outcome == "unknown":
         raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
     if outcome == "recorded":
         eventlog.notify([notification.type])
+    await request.app[STATUS_VIEW].caught_up(position)
     log.info("notification_received", kind=kind, status=status, verified=verified, webhook_id=webhook_id,
              duplicate=outcome == "duplicate")
     return json_response({"request_id": request_id, "recorded": outcome == "recorded",

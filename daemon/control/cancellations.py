@@ -1,0 +1,54 @@
+"""Which requests someone asked to stop, known to the stages at once.
+
+The RequestCancelRequested event sits at the head of the log, while a stage busy with a large batch reads far
+behind it: stages ask here instead, and a download in flight is dropped the moment its request is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class RequestCancelled(Exception):
+    """The request of the work in hand was cancelled; the work was dropped."""
+
+
+class Cancellations:
+    def __init__(self, request_ids: Iterable[str] = ()) -> None:
+        self._cancelled = set(request_ids)
+        self._changed = asyncio.Event()  # set (and replaced) on every cancellation; cancellations are rare
+
+    def cancel(self, request_id: str) -> None:
+        self._cancelled.add(request_id)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def forget(self, request_id: str) -> None:
+        """The request is gone (deleted): nothing of it runs any more, and nothing needs to know."""
+        self._cancelled.discard(request_id)
+
+    def is_cancelled(self, request_id: str) -> bool:
+        return request_id in self._cancelled
+
+    async def unless_cancelled(self, request_id: str, work: Awaitable[T]) -> T:
+        """`work`'s result; RequestCancelled, with `work` cancelled, if the request is cancelled first."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(self._until_cancelled(request_id))
+        try:
+            await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled() and self.is_cancelled(request_id):
+            raise RequestCancelled(request_id)
+        return task.result()
+
+    async def _until_cancelled(self, request_id: str) -> None:
+        while request_id not in self._cancelled:
+            await self._changed.wait()

@@ -1,0 +1,50 @@
+"""Delete stage: RequestDeleted -> the request's files are removed (images, outbox CSV, archived inbox CSV, bodies).
+
+Idempotent: a file already gone is fine, so after a crash the deletion is simply done again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from daemon.eventlog.follower import Follower
+from daemon.eventlog.store import EventLog, RecordedEvent
+from daemon.events import Event, ImageCompressed, RequestAccepted
+from daemon.ingest.inbox import ARCHIVE
+from daemon.stages.bodies import Bodies
+from daemon.views.export import outbox_name
+
+log = structlog.get_logger("delete")
+
+
+class DeleteStage(Follower):
+    name = "stage.delete"
+    types = frozenset({"RequestDeleted"})
+    concurrency = 4
+
+    def __init__(self, eventlog: EventLog, bodies: Bodies, images: Path, outbox: Path, inbox: Path) -> None:
+        super().__init__(eventlog)
+        self.bodies, self.images, self.outbox, self.inbox = bodies, images, outbox, inbox
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        records = await self.eventlog.read_stream(record.stream)
+        accepted = records[0].event
+        assert isinstance(accepted, RequestAccepted)
+        files = [self.images / r.event.name for r in records if isinstance(r.event, ImageCompressed)]
+        files.append(self.outbox / outbox_name(record.stream, accepted))
+        if accepted.source == "inbox":
+            files.append(self.inbox / ARCHIVE / f"{record.stream}--{accepted.source_name}")
+        await asyncio.to_thread(_remove, files)
+        await self.bodies.remove_request(record.stream)
+        log.info("request_deleted", request_id=record.stream, files=len(files))
+        return ()
+
+
+def _remove(files: list[Path]) -> None:
+    """(thread)"""
+    for path in files:
+        path.unlink(missing_ok=True)
