@@ -17,6 +17,7 @@ from daemon.config import Settings
 from daemon.control import commands
 from daemon.control import http as control_http
 from daemon.control.cancellations import Cancellations
+from daemon.control.retention import Retention
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, open_database
 from daemon.ingest import http as ingest_http
@@ -81,8 +82,8 @@ def build_followers(app: web.Application) -> list[Follower]:
     app[STATUS_VIEW] = status_view
     bodies, cancellations = app[BODIES], app[CANCELLATIONS]
     complete = app[COMPLETE_STAGE] = CompleteStage(eventlog, bodies)
-    delete = app[DELETE_STAGE] = DeleteStage(eventlog, bodies, settings.path("images"), settings.path("outbox"),
-                                             settings.path("inbox"))
+    delete = app[DELETE_STAGE] = DeleteStage(eventlog, bodies, cancellations, settings.path("images"),
+                                             settings.path("outbox"), settings.path("inbox"))
     return [
         *views,
         DownloadStage(eventlog, app[CLIENT], bodies, settings.download, cancellations),
@@ -160,6 +161,15 @@ async def inbox_ctx(app: web.Application) -> AsyncIterator[None]:
     await inbox.stop()
 
 
+async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    retention = Retention(app[EVENTLOG], app[SETTINGS].retention, app[SETTINGS].path("inbox"))
+    task = asyncio.create_task(retention.run(), name="retention") if retention.enabled and app[FOLLOW] else None
+    yield
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
     """Last of the set-up; `imgpipe run` listens before any of it (daemon.listen), so this is true when logged."""
     settings = app[SETTINGS]
@@ -176,7 +186,7 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
     app[SETTINGS] = settings
     app[FOLLOW] = follow
     app.cleanup_ctx.extend([eventlog_ctx, bodies_ctx, pool_ctx, cpu_ctx, client_ctx, followers_ctx, inbox_ctx,
-                            announce_ctx])
+                            retention_ctx, announce_ctx])
     add_routes(app)
     ingest_http.add_routes(app)
     control_http.add_routes(app)

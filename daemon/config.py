@@ -99,6 +99,12 @@ class NetworkSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    requests_days: float = 0.0  # 0: off; else finished requests older than this are deleted
+    inbox_days: float = 0.0  # 0: off; else archived and rejected inbox files older than this are removed
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     paths: PathSettings = field(default_factory=PathSettings)
@@ -108,6 +114,7 @@ class Settings:
     compress: CompressSettings = field(default_factory=CompressSettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     base_dir: Path = field(default_factory=Path.cwd)
 
     @property

@@ -76,7 +76,6 @@ async def delete(request: web.Request) -> web.Response:
         position = await eventlog.write(commands.delete, eventlog, request_id)
     except Refused as exc:
         raise refusal(exc) from None
-    request.app[CANCELLATIONS].forget(request_id)
     eventlog.notify(["RequestDeleted"])
     await request.app[STATUS_VIEW].caught_up(position)
     await request.app[DELETE_STAGE].caught_up(position)  # its files are gone too when the answer comes

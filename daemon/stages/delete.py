@@ -11,6 +11,7 @@ from pathlib import Path
 
 import structlog
 
+from daemon.control.cancellations import Cancellations
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event, ImageCompressed, RequestAccepted
@@ -26,9 +27,11 @@ class DeleteStage(Follower):
     types = frozenset({"RequestDeleted"})
     concurrency = 4
 
-    def __init__(self, eventlog: EventLog, bodies: Bodies, images: Path, outbox: Path, inbox: Path) -> None:
+    def __init__(self, eventlog: EventLog, bodies: Bodies, cancellations: Cancellations, images: Path, outbox: Path,
+                 inbox: Path) -> None:
         super().__init__(eventlog)
-        self.bodies, self.images, self.outbox, self.inbox = bodies, images, outbox, inbox
+        self.bodies, self.cancellations = bodies, cancellations
+        self.images, self.outbox, self.inbox = images, outbox, inbox
 
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         records = await self.eventlog.read_stream(record.stream)
@@ -40,6 +43,7 @@ class DeleteStage(Follower):
             files.append(self.inbox / ARCHIVE / f"{record.stream}--{accepted.source_name}")
         await asyncio.to_thread(_remove, files)
         await self.bodies.remove_request(record.stream)
+        self.cancellations.forget(record.stream)
         log.info("request_deleted", request_id=record.stream, files=len(files))
         return ()
 

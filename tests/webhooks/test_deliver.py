@@ -266,6 +266,9 @@ async def test_per_request_listener_and_redelivery_over_http(make_settings: Call
             await listener.wait_for(1, timeout=20)
             response = await client.post(f"/redeliver/{request_id}")
             assert response.status == 202
+            # At once: the answer waited until the status view showed the new round.
+            status = await (await client.get(f"/status/{request_id}")).json()
+            assert [d["round"] for d in status["webhooks"]] == [0, 1]
             await listener.wait_for(2, timeout=20)
             unknown = await client.post("/redeliver/nope")
             assert (await unknown.json())["message"] == "no request with id 'nope'"

@@ -14,6 +14,7 @@ from standardwebhooks.webhooks import Webhook
 
 from daemon.app import build_app
 from daemon.config import Settings
+from daemon.views.status import StatusView
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 CSV = b"S. No.,Product Name,Input Image Urls\n1,Shoe,http://127.0.0.1:9/a.jpg\n"
@@ -190,3 +191,16 @@ async def test_text_that_is_no_unicode_is_refused_or_replaced(make_client: Calla
         assert answer.startswith(b"HTTP/1.1 202"), answer
         (note,) = await notifications(client, request_id)
     assert note["webhook_id"] == "msg_\ufffd"
+
+
+async def test_a_recorded_notification_shows_in_the_status_at_once(make_client: Callable[..., Any],
+                                                                   monkeypatch: Any) -> None:
+    """POST /webhook answers only once the status view shows the notification, however slow the view."""
+    monkeypatch.setattr(StatusView, "linger", 2.0)
+    async with make_client() as client:
+        request_id = await new_request(client)
+        response = await client.post("/webhook", data=classic(request_id), headers={"webhook-id": "msg_now",
+                                                                                    "Content-Type": "application/json"})
+        assert response.status == 202
+        body = await (await client.get(f"/status/{request_id}")).json()
+    assert [n["webhook_id"] for n in body["notifications"]] == ["msg_now"]
