@@ -162,8 +162,9 @@ async def inbox_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
-    retention = Retention(app[EVENTLOG], app[SETTINGS].retention, app[SETTINGS].path("inbox"))
-    task = asyncio.create_task(retention.run(), name="retention") if retention.enabled and app[FOLLOW] else None
+    followers: list[Follower] = app[FOLLOWERS]
+    retention = Retention(app[EVENTLOG], app[SETTINGS].retention, app[SETTINGS].path("inbox"), followers)
+    task = asyncio.create_task(retention.run(), name="retention") if app[FOLLOW] else None
     yield
     if task is not None:
         task.cancel()

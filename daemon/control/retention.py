@@ -1,10 +1,12 @@
 """Retention: finished requests older than `requests_days` are deleted, as DELETE /requests/<id> deletes them, and
-archived or rejected inbox files older than `inbox_days` are removed. Both are off by default."""
+archived or rejected inbox files older than `inbox_days` are removed (both off by default); and on every sweep the
+events of deleted requests leave the log, once every consumer has passed them."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +16,7 @@ import structlog
 from daemon.config import RetentionSettings
 from daemon.control import commands
 from daemon.control.commands import Refused
+from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog
 from daemon.ingest.inbox import ARCHIVE, REJECTED
 from daemon.views.export import FINISHED
@@ -29,6 +32,7 @@ DAY = 86_400.0
 class Swept:
     requests: int
     files: int
+    events: int
 
 
 def finished_before(cutoff: str) -> list[str]:
@@ -53,12 +57,9 @@ def remove_older(folders: list[Path], before: float) -> int:
 
 
 class Retention:
-    def __init__(self, eventlog: EventLog, settings: RetentionSettings, inbox: Path) -> None:
-        self.eventlog, self.settings, self.inbox = eventlog, settings, inbox
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.settings.requests_days or self.settings.inbox_days)
+    def __init__(self, eventlog: EventLog, settings: RetentionSettings, inbox: Path,
+                 consumers: Sequence[Follower]) -> None:
+        self.eventlog, self.settings, self.inbox, self.consumers = eventlog, settings, inbox, consumers
 
     async def run(self) -> None:
         while True:
@@ -83,6 +84,9 @@ class Retention:
         if days := self.settings.inbox_days:
             files = await asyncio.to_thread(remove_older, [self.inbox / ARCHIVE, self.inbox / REJECTED],
                                             now - days * DAY)
-        if requests or files:
-            log.info("retention_swept", requests_deleted=requests, inbox_files_removed=files)
-        return Swept(requests, files)
+        # Checkpoints as the running consumers hold them: the stored ones move only when a consumer commits.
+        low_water = min((consumer.checkpoint for consumer in self.consumers), default=0)
+        events = await self.eventlog.write(self.eventlog.purge_deleted_sync, low_water)
+        if requests or files or events:
+            log.info("retention_swept", requests_deleted=requests, inbox_files_removed=files, events_removed=events)
+        return Swept(requests, files, events)

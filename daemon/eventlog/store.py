@@ -263,6 +263,20 @@ class EventLog:
         execute("INSERT INTO checkpoints (consumer, position) VALUES (?, ?) "
                 "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position", (consumer, checkpoint))
 
+    def purge_deleted_sync(self, low_water: int) -> int:
+        """Remove the events of deleted streams but their RequestDeleted, where all of them are at or below
+        `low_water`, the lowest checkpoint of every consumer: no consumer reads them again. How many were removed
+        (writer thread)."""
+        streams = [stream for stream, in execute(
+            "SELECT stream FROM events WHERE stream IN (SELECT stream FROM events WHERE type = 'RequestDeleted') "
+            "GROUP BY stream HAVING COUNT(*) > 1 AND MAX(position) <= ?", (low_water,)).fetchall()]
+        removed = 0
+        with self.transaction():
+            for stream in streams:
+                removed += execute("DELETE FROM events WHERE stream = ? AND type != 'RequestDeleted'",
+                                   (stream,)).rowcount
+        return removed
+
     def reset_consumer_sync(self, consumer: str) -> None:
         Tracking.delete().where(Tracking.consumer == consumer).execute()
         Checkpoint.delete().where(Checkpoint.consumer == consumer).execute()

@@ -7,12 +7,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from daemon.app import FOLLOWERS
 from daemon.config import Settings
 from daemon.control.retention import DAY, Retention
 from daemon.ingest.inbox import ARCHIVE, REJECTED
-from daemon.stages.delete import DeleteStage
 from daemon.testing import Origin
-from daemon.views.status import StatusView
 from daemon.web import EVENTLOG
 
 
@@ -52,26 +51,32 @@ async def test_delete_removes_the_requests_files_and_the_views_forget_it(
 
 
 async def test_retention_deletes_old_requests_and_old_inbox_files(
-        make_settings: Callable[..., Settings], serve_daemon: Any, origin: Origin) -> None:
-    """A sweep deletes requests finished more than requests_days ago and inbox files older than inbox_days."""
+        make_settings: Callable[..., Settings], serve_daemon: Any, origin: Origin, helpers: Any) -> None:
+    """A sweep deletes requests finished more than requests_days ago and inbox files older than inbox_days; a later
+    one removes the deleted request's events but the deletion."""
     settings = make_settings(retention={"requests_days": 1.0, "inbox_days": 2.0})
     now = time.time()
     old, young = settings.path("inbox") / REJECTED / "old.csv", settings.path("inbox") / ARCHIVE / "young.csv"
     async with serve_daemon(settings) as daemon:
         request_id = await daemon.upload([f"{origin.url}/img/photo.jpg"])
         await daemon.finished(request_id)
+        stored = helpers.stored_events(settings, request_id)
         for path, age_days in ((old, 3.0), (young, 0.0)):
             path.parent.mkdir(parents=True, exist_ok=True)  # the inbox is off: nothing made its folders
             path.write_text("S. No.,Product Name,Input Image Urls\n")
             os.utime(path, (now - age_days * DAY, now - age_days * DAY))
-        retention = Retention(daemon.app[EVENTLOG], settings.retention, settings.path("inbox"))
+        retention = Retention(daemon.app[EVENTLOG], settings.retention, settings.path("inbox"),
+                              daemon.app[FOLLOWERS])
         not_yet = await retention.sweep(now)
         swept = await retention.sweep(now + 1.5 * DAY)
-        await daemon.idle(DeleteStage)
-        await daemon.idle(StatusView)
+        for follower in daemon.app[FOLLOWERS]:
+            await daemon.idle(type(follower))
         status = await daemon.client.get(f"/status/{request_id}")
+        compacted = await retention.sweep(now + 1.5 * DAY)
     assert (not_yet.requests, not_yet.files) == (0, 1)
-    assert (swept.requests, swept.files) == (1, 0)
+    assert (swept.requests, swept.files, swept.events) == (1, 0, 0)  # consumers had not passed the deletion yet
+    assert compacted.events == len(stored)
+    assert [kind for _, _, _, kind, _ in helpers.stored_events(settings, request_id)] == ["RequestDeleted"]
     assert status.status == 404
     assert not old.exists() and young.exists()
     assert not (settings.path("outbox") / f"{request_id}.csv").exists()
