@@ -51,6 +51,8 @@ ACCEPTED = frozenset({"RequestAccepted"})
 MAX_NAME_BYTES = 255 - 34 - 33
 ELLIPSIS = "…"
 INGEST_ATTEMPTS = 5
+NETWORK_FILE_SYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "ceph", "glusterfs",
+                                  "lustre", "afs", "gfs2", "ocfs2"})
 TEMPORARY_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".swp", ".swx", ".download")
 
 
@@ -92,10 +94,27 @@ def _lease(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETOWN, 0)  # taking the lease made this process the owner
 
 
+def file_system_type(folder: Path) -> str:
+    """The type of the file system holding `folder` as /proc/self/mountinfo names it ("" if not found)."""
+    st = os.stat(folder)
+    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    found = ""
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+        for line in mounts:
+            fields, _, rest = line.partition(" - ")
+            if fields.split()[2:3] == [device]:
+                found = rest.split()[0]  # the last mount of the device is the one in view
+    return found
+
+
 def lease_refusal(folder: Path) -> str | None:
     """Why read leases cannot prove files in `folder` unwritten (None: they can), tried on a hidden probe file."""
     if not hasattr(fcntl, "F_SETLEASE"):
         return "this system has no file leases"
+    kind = file_system_type(folder)
+    if kind in NETWORK_FILE_SYSTEMS or kind.startswith("fuse"):
+        # Some grant leases (NFSv4 with a delegation), but a writer on another machine never breaks them.
+        return f"a network or FUSE file system ({kind}): leases do not see writers on other machines"
     try:
         handle, probe = tempfile.mkstemp(dir=folder, prefix=".imgpipe-lease-probe-")
     except OSError as exc:

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 from test_inbox import accepted_requests, wait_archived
 
 from daemon.config import Settings, replace
-from daemon.ingest.inbox import ARCHIVE, lease_refusal
+from daemon.ingest.inbox import ARCHIVE, file_system_type, lease_refusal
 
 Serve = Callable[[Settings], AbstractAsyncContextManager[Any]]
 CAP_LEASE = 28
@@ -91,6 +91,17 @@ def leases(tmp_path: Path) -> None:
     refusal = lease_refusal(tmp_path)
     if refusal is not None:
         pytest.skip(refusal)
+
+
+def test_the_file_system_type_is_the_one_findmnt_names(tmp_path: Path) -> None:
+    """The inbox tells a network share from a local disk by the type the mount table gives the folder's device."""
+    findmnt = shutil.which("findmnt")
+    if findmnt is None:
+        pytest.skip("no findmnt")
+    for folder in (tmp_path, Path("/proc"), Path("/dev")):
+        expected = subprocess.run([findmnt, "-n", "-o", "FSTYPE", "--target", str(folder)], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+        assert file_system_type(folder) == expected, folder
 
 
 async def assert_taken_whole(helpers: Any, settings: Settings, served: Any, data: bytes) -> None:
