@@ -52,7 +52,7 @@ class LimitSettings:
 
 @dataclass(frozen=True)
 class InboxSettings:
-    settle_seconds: float = 1.0
+    settle_seconds: float = 5.0  # the window, where leases are not available (see daemon.ingest.inbox)
     enabled: bool = True
 
 

@@ -25,7 +25,7 @@ def test_defaults_without_a_config_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert settings.public_url == "http://127.0.0.1:5000"
     assert settings.limits.max_upload_bytes == 20 * 1024 * 1024
     assert (settings.limits.max_rows, settings.limits.max_cell_bytes) == (20_000, 65536)
-    assert (settings.inbox.enabled, settings.inbox.settle_seconds) == (True, 1.0)
+    assert (settings.inbox.enabled, settings.inbox.settle_seconds) == (True, 5.0)
     assert settings.compress.job_timeout == 120.0
     assert settings.path("inbox") == tmp_path / "inbox"
     assert settings.path("images") == tmp_path / "compressed_images"
