@@ -22,6 +22,7 @@ from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, open_database
 from daemon.ingest import http as ingest_http
 from daemon.ingest.inbox import Inbox
+from daemon.instance import without_password
 from daemon.machine import on_one_cpu
 from daemon.network import AddressPolicy, GuardedConnector
 from daemon.stages.bodies import Bodies
@@ -174,7 +175,7 @@ async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
 async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
     """Last of the set-up; `imgpipe run` listens before any of it (daemon.listen), so this is true when logged."""
     settings = app[SETTINGS]
-    log.info("daemon_started", url=settings.public_url, database=settings.database_url,
+    log.info("daemon_started", url=settings.public_url, database=without_password(settings.database_url),
              inbox=str(settings.path("inbox")) if settings.inbox.enabled else None, daemon_cpu=app[DAEMON_CPU])
     yield
     log.info("daemon_stopped")

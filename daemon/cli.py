@@ -16,7 +16,7 @@ import structlog
 
 from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.instance import DatabaseInUse, exclusive
+from daemon.instance import DatabaseInUse, DatabaseUnreachable, exclusive
 from daemon.listen import CannotListen, listening_sockets
 
 log = structlog.get_logger("daemon")
@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             sockets = listening_sockets(settings.server.host, settings.server.port)
             keep_freed_memory()
             web.run_app(build_app(settings), sock=sockets, print=None, access_log=None, handle_signals=True)
-    except (DatabaseInUse, CannotListen) as exc:
+    except (DatabaseInUse, DatabaseUnreachable, CannotListen) as exc:
         return _refused(exc)
     return 0
 
@@ -56,13 +56,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         with exclusive(settings.database_url):
             count = asyncio.run(replay(settings))
-    except DatabaseInUse as exc:
+    except (DatabaseInUse, DatabaseUnreachable) as exc:
         return _refused(exc)
     print(json.dumps({"event": "replayed", "events": count}))
     return 0
 
 
-def _refused(exc: DatabaseInUse | CannotListen) -> int:
+def _refused(exc: DatabaseInUse | DatabaseUnreachable | CannotListen) -> int:
     """Start-up refused: one error event in the log, the same in one line on stderr, exit status 1."""
     log.error(exc.event, message=str(exc), **exc.details)
     print(f"imgpipe: {exc}", file=sys.stderr)

@@ -1,25 +1,28 @@
-"""One process per database: the advisory lock that `imgpipe run` and `imgpipe replay` hold while they work.
+"""One process per database: the lock that `imgpipe run` and `imgpipe replay` hold while they work.
 
 Two processes on one event log would both consume its events: every image downloaded twice, every webhook
-sent twice, views rebuilt under a running daemon. The lock is flock(2) on `<database file>.lock`, so the
-kernel drops it when its holder ends, however it ends: a crash never leaves a stale lock behind. The holder
-writes its pid into the file so that whoever is refused can say who holds it.
+sent twice, views rebuilt under a running daemon.
 
-A database that is not a SQLite file (a server URL) has no file to sit next to: it is locked through
-`<temp folder>/imgpipe-<hash of the URL>.lock`, which keeps two processes on one machine apart, not
-processes on different machines. An in-memory database belongs to its process and needs no lock.
+- A SQLite file: flock(2) on `<database file>.lock`, so the kernel drops it when its holder ends, however it ends.
+  The holder writes its pid into the file so that whoever is refused can say who holds it.
+- PostgreSQL: a session advisory lock keyed by the database and schema, held on a connection of its own for the
+  process's life; the server drops it when that connection ends. The holder names itself in `application_name`.
+- An in-memory database belongs to its process and needs no lock.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
-import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+APPLICATION_NAME = "imgpipe pid {pid}"
+# Keyed by what the log lives in, so daemons on other databases or schemas of one server do not exclude each other.
+LOCK_KEY = "hashtextextended('imgpipe/' || current_database() || '/' || current_schema(), 0)"
 
 
 class DatabaseInUse(Exception):
@@ -27,18 +30,39 @@ class DatabaseInUse(Exception):
 
     event = "database_in_use"
 
-    def __init__(self, database: str, lock_file: Path, pid: int | None) -> None:
+    def __init__(self, database: str, lock: str, pid: int | None) -> None:
         holder = f"pid {pid}" if pid is not None else "pid unknown"
-        super().__init__(f"the database is in use by another imgpipe process ({holder}): {lock_file} is locked")
-        self.details: dict[str, object] = {"database": database, "lock_file": str(lock_file), "pid": pid}
+        super().__init__(f"the database is in use by another imgpipe process ({holder}): {lock} is locked")
+        self.details: dict[str, object] = {"database": without_password(database), "lock": lock, "pid": pid}
+
+
+class DatabaseUnreachable(Exception):
+    """The database server cannot be reached or refuses us; the message names the URL without its password."""
+
+    event = "database_unreachable"
+
+    def __init__(self, database: str, reason: str) -> None:
+        super().__init__(f"cannot connect to the database {without_password(database)}: {reason}")
+        self.details: dict[str, object] = {"database": without_password(database), "reason": reason}
+
+
+def without_password(url: str) -> str:
+    """`url` with any password replaced by ***, fit for logs and messages."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urllib.parse.urlunsplit(parsed._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def is_postgresql(url: str) -> bool:
+    return urllib.parse.urlsplit(url).scheme.split("+")[0] in ("postgres", "postgresql")
 
 
 def lock_file(database_url: str) -> Path | None:
-    """Where the lock for `database_url` lives; None for an in-memory database."""
+    """Where the lock file for a SQLite `database_url` lives; None for an in-memory database."""
     parsed = urllib.parse.urlparse(database_url)
-    if not parsed.scheme.startswith("sqlite"):
-        digest = hashlib.sha256(database_url.encode("utf-8")).hexdigest()[:16]  # the URL may hold a password
-        return Path(tempfile.gettempdir()) / f"imgpipe-{digest}.lock"
     database = parsed.path[1:]  # how peewee's db_url reads it: sqlite:////abs/path or sqlite:///rel/path
     if database in ("", ":memory:"):
         return None
@@ -46,8 +70,13 @@ def lock_file(database_url: str) -> Path | None:
 
 
 @contextmanager
-def exclusive(database_url: str) -> Iterator[Path | None]:
-    """Hold the database's lock for the block; DatabaseInUse at once (never waiting) if another process has it."""
+def exclusive(database_url: str) -> Iterator[str | None]:
+    """Hold the database's lock for the block (yields what is locked); DatabaseInUse at once (never waiting) if
+    another process has it, DatabaseUnreachable if a database server cannot be reached."""
+    if is_postgresql(database_url):
+        with _advisory_lock(database_url) as held:
+            yield held
+        return
     path = lock_file(database_url)
     if path is None:
         yield None
@@ -58,11 +87,11 @@ def exclusive(database_url: str) -> Iterator[Path | None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DatabaseInUse(database_url, path, _holder(fd)) from None
+            raise DatabaseInUse(database_url, str(path), _holder(fd)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         try:
-            yield path
+            yield str(path)
         finally:
             os.ftruncate(fd, 0)  # while still locked: a pid left behind would name a process that has gone
     finally:
@@ -75,3 +104,36 @@ def _holder(fd: int) -> int | None:
         return int(os.pread(fd, 32, 0).decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         return None
+
+
+def connect_postgresql(database_url: str, **extra: Any) -> Any:
+    """A plain psycopg connection to `database_url` (autocommit); DatabaseUnreachable when that fails."""
+    import psycopg
+    from playhouse.db_url import parse
+
+    params = parse(database_url)
+    params["dbname"] = params.pop("database")
+    try:
+        return psycopg.connect(autocommit=True, connect_timeout=10, **{**params, **extra})
+    except psycopg.Error as exc:
+        raise DatabaseUnreachable(database_url, str(exc).strip().splitlines()[0] if str(exc).strip() else
+                                  type(exc).__name__) from None
+
+
+@contextmanager
+def _advisory_lock(database_url: str) -> Iterator[str]:
+    connection = connect_postgresql(database_url, application_name=APPLICATION_NAME.format(pid=os.getpid()))
+    try:
+        key, taken = connection.execute(f"SELECT {LOCK_KEY}, pg_try_advisory_lock({LOCK_KEY})").fetchone()
+        lock = f"advisory lock {key}"
+        if not taken:
+            holder = connection.execute(
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+                "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s", (key,)).fetchone()
+            name = holder[0] if holder else ""
+            pid = int(name.rsplit(" ", 1)[1]) if name.startswith("imgpipe pid ") else None
+            raise DatabaseInUse(database_url, lock, pid)
+        yield lock
+    finally:
+        connection.close()  # the server releases the lock with the session

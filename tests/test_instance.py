@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from daemon.instance import DatabaseInUse, exclusive, lock_file
+from daemon.instance import DatabaseInUse, exclusive, lock_file, without_password
 
 
 def test_the_lock_file_sits_next_to_a_sqlite_database(tmp_path: Path) -> None:
@@ -20,28 +19,26 @@ def test_the_lock_file_sits_next_to_a_sqlite_database(tmp_path: Path) -> None:
     assert lock_file("sqlite:///:memory:") is None
 
 
-def test_a_server_database_is_locked_in_the_temp_folder_without_its_password() -> None:
-    """A server URL is locked through a file in the temp folder named by a hash, so its password is not shown."""
-    path = lock_file("postgresql://imgpipe:secret@db.example/imgpipe")
-    assert path is not None
-    assert path.parent == Path(tempfile.gettempdir())
-    assert path.name.startswith("imgpipe-") and path.suffix == ".lock"
-    assert "secret" not in str(path)
-    assert lock_file("postgresql://imgpipe:secret@db.example/other") != path
+def test_a_url_shown_in_logs_and_messages_has_no_password() -> None:
+    """A database URL's password is replaced by *** wherever the URL is shown."""
+    assert without_password("postgresql://imgpipe:s3cret@db.example:5432/imgpipe?sslmode=require") == \
+        "postgresql://imgpipe:***@db.example:5432/imgpipe?sslmode=require"
+    assert without_password("postgresql://imgpipe@db.example/imgpipe") == "postgresql://imgpipe@db.example/imgpipe"
+    assert without_password("sqlite:////data/imgpipe.db") == "sqlite:////data/imgpipe.db"
 
 
 def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path: Path) -> None:
     """Taking a held lock fails at once naming the file and the holder's pid; once released it is free again."""
     url = f"sqlite:///{tmp_path / 'data' / 'imgpipe.db'}"
     with exclusive(url) as path:
-        assert path == tmp_path / "data" / "imgpipe.db.lock"
-        assert path.read_text() == f"{os.getpid()}\n"
+        assert path == str(tmp_path / "data" / "imgpipe.db.lock")
+        assert Path(path).read_text() == f"{os.getpid()}\n"
         with pytest.raises(DatabaseInUse) as refused, exclusive(url):
             pass
-        assert refused.value.details == {"database": url, "lock_file": str(path), "pid": os.getpid()}
+        assert refused.value.details == {"database": url, "lock": path, "pid": os.getpid()}
         assert str(refused.value) == f"the database is in use by another imgpipe process (pid {os.getpid()}): " \
                                      f"{path} is locked"
-    assert path.read_text() == ""
+    assert Path(path).read_text() == ""
     with exclusive(url):
         pass
 
@@ -61,4 +58,4 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
         holder.kill()
         holder.wait()
     with exclusive(url) as path:
-        assert path is not None and path.read_text() == f"{os.getpid()}\n"
+        assert path is not None and Path(path).read_text() == f"{os.getpid()}\n"

@@ -23,7 +23,7 @@ def assert_refused_as_in_use(result: Any, daemon: Any) -> None:
     assert result.stderr == f"imgpipe: {message}\n"
     (event,) = log_events(result.stdout)
     assert (event["event"], event["level"], event["message"]) == ("database_in_use", "error", message)
-    assert (event["lock_file"], event["pid"]) == (lock_file, daemon.process.pid)
+    assert (event["lock"], event["pid"]) == (lock_file, daemon.process.pid)
 
 
 def test_a_second_daemon_on_the_same_database_exits_1_and_the_first_keeps_serving(daemon: Any) -> None:
