@@ -1,12 +1,13 @@
 """The aiohttp application: routes, and the daemon's resources in dependency order.
 
 cleanup_ctx runs set-up top to bottom and teardown bottom to top:
-event log -> downloaded bodies -> process pool -> the daemon's CPU -> HTTP clients (downloads, webhooks) -> consumers -> inbox.
+event log -> downloaded bodies (the working folder) -> process pool -> the daemon's CPU -> HTTP clients (downloads, webhooks) -> consumers -> inbox.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -103,10 +104,15 @@ async def eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def bodies_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    # Hidden inside images/, so never served.
-    bodies = app[BODIES] = Bodies(settings.path("images") / ".incoming", settings.download.backlog)
+    download = settings.download
+    bodies = app[BODIES] = Bodies(settings.path("work") / "bodies", download.backlog, download.backlog_bytes)
+    # Where earlier versions kept bodies, inside the served images folder; they are downloaded again.
+    await asyncio.to_thread(shutil.rmtree, settings.path("images") / ".incoming", True)
     await asyncio.to_thread(bodies.load)
     yield
+    # Teardown runs after the consumers have stopped. Emptying is safe: the compress stage appends
+    # ImageRequeued for an image whose body is gone, and the image is downloaded again.
+    await asyncio.to_thread(bodies.empty)
 
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:

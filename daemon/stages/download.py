@@ -169,7 +169,7 @@ class DownloadStage(Follower):
             suffix = f" (after {attempt} attempts)" if exc.transient else ""
             log.info("image_failed", request_id=record.stream, url=event.url, error=str(exc), **where)
             return [ImageFailed(**where, stage="download", error=f"download failed: {exc}{suffix}", attempts=attempt)]
-        self.bodies.arrived(target)
+        self.bodies.arrived(target, size)
         return [ImageDownloaded(**where, stem=event.stem, bytes=size, attempts=attempt)]
 
     async def _attempts_before_restart(self, stream: str, event: ImageRequested) -> int:
