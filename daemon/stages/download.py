@@ -155,8 +155,9 @@ class DownloadStage(Follower):
             self._earlier[record.position] = await self._attempts_before_restart(record.stream, event)
         attempt += self._earlier.get(record.position, 0)
         try:
-            size = await self.cancellations.unless_cancelled(
-                record.stream, fetch(self.client, event.url, self.bodies.writer(target), self.settings))
+            # A full working folder pauses the download (from the start again) without spending an attempt.
+            size = await self.cancellations.unless_cancelled(record.stream, self.space.retry_while_full(
+                "work", lambda: fetch(self.client, event.url, self.bodies.writer(target), self.settings)))
         except RequestCancelled:
             return ()
         except DownloadError as exc:
