@@ -1,12 +1,13 @@
 """The aiohttp application: routes, and the daemon's resources in dependency order.
 
 cleanup_ctx runs set-up top to bottom and teardown bottom to top:
-event log -> downloaded bodies -> process pool -> the daemon's CPU -> HTTP clients (downloads, webhooks) -> consumers -> inbox.
+disk space -> event log -> downloaded bodies (the working folder) -> process pool -> the daemon's CPU -> HTTP clients (downloads, webhooks) -> consumers -> inbox.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -18,6 +19,7 @@ from daemon.control import commands
 from daemon.control import http as control_http
 from daemon.control.cancellations import Cancellations
 from daemon.control.retention import Retention
+from daemon.diskspace import DiskSpace, settings_places
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, open_database
 from daemon.ingest import http as ingest_http
@@ -37,6 +39,7 @@ from daemon.web import (
     CANCELLATIONS,
     COMPLETE_STAGE,
     DELETE_STAGE,
+    DISK_SPACE,
     EVENTLOG,
     SETTINGS,
     STATUS_VIEW,
@@ -61,10 +64,10 @@ DAEMON_CPU: web.AppKey[int | None] = web.AppKey("daemon_cpu")
 VIEW_TABLES = (*STATUS_TABLES,)
 
 
-async def open_eventlog(settings: Settings) -> EventLog:
+async def open_eventlog(settings: Settings, space: DiskSpace | None = None) -> EventLog:
     for name in ("inbox", "outbox", "images"):
         settings.path(name).mkdir(parents=True, exist_ok=True)
-    eventlog = EventLog(open_database(settings.database_url))
+    eventlog = EventLog(open_database(settings.database_url), space)
     await eventlog.open(VIEW_TABLES)
     return eventlog
 
@@ -96,8 +99,14 @@ def build_followers(app: web.Application) -> list[Follower]:
     ]
 
 
+async def diskspace_ctx(app: web.Application) -> AsyncIterator[None]:
+    space = app[DISK_SPACE] = DiskSpace(settings_places(app[SETTINGS]))
+    yield
+    await space.close()
+
+
 async def eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
-    eventlog = app[EVENTLOG] = await open_eventlog(app[SETTINGS])
+    eventlog = app[EVENTLOG] = await open_eventlog(app[SETTINGS], app[DISK_SPACE])
     app[CANCELLATIONS] = Cancellations(await eventlog.read(commands.cancelled_request_ids, eventlog))
     yield
     await app[EVENTLOG].close()
@@ -105,10 +114,15 @@ async def eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def bodies_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    # Hidden inside images/, so never served.
-    bodies = app[BODIES] = Bodies(settings.path("images") / ".incoming", settings.download.backlog)
+    download = settings.download
+    bodies = app[BODIES] = Bodies(settings.path("work") / "bodies", download.backlog, download.backlog_bytes)
+    # Where earlier versions kept bodies, inside the served images folder; they are downloaded again.
+    await asyncio.to_thread(shutil.rmtree, settings.path("images") / ".incoming", True)
     await asyncio.to_thread(bodies.load)
     yield
+    # Teardown runs after the consumers have stopped. Emptying is safe: the compress stage appends
+    # ImageRequeued for an image whose body is gone, and the image is downloaded again.
+    await asyncio.to_thread(bodies.empty)
 
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -187,8 +201,8 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
                           client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
     app[SETTINGS] = settings
     app[FOLLOW] = follow
-    app.cleanup_ctx.extend([eventlog_ctx, bodies_ctx, pool_ctx, cpu_ctx, client_ctx, followers_ctx, inbox_ctx,
-                            retention_ctx, announce_ctx])
+    app.cleanup_ctx.extend([diskspace_ctx, eventlog_ctx, bodies_ctx, pool_ctx, cpu_ctx, client_ctx, followers_ctx,
+                            inbox_ctx, retention_ctx, announce_ctx])
     add_routes(app)
     ingest_http.add_routes(app)
     control_http.add_routes(app)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import math
 import os
 import tomllib
@@ -19,6 +20,7 @@ from typing import Any, Mapping, get_type_hints
 from standardwebhooks import Webhook
 
 ENV_PREFIX = "IMGPIPE_"
+WORK_FOLDER = ".imgpipe-work"
 
 
 class ConfigError(Exception):
@@ -39,6 +41,7 @@ class PathSettings:
     outbox: str = "outbox"
     images: str = "compressed_images"
     database: str = "sqlite:///imgpipe.db"
+    work: str = ""  # empty: WORK_FOLDER beside a SQLite database file, else in the user's cache folder
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class InboxSettings:
 class DownloadSettings:
     concurrency: int = 16
     backlog: int = 64
+    backlog_bytes: int = 256 * 1024 * 1024  # waiting bodies plus spare files (daemon.stages.bodies)
     connect_timeout: float = 5.0
     total_timeout: float = 30.0
     max_redirects: int = 5
@@ -123,7 +127,19 @@ class Settings:
 
     def path(self, name: str) -> Path:
         """An absolute path from [paths]; relative ones are relative to the config file's folder."""
+        if name == "work" and not self.paths.work:
+            return self._default_work()
         return (self.base_dir / str(getattr(self.paths, name))).resolve()
+
+    def _default_work(self) -> Path:
+        """Working files stay out of the folders people serve and back up: beside a SQLite database file, else in
+        the user's cache folder, named after the database so two daemons never share one."""
+        prefix = "sqlite:///"
+        url = self.database_url
+        if url.startswith(prefix) and url != prefix + ":memory:":
+            return Path(url[len(prefix):]).with_name(WORK_FOLDER)
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return (cache / "imgpipe" / f"work-{hashlib.sha256(url.encode('utf-8')).hexdigest()[:16]}").resolve()
 
     @property
     def database_url(self) -> str:
@@ -241,6 +257,8 @@ def _check(name: str, section: Any) -> None:
         raise ConfigError(f"config key download.concurrency: must be at least 1, got {section.concurrency}")
     if name == "download" and section.backlog < 1:
         raise ConfigError(f"config key download.backlog: must be at least 1, got {section.backlog}")
+    if name == "download" and section.backlog_bytes < 1:
+        raise ConfigError(f"config key download.backlog_bytes: must be at least 1, got {section.backlog_bytes}")
     if name == "download" and section.attempts < 1:
         raise ConfigError(f"config key download.attempts: must be at least 1, got {section.attempts}")
     if name == "webhooks" and section.max_payload_bytes < 1:

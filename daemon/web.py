@@ -15,6 +15,7 @@ from aiohttp.typedefs import Middleware
 
 from daemon.config import Settings
 from daemon.control.cancellations import Cancellations
+from daemon.diskspace import DiskSpace, is_disk_full
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog
 from daemon.views.export import FINISHED, export_rows, finished_request_ids, to_csv
@@ -28,6 +29,8 @@ STATUS_VIEW = web.AppKey("status_view", StatusView)
 COMPLETE_STAGE = web.AppKey("complete_stage", Follower)
 DELETE_STAGE = web.AppKey("delete_stage", Follower)
 CANCELLATIONS = web.AppKey("cancellations", Cancellations)
+DISK_SPACE = web.AppKey("disk_space", DiskSpace)
+DISK_FULL_RETRY_AFTER = 30  # seconds a client told 503 for a full disk is asked to wait
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,7 +64,14 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
                                      status=400)
         response.force_close()  # aiohttp drops the connection after a broken body: tell the client so
         return response
-    except Exception:
+    except Exception as exc:
+        if is_disk_full(exc):  # the daemon's disk, not the client's request: ask it to come back
+            log.warning("http_disk_full", method=request.method, path=request.path, error=str(exc))
+            error = json_error(web.HTTPServiceUnavailable, "disk_full",
+                               "the daemon's disk is full, so nothing could be recorded; try again later",
+                               retry_after=DISK_FULL_RETRY_AFTER)
+            error.headers["Retry-After"] = str(DISK_FULL_RETRY_AFTER)
+            raise error from None
         log.exception("http_unhandled_error", method=request.method, path=request.path)
         raise json_error(web.HTTPInternalServerError, "internal_error", "unexpected error; see the daemon's log") from None
 
@@ -113,7 +123,9 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    """200 while the daemon runs; "degraded" with reasons (never paths: it needs no token) while work waits."""
+    reasons = request.app[DISK_SPACE].reasons()
+    return json_response({"status": "degraded", "reasons": reasons} if reasons else {"status": "ok"})
 
 
 FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

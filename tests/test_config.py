@@ -58,6 +58,21 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path, monkeypa
     assert settings.database_url == f"sqlite:///{etc / 'data' / 'log.db'}"
 
 
+def test_the_working_folder_is_outside_the_images_folder_by_default(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty paths.work is a dot-folder beside a SQLite file, else in the cache folder; a set one is relative
+    to the config file like the other paths."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    beside = load_settings(write(etc, '[paths]\ndatabase = "sqlite:///data/log.db"\n'), env={})
+    assert beside.path("work") == etc / "data" / ".imgpipe-work"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    server = load_settings(write(etc, '[paths]\ndatabase = "postgresql://db.internal/imgpipe"\n'), env={})
+    assert server.path("work").parent == tmp_path / "cache" / "imgpipe"
+    configured = load_settings(write(etc, '[paths]\nwork = "scratch"\n'), env={})
+    assert configured.path("work") == etc / "scratch"
+
+
 def test_environment_overrides(tmp_path: Path) -> None:
     """IMGPIPE_<SECTION>_<KEY> overrides the file; numbers, booleans and comma-separated lists are parsed."""
     path = write(tmp_path, '[server]\nport = 7000\ntokens = ["from-file"]\n[paths]\ninbox = "in"\n')

@@ -693,7 +693,7 @@ async def test_hostile_image_batch_completes_with_errors_and_leaves_nothing_behi
     assert image_run.hostile["status"] == "completed_with_errors"
     assert image_run.hostile["progress"] == {"images": 11, "done": 1, "failed": 10, "pending": 0}
     settings = image_run.daemon.settings
-    assert not (settings.path("images") / ".incoming" / image_run.hostile_id).exists()
+    assert not (settings.path("work") / "bodies" / image_run.hostile_id).exists()
     outputs = sorted(p.name for p in settings.path("images").glob(f"{image_run.hostile_id}_*"))
     assert outputs == [f"{image_run.hostile_id}_H11_0.gif"]
     await assert_normal_batch_completed(image_run.daemon, image_run.batch)

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import structlog
 
+from daemon.diskspace import is_disk_full
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event
 
@@ -64,6 +65,7 @@ class Follower:
 
     def __init__(self, eventlog: EventLog) -> None:
         self.eventlog = eventlog
+        self.space = eventlog.space
         self._wake = eventlog.subscribe(self.types)
         self._state = _State()
         self._cursor = 0
@@ -305,8 +307,14 @@ class Follower:
 
         try:
             await self.eventlog.write(commit)
-        except Exception:
+        except Exception as exc:
             # Nothing of it was written: keep the results and try the commit again later.
+            if is_disk_full(exc):  # not a failure of ours: wait for room, logged once by the DiskSpace
+                state.done = ready + state.done
+                await self.space.hit("database", exc)
+                await self.space.pause("database")
+                self._wake.set()
+                return
             state.failed_commits += 1
             log.exception("consumer_commit_failed", consumer=self.name, events=len(ready),
                           failures=state.failed_commits)
@@ -315,6 +323,7 @@ class Follower:
             self._wake.set()
             return
         state.failed_commits = 0
+        self.space.fine("database")
         self._tracked = {p for p in (*self._tracked, *finished) if p > checkpoint}
         for position in finished:
             state.in_flight.pop(position, None)

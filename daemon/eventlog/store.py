@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import peewee
 from playhouse.db_url import connect
 
+from daemon.diskspace import DiskSpace, is_disk_full
 from daemon.eventlog.models import (
     LOG_TABLES,
     Checkpoint,
@@ -81,8 +82,9 @@ def now_iso() -> str:
 class EventLog:
     """Append and read events; wakes subscribed consumers after every append."""
 
-    def __init__(self, db: peewee.Database) -> None:
+    def __init__(self, db: peewee.Database, space: DiskSpace | None = None) -> None:
         self.db = db
+        self.space = space or DiskSpace()  # the daemon's, which its consumers share (daemon.diskspace)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="eventlog-reader")
         self._subscribers: list[tuple[asyncio.Event, frozenset[str] | None]] = []
@@ -181,7 +183,13 @@ class EventLog:
             with self.transaction():
                 return self.append_sync(stream, events, expected_version)
 
-        position = await self.write(run)
+        try:
+            position = await self.write(run)
+        except Exception as exc:
+            if is_disk_full(exc):
+                await self.space.hit("database", exc)
+            raise
+        self.space.fine("database")
         self.notify(e.type for e in events)
         return position
 

@@ -293,7 +293,8 @@ class Inbox:
         """Ingest a claimed file, again after a pause if it failed (e.g. the database was locked)."""
         for attempt in range(1, INGEST_ATTEMPTS + 1):
             try:
-                await self._ingest_claimed(claimed)
+                # A full disk (the database, or the inbox's own folders) pauses it without spending attempts.
+                await self._eventlog.space.retry_while_full("inbox", lambda: self._ingest_claimed(claimed))
                 return
             except (OSError, peewee.DatabaseError):
                 if attempt == INGEST_ATTEMPTS:

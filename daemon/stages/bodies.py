@@ -5,6 +5,10 @@ file) and renamed there when complete. At most
 `limit` bodies wait for the compress stage at once, so a 10,000-image batch holds a bounded amount of disk,
 not the whole batch, and downloads keep pace with compression instead of racing ahead of it.
 
+`limit_bytes` bounds the bytes of the waiting bodies plus the spares: a download starts only while the waiting
+bodies total less, and spares are deleted first (oldest first) to stay within it. Downloads in progress are
+not counted, so the folder may hold up to that many bodies more.
+
 A compressed body is not deleted but kept as a spare, and the next download overwrites it. Rewriting a file
 whose pages are cached costs about a quarter of creating, filling and deleting a new one; on ext4 without a
 journal, creating a file also scans past every inode deleted in the last minute.
@@ -32,11 +36,13 @@ IOV_MAX = os.sysconf("SC_IOV_MAX")
 class Bodies:
     """The incoming folder. Bookkeeping runs on the event loop; methods marked (thread) touch the disk."""
 
-    def __init__(self, incoming: Path, limit: int) -> None:
-        self.incoming, self.limit = incoming, limit
+    def __init__(self, incoming: Path, limit: int, limit_bytes: int | None = None) -> None:
+        self.incoming, self.limit, self.limit_bytes = incoming, limit, limit_bytes
         self.spares_folder = incoming / SPARE_FOLDER
-        self._waiting: set[Path] = set()
-        self._spares: list[Path] = []  # list.pop and list.append are atomic, so threads share it safely
+        self._waiting: dict[Path, int] = {}  # path -> bytes
+        self._waiting_bytes = 0  # changed on the loop; threads only read it
+        # (path, bytes), oldest first; list.pop and list.append are atomic, so threads share it safely
+        self._spares: list[tuple[Path, int]] = []
         self._names = itertools.count()
         self._run = secrets.token_hex(4)  # spare names of this run never collide with adopted ones
         self._listeners: list[Callable[[], None]] = []
@@ -53,6 +59,8 @@ class Bodies:
     @property
     def room(self) -> int:
         """How many more bodies may be downloaded before the compress stage takes some."""
+        if self.limit_bytes is not None and self._waiting_bytes >= self.limit_bytes:
+            return 0
         return self.limit - len(self._waiting)
 
     def listen(self, callback: Callable[[], None]) -> None:
@@ -62,22 +70,24 @@ class Bodies:
     def load(self) -> None:
         """(thread) At start: adopt the bodies and spares a previous run left, remove half-written bodies."""
         self.spares_folder.mkdir(parents=True, exist_ok=True)
-        for spare in sorted(self.spares_folder.iterdir()):
-            if len(self._spares) < self.limit:
-                self._spares.append(spare)
-            else:
-                spare.unlink(missing_ok=True)
         for folder in self.request_folders():
             for path in folder.iterdir():
                 if path.name.endswith(PART_SUFFIX):
                     path.unlink(missing_ok=True)
                 else:
-                    self._waiting.add(path)
+                    self._waiting[path] = path.stat().st_size
+        self._waiting_bytes = sum(self._waiting.values())
+        for spare in sorted(self.spares_folder.iterdir()):
+            if len(self._spares) < self.limit:
+                self._spares.append((spare, spare.stat().st_size))
+            else:
+                spare.unlink(missing_ok=True)
+        self.trim_spares()
 
     def waiting_by_request(self) -> dict[str, list[Path]]:
         """The bodies waiting for the compress stage, by request id."""
         by_request: dict[str, list[Path]] = {}
-        for path in self._waiting:
+        for path in list(self._waiting):
             by_request.setdefault(path.parent.name, []).append(path)
         return by_request
 
@@ -89,16 +99,29 @@ class Bodies:
     def writer(self, path: Path) -> BodyWriter:
         return BodyWriter(self, path)
 
-    def arrived(self, path: Path) -> None:
-        """A body is complete on disk and waits for the compress stage."""
-        self._waiting.add(path)
+    def arrived(self, path: Path, size: int) -> None:
+        """A body of `size` bytes is complete on disk and waits for the compress stage."""
+        self._waiting_bytes += size - self._waiting.get(path, 0)
+        self._waiting[path] = size
+
+    def trim_spares(self, extra: int = 0) -> None:
+        """(thread) Delete the oldest spares while they, the waiting bodies and `extra` bytes more are over
+        `limit_bytes`: spares go before any download has to wait."""
+        if self.limit_bytes is None:
+            return
+        while self._spares and self._waiting_bytes + extra + sum(size for _, size in self._spares) > self.limit_bytes:
+            try:
+                spare, _ = self._spares.pop(0)
+            except IndexError:  # another thread took the last one
+                return
+            spare.unlink(missing_ok=True)
 
     def open_for_writing(self, partial: Path) -> tuple[Path, int]:
         """(thread) A file to write a new body into, and its descriptor: a spare when there is one, written
         where it lies (the writer truncates it to the new body's length), else `partial`, a new file."""
         while self._spares:
             try:
-                spare = self._spares.pop()
+                spare, _ = self._spares.pop()
                 return spare, os.open(spare, os.O_WRONLY | os.O_CLOEXEC)
             except IndexError:  # another thread took the last one
                 break
@@ -123,26 +146,35 @@ class Bodies:
     def recycle(self, path: Path, size: int) -> None:
         """(thread) The compress stage is done with a body: it becomes a spare (or goes)."""
         try:
-            if size > SPARE_MAX_BYTES or len(self._spares) >= self.limit:
+            # The body still counts as waiting here, so as a spare it keeps the total where it is.
+            over_bytes = self.limit_bytes is not None and (
+                self._waiting_bytes + sum(s for _, s in self._spares) > self.limit_bytes)
+            if size > SPARE_MAX_BYTES or len(self._spares) >= self.limit or over_bytes:
                 path.unlink()
                 return
             spare = self.spares_folder / f"{self._run}-{next(self._names)}"
             os.replace(path, spare)
         except FileNotFoundError:  # its request's folder went first
             return
-        self._spares.append(spare)
+        self._spares.append((spare, size))
 
     def released(self, path: Path) -> None:
         """The compress stage is done with a body: it stops waiting, which makes room for a download."""
-        self._waiting.discard(path)
+        self._waiting_bytes -= self._waiting.pop(path, 0)
         self._notify()
 
     async def remove_request(self, request_id: str) -> None:
         """Remove what is left of a finished request's bodies."""
         folder = self.incoming / request_id
-        self._waiting = {p for p in self._waiting if p.parent != folder}
+        self._waiting = {p: size for p, size in self._waiting.items() if p.parent != folder}
+        self._waiting_bytes = sum(self._waiting.values())
         self._notify()
         await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
+
+    def empty(self) -> None:
+        """(thread) At a clean stop: remove every body and spare (see daemon.app.bodies_ctx)."""
+        shutil.rmtree(self.incoming, ignore_errors=True)
+        self._waiting, self._waiting_bytes, self._spares = {}, 0, []
 
     def _notify(self) -> None:
         for callback in self._listeners:
@@ -184,6 +216,7 @@ class BodyWriter:
             self._fd = None
         assert self._file is not None
         self.bodies.put_in_place(self._file, self.path)
+        self.bodies.trim_spares(extra=self._written)
 
     def discard(self) -> None:
         """The download failed or was cancelled: nothing of it stays (on the loop: a rare path)."""

@@ -58,7 +58,9 @@ class CompressStage(Follower):
         where = {"product": event.product, "index": event.index}
         source = self.bodies.path(record.stream, event.product, event.index)
         try:
-            result = await self.pool.run(compress_file, str(source), str(self.images), event.stem, self.encode)
+            # A full images folder pauses the image; it is no attempt of CODEC_ATTEMPTS, and never fails it.
+            result = await self.space.retry_while_full("images", lambda: self.pool.run(
+                compress_file, str(source), str(self.images), event.stem, self.encode))
         except ImageRejected as exc:
             log.info("image_failed", request_id=record.stream, error=str(exc), **where)
             return [ImageFailed(**where, stage="compress", error=str(exc))]

@@ -155,8 +155,9 @@ class DownloadStage(Follower):
             self._earlier[record.position] = await self._attempts_before_restart(record.stream, event)
         attempt += self._earlier.get(record.position, 0)
         try:
-            size = await self.cancellations.unless_cancelled(
-                record.stream, fetch(self.client, event.url, self.bodies.writer(target), self.settings))
+            # A full working folder pauses the download (from the start again) without spending an attempt.
+            size = await self.cancellations.unless_cancelled(record.stream, self.space.retry_while_full(
+                "work", lambda: fetch(self.client, event.url, self.bodies.writer(target), self.settings)))
         except RequestCancelled:
             return ()
         except DownloadError as exc:
@@ -169,7 +170,7 @@ class DownloadStage(Follower):
             suffix = f" (after {attempt} attempts)" if exc.transient else ""
             log.info("image_failed", request_id=record.stream, url=event.url, error=str(exc), **where)
             return [ImageFailed(**where, stage="download", error=f"download failed: {exc}{suffix}", attempts=attempt)]
-        self.bodies.arrived(target)
+        self.bodies.arrived(target, size)
         return [ImageDownloaded(**where, stem=event.stem, bytes=size, attempts=attempt)]
 
     async def _attempts_before_restart(self, stream: str, event: ImageRequested) -> int:

@@ -115,6 +115,7 @@ class OutboxWriter(Follower):
         accepted, images = stream_images(await self.eventlog.read_stream(record.stream))
         rows = rows_from_images(images, self.public_url)
         path = self.outbox / outbox_name(record.stream, accepted)
-        await asyncio.to_thread(lambda: write_atomic(path, to_csv(rows).encode("utf-8")))
+        data = to_csv(rows).encode("utf-8")
+        await self.space.retry_while_full("outbox", lambda: asyncio.to_thread(write_atomic, path, data))
         log.info("outbox_written", request_id=record.stream, file=str(path), products=len(rows))
         return ()

@@ -39,7 +39,7 @@ async def test_a_new_body_overwrites_a_spare_and_a_released_one_becomes_a_spare(
     writer = bodies.writer(target)
     writer.write([b"new "])
     writer.finish([b"body"])
-    bodies.arrived(target)
+    bodies.arrived(target, len(b"new body"))
     assert target.read_bytes() == b"new body" and bodies.room == 1
     assert list(bodies.spares_folder.iterdir()) == []
     bodies.recycle(target, len(b"new body"))
@@ -88,3 +88,30 @@ async def test_a_download_cancelled_mid_write_waits_for_the_write_before_it_is_d
     assert await reader == b"half a body"
     assert not writer.partial.exists()
     assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+async def test_spares_go_first_and_downloads_stop_when_the_bytes_bound_is_reached(tmp_path: Path) -> None:
+    """Over `limit_bytes`, the oldest spares are deleted before any download must wait, and once the waiting bodies
+    alone reach it there is no room until one is released."""
+    bodies = Bodies(tmp_path / "work", limit=10, limit_bytes=1000)
+    bodies.load()
+    first = [bodies.writer(bodies.path("r1", 0, index)) for index in range(3)]
+    for writer in first:
+        writer.finish([b"s" * 300])
+    for writer in first:  # three spares of 300 bytes
+        bodies.recycle(writer.path, 300)
+    assert sorted(p.stat().st_size for p in bodies.spares_folder.iterdir()) == [300, 300, 300]
+    big = bodies.path("r1", 1, 0)
+    writer = bodies.writer(big)
+    writer.write([b"b" * 10])  # into a spare: two are left
+    writer.finish([b"b" * 590])
+    bodies.arrived(big, 600)
+    assert [p.stat().st_size for p in bodies.spares_folder.iterdir()] == [300]  # 600 + 300 <= 1000
+    other = bodies.path("r1", 1, 1)
+    writer = bodies.writer(other)
+    writer.finish([b"o" * 400])  # 600 + 400 waiting: the last spare goes
+    bodies.arrived(other, 400)
+    assert list(bodies.spares_folder.iterdir()) == [] and bodies.room == 0
+    bodies.recycle(other, 400)  # within the bound as a spare: kept
+    bodies.released(other)
+    assert bodies.room == 9 and [p.stat().st_size for p in bodies.spares_folder.iterdir()] == [400]

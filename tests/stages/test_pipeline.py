@@ -237,8 +237,9 @@ async def test_a_certificate_the_client_cannot_trust_fails_the_image_at_once(app
 
 async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Callable[..., Settings],
                                                              origin: Origin) -> None:
-    """After a stop between stages, finished images are not redone, the rest are, and completion happens once."""
+    """After a crash between stages, finished images are not redone, the rest are, and completion happens once."""
     settings = make_settings()
+    work, kept = settings.path("work"), settings.path("work").with_name("kept-by-the-crash")
     urls = [f"{origin.url}/img/photo.jpg", f"{origin.url}/img/photo2.jpg", f"{origin.url}/img/rotated.jpg"]
     async with daemon_app(settings) as app:
         accepted = await submit(app, [urls[:2], urls[2:]])
@@ -251,6 +252,8 @@ async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Cal
         first = requested[0]
         compress_file(str(app[BODIES].path(accepted.request_id, 0, 0)), str(settings.path("images")),
                       first.stem, encode_settings(settings.compress))
+        shutil.copytree(work, kept)  # a crash leaves the working files that a clean stop removes
+    shutil.copytree(kept, work, dirs_exist_ok=True)
     downloads_before = sum(origin.hits.values())
     async with daemon_app(settings) as app:
         await drain(app)
@@ -407,7 +410,31 @@ async def test_a_spare_body_is_overwritten_to_the_new_length(make_settings: Call
         await drain(app)
         kept, photo = images_of(await status_of(app, small.request_id))
         assert (await status_of(app, big.request_id))["status"] == "completed"
+        assert len(list(app[BODIES].spares_folder.iterdir())) == 1  # at most `backlog` spares are kept
     assert kept["status"] == "kept_original" and kept["bytes_in"] == len(image_files["low.jpg"])
     assert output_file(settings, kept).read_bytes() == image_files["low.jpg"]
     assert photo["status"] == "compressed" and photo["bytes_in"] == len(image_files["photo.jpg"])
-    assert len(list(app[BODIES].spares_folder.iterdir())) == 1  # at most `backlog` spares are kept
+
+
+async def test_a_clean_stop_empties_the_working_folder_and_a_restart_downloads_those_images_again(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """Downloaded bodies live in paths.work, never in the images folder; a clean stop removes them (and a start
+    removes the folder older versions kept inside the images folder), and the next start completes the batch."""
+    settings = make_settings()
+    legacy = settings.path("images") / ".incoming" / "r1"
+    legacy.mkdir(parents=True)
+    (legacy / "0-0").write_bytes(b"a body an older version left")
+    urls = [f"{origin.url}/img/photo.jpg", f"{origin.url}/img/photo2.jpg"]
+    async with daemon_app(settings) as app:
+        assert not (settings.path("images") / ".incoming").exists()
+        accepted = await submit(app, [urls])
+        followers = {f.name: f for f in app[FOLLOWERS]}
+        await followers["stage.download"].run_until_idle()
+        assert len(bodies_on_disk(app)) == 2
+        assert app[BODIES].incoming.is_relative_to(settings.path("work"))
+    assert [p for p in settings.path("work").rglob("*") if p.is_file()] == []
+    async with daemon_app(settings) as app:
+        await drain(app)
+        body = await status_of(app, accepted.request_id)
+    assert body["status"] == "completed" and body["progress"]["done"] == 2
+    assert origin.hits["/img/photo.jpg"] == origin.hits["/img/photo2.jpg"] == 2
