@@ -21,7 +21,7 @@ from daemon.control.cancellations import Cancellations
 from daemon.control.retention import Retention
 from daemon.diskspace import DiskSpace, settings_places
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.store import EventLog, open_database
+from daemon.eventlog.store import EventLog, open_store
 from daemon.ingest import http as ingest_http
 from daemon.ingest.inbox import Inbox
 from daemon.instance import without_password
@@ -67,7 +67,7 @@ VIEW_TABLES = (*STATUS_TABLES,)
 async def open_eventlog(settings: Settings, space: DiskSpace | None = None) -> EventLog:
     for name in ("inbox", "outbox", "images"):
         settings.path(name).mkdir(parents=True, exist_ok=True)
-    eventlog = EventLog(open_database(settings.database_url), space)
+    eventlog = open_store(settings.database_url, space)
     await eventlog.open(VIEW_TABLES)
     return eventlog
 
@@ -107,7 +107,7 @@ async def diskspace_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
     eventlog = app[EVENTLOG] = await open_eventlog(app[SETTINGS], app[DISK_SPACE])
-    app[CANCELLATIONS] = Cancellations(await eventlog.read(commands.cancelled_request_ids, eventlog))
+    app[CANCELLATIONS] = Cancellations(await commands.cancelled_request_ids(eventlog))
     yield
     await app[EVENTLOG].close()
 

@@ -12,14 +12,7 @@ async def replay(settings: Settings) -> int:
     try:
         views = view_followers(eventlog)
 
-        def reset() -> None:
-            with eventlog.transaction():
-                eventlog.db.drop_tables(list(VIEW_TABLES))
-                eventlog.db.create_tables(list(VIEW_TABLES))
-                for view in views:
-                    eventlog.reset_consumer_sync(view.name)
-
-        await eventlog.write(reset)
+        await eventlog.reset_views(VIEW_TABLES, [view.name for view in views])
         return await run_until_idle(views)
     finally:
         await eventlog.close()

@@ -170,7 +170,7 @@ async def status(request: web.Request) -> web.Response:
         return None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
 
     # Built and encoded on a reader thread: a 10,000-image body must not hold up the event loop.
-    data = await eventlog.read(encoded)
+    data = await eventlog.query(encoded)
     if data is None:
         raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
     return web.Response(body=data, content_type="application/json", charset="utf-8")
@@ -187,14 +187,14 @@ async def export_all(request: web.Request) -> web.Response:
     def csv_bytes() -> bytes:  # on a reader thread, like every large body
         return to_csv(export_rows(finished_request_ids(), settings.public_url)).encode("utf-8")
 
-    return csv_response(await eventlog.read(csv_bytes), "export.csv")
+    return csv_response(await eventlog.query(csv_bytes), "export.csv")
 
 
 async def export_one(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     structlog.contextvars.bind_contextvars(request_id=request_id)
     settings, eventlog = request.app[SETTINGS], request.app[EVENTLOG]
-    body = await eventlog.read(request_status, request_id, settings.public_url, False)
+    body = await eventlog.query(request_status, request_id, settings.public_url, False)
     if body is None:
         raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
     if body["status"] not in FINISHED:
@@ -204,7 +204,7 @@ async def export_one(request: web.Request) -> web.Response:
     def csv_bytes() -> bytes:
         return to_csv(export_rows([request_id], settings.public_url)).encode("utf-8")
 
-    return csv_response(await eventlog.read(csv_bytes), f"{request_id}.csv")
+    return csv_response(await eventlog.query(csv_bytes), f"{request_id}.csv")
 
 
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")

@@ -40,7 +40,7 @@ async def run_batch(tmp_path: Path, urls: list[str], **sections: Any) -> dict[st
         assert isinstance(batch, Batch)
         accepted = await accept(app[EVENTLOG], batch, "upload", "t.csv")
         await drain(app)
-        body = await app[EVENTLOG].read(request_status, accepted.request_id, app[SETTINGS].public_url)
+        body = await app[EVENTLOG].query(request_status, accepted.request_id, app[SETTINGS].public_url)
     assert body is not None
     return body
 

@@ -1,7 +1,7 @@
 """What a user may ask of a recorded request: retry its failed images, cancel it, delete it.
 
-Each decides from the request's events and appends its own, in one write transaction on the event log's writer
-thread, so two commands at once are decided one after the other. A command that cannot be carried out raises
+Each decides from the request's events and appends its own at the version it read (EventLog.decide), so two
+commands at once are decided one after the other. A command that cannot be carried out raises
 Refused, which names the HTTP status and says why.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import (
+    Event,
     ImageCompressed,
     ImageEvent,
     ImageFailed,
@@ -76,15 +77,10 @@ def request_state(request_id: str, records: Sequence[RecordedEvent]) -> RequestS
     return RequestState(accepted, completion, failed, rounds, cancel_requested)
 
 
-def _state(eventlog: EventLog, request_id: str) -> RequestState:
-    return request_state(request_id, eventlog.read_stream_sync(request_id, STATE_TYPES))
-
-
-def retry(eventlog: EventLog, request_id: str) -> tuple[int, RequestRetried]:
-    """(writer thread) Open a finished request's failed images again for a new round; the last position and the
-    RequestRetried."""
-    with eventlog.transaction():
-        state = _state(eventlog, request_id)
+async def retry(eventlog: EventLog, request_id: str) -> tuple[int, RequestRetried]:
+    """Open a finished request's failed images again for a new round; the last position and the RequestRetried."""
+    def decide(records: list[RecordedEvent]) -> tuple[list[Event], RequestRetried]:
+        state = request_state(request_id, records)
         if state.completion is None:
             raise Refused(409, "not_finished", f"request {request_id} is still running; retry it once it has finished")
         if state.completion.status == "cancelled":
@@ -97,36 +93,43 @@ def retry(eventlog: EventLog, request_id: str) -> tuple[int, RequestRetried]:
                                   stem=image_stem(request_id, products[p], i), round=retried.round,
                                   reason=f"retry round {retried.round}")
                     for p, i in state.failed]
-        return eventlog.append_sync(request_id, [retried, *requeued]), retried
+        return [retried, *requeued], retried
+
+    return await eventlog.decide(request_id, STATE_TYPES, decide)
 
 
-def cancel(eventlog: EventLog, request_id: str) -> int:
-    """(writer thread) Ask a running request to stop; the position of the request to cancel (the earlier one if
-    it was asked before)."""
-    with eventlog.transaction():
-        state = _state(eventlog, request_id)
+async def cancel(eventlog: EventLog, request_id: str) -> int:
+    """Ask a running request to stop; the position of the request to cancel (the earlier one if it was asked
+    before)."""
+    def decide(records: list[RecordedEvent]) -> tuple[list[Event], int | None]:
+        state = request_state(request_id, records)
         if state.completion is not None:
             raise Refused(409, "already_finished",
                           f"request {request_id} has already finished ({state.completion.status}); nothing to cancel")
         if state.cancel_requested is not None:
-            return state.cancel_requested.position
-        return eventlog.append_sync(request_id, [RequestCancelRequested()])
+            return [], state.cancel_requested.position
+        return [RequestCancelRequested()], None
+
+    position, earlier = await eventlog.decide(request_id, STATE_TYPES, decide)
+    return earlier or position
 
 
-def delete(eventlog: EventLog, request_id: str) -> int:
-    """(writer thread) Record the deletion of a finished request; its position."""
-    with eventlog.transaction():
-        state = _state(eventlog, request_id)
-        if state.completion is None:
+async def delete(eventlog: EventLog, request_id: str) -> int:
+    """Record the deletion of a finished request; its position."""
+    def decide(records: list[RecordedEvent]) -> tuple[list[Event], None]:
+        if request_state(request_id, records).completion is None:
             raise Refused(409, "not_finished",
                           f"request {request_id} is still running; cancel it first, then delete it")
-        return eventlog.append_sync(request_id, [RequestDeleted()])
+        return [RequestDeleted()], None
+
+    position, _ = await eventlog.decide(request_id, STATE_TYPES, decide)
+    return position
 
 
-def cancelled_request_ids(eventlog: EventLog) -> list[str]:
-    """(reader thread) The requests whose cancellation stands: asked, and neither retried nor deleted since."""
+async def cancelled_request_ids(eventlog: EventLog) -> list[str]:
+    """The requests whose cancellation stands: asked, and neither retried nor deleted since."""
     cancelled: set[str] = set()
-    for record in eventlog.read_after_sync(0, frozenset({"RequestCancelRequested", "RequestRetried",
-                                                         "RequestDeleted"}), limit=2**62):
+    for record in await eventlog.read_after(0, frozenset({"RequestCancelRequested", "RequestRetried",
+                                                          "RequestDeleted"}), limit=2**62):
         (cancelled.add if isinstance(record.event, RequestCancelRequested) else cancelled.discard)(record.stream)
     return sorted(cancelled)

@@ -37,11 +37,10 @@ def request_id_of(request: web.Request) -> str:
 async def retry(request: web.Request) -> web.Response:
     request_id, eventlog = request_id_of(request), request.app[EVENTLOG]
     try:
-        position, retried = await eventlog.write(commands.retry, eventlog, request_id)
+        position, retried = await commands.retry(eventlog, request_id)
     except Refused as exc:
         raise refusal(exc) from None
     request.app[CANCELLATIONS].forget(request_id)  # a cancellation that lost the race to the completion
-    eventlog.notify(["RequestRetried", "ImageRequeued"])
     log.info("request_retried", round=retried.round, images=len(retried.images))
     await request.app[STATUS_VIEW].caught_up(position)
     return json_response({
@@ -53,16 +52,15 @@ async def retry(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     request_id, eventlog = request_id_of(request), request.app[EVENTLOG]
     try:
-        position = await eventlog.write(commands.cancel, eventlog, request_id)
+        position = await commands.cancel(eventlog, request_id)
     except Refused as exc:
         raise refusal(exc) from None
     request.app[CANCELLATIONS].cancel(request_id)
-    eventlog.notify(["RequestCancelRequested"])
     log.info("request_cancel_requested")
     # The complete stage records the outcome; the status view then shows it.
     await request.app[COMPLETE_STAGE].caught_up(position)
     await request.app[STATUS_VIEW].caught_up(eventlog.head)
-    body = await eventlog.read(request_status, request_id, request.app[SETTINGS].public_url, False)
+    body = await eventlog.query(request_status, request_id, request.app[SETTINGS].public_url, False)
     assert body is not None
     if body["status"] != "cancelled":  # its last image finished first
         raise json_error(web.HTTPConflict, "already_finished",
@@ -73,10 +71,9 @@ async def cancel(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     request_id, eventlog = request_id_of(request), request.app[EVENTLOG]
     try:
-        position = await eventlog.write(commands.delete, eventlog, request_id)
+        position = await commands.delete(eventlog, request_id)
     except Refused as exc:
         raise refusal(exc) from None
-    eventlog.notify(["RequestDeleted"])
     await request.app[STATUS_VIEW].caught_up(position)
     await request.app[DELETE_STAGE].caught_up(position)  # its files are gone too when the answer comes
     return json_response({"request_id": request_id, "deleted": True})

@@ -73,20 +73,18 @@ class Retention:
         requests = files = 0
         if days := self.settings.requests_days:
             cutoff = datetime.fromtimestamp(now - days * DAY, UTC).isoformat(timespec="milliseconds")
-            for request_id in await self.eventlog.read(finished_before, cutoff.replace("+00:00", "Z")):
+            for request_id in await self.eventlog.query(finished_before, cutoff.replace("+00:00", "Z")):
                 try:
-                    await self.eventlog.write(commands.delete, self.eventlog, request_id)
+                    await commands.delete(self.eventlog, request_id)
                 except Refused:  # retried or deleted meanwhile
                     continue
                 requests += 1
-            if requests:
-                self.eventlog.notify(["RequestDeleted"])
         if days := self.settings.inbox_days:
             files = await asyncio.to_thread(remove_older, [self.inbox / ARCHIVE, self.inbox / REJECTED],
                                             now - days * DAY)
         # Checkpoints as the running consumers hold them: the stored ones move only when a consumer commits.
         low_water = min((consumer.checkpoint for consumer in self.consumers), default=0)
-        events = await self.eventlog.write(self.eventlog.purge_deleted_sync, low_water)
+        events = await self.eventlog.purge_deleted(low_water)
         if requests or files or events:
             log.info("retention_swept", requests_deleted=requests, inbox_files_removed=files, events_removed=events)
         return Swept(requests, files, events)

@@ -17,7 +17,7 @@ from typing import ClassVar
 import structlog
 
 from daemon.diskspace import is_disk_full
-from daemon.eventlog.store import EventLog, RecordedEvent
+from daemon.eventlog.store import EventLog, RecordedEvent, Tracking
 from daemon.events import Event
 
 log = structlog.get_logger("follower")
@@ -85,11 +85,12 @@ class Follower:
         return ()
 
     def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
-        """Synchronous writes to the follower's own tables, inside the commit transaction."""
+        """Synchronous writes to the follower's own tables, inside the commit transaction (views)."""
 
-    def committed_sync(self, record: RecordedEvent, results: Sequence[Event]) -> None:
-        """(writer thread) Right after the commit: quick clean-up on disk that must wait for it. Done here
-        rather than in a thread hop of its own, which costs the loop more than the clean-up itself."""
+    @property
+    def has_tables(self) -> bool:
+        """Whether this follower has tables of its own to write in its commits."""
+        return type(self).write is not Follower.write
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         """After the commit: clean-up that must not happen before the results are durable."""
@@ -177,7 +178,7 @@ class Follower:
     async def _load(self) -> None:
         if self._loaded:
             return
-        self._checkpoint, self._skip = await self.eventlog.write(self.eventlog.load_tracking_sync, self.name)
+        self._checkpoint, self._skip = await self.eventlog.load_tracking(self.name)
         self._tracked = set(self._skip)
         self.head_at_start = self.eventlog.head  # events up to here may have been half handled before a restart
         self._cursor = self._checkpoint
@@ -196,9 +197,7 @@ class Follower:
             if free > 0 and self.eventlog.head > self._cursor:
                 head = self.eventlog.head
                 limit = min(free, self.page_size)
-                recent = self.eventlog.read_recent(self._cursor, self.types, limit)
-                page = recent if recent is not None else await self.eventlog.write(
-                    self.eventlog.read_after_sync, self._cursor, self.types, limit)
+                page = await self.eventlog.read_after(self._cursor, self.types, limit)
                 for record in page:
                     if record.position in self._skip:
                         self._skip.discard(record.position)
@@ -291,39 +290,32 @@ class Follower:
         checkpoint = min((p for p in state.in_flight if p not in finished_set), default=self._cursor + 1) - 1
         prune = any(p <= checkpoint for p in self._tracked)
 
-        def commit() -> None:
-            with self.eventlog.transaction():
-                for done in ready:
-                    self.eventlog.append_sync(done.record.stream, done.results)
-                    if done.final:
-                        self.write(done.record, done.results)
-                self.eventlog.save_tracking_sync(self.name, checkpoint, finished, prune)
-            for done in ready:  # committed: from here on nothing may raise, or the commit would be redone
+        results = [(done.record.stream, done.results) for done in ready]
+        tracking = Tracking(self.name, checkpoint, tuple(finished), prune)
+
+        def apply() -> None:
+            for done in ready:
                 if done.final:
-                    try:
-                        self.committed_sync(done.record, done.results)
-                    except Exception:
-                        log.exception("consumer_cleanup_failed", consumer=self.name, position=done.record.position)
+                    self.write(done.record, done.results)
 
         try:
-            await self.eventlog.write(commit)
+            # After a failed try its outcome may be unknown (a lost connection): the store checks the tracking record.
+            await self.eventlog.commit(results, tracking, apply if self.has_tables else None,
+                                       verify=state.failed_commits > 0)
         except Exception as exc:
             # Nothing of it was written: keep the results and try the commit again later.
+            state.done = ready + state.done
             if is_disk_full(exc):  # not a failure of ours: wait for room, logged once by the DiskSpace
-                state.done = ready + state.done
-                await self.space.hit("database", exc)
                 await self.space.pause("database")
                 self._wake.set()
                 return
             state.failed_commits += 1
             log.exception("consumer_commit_failed", consumer=self.name, events=len(ready),
                           failures=state.failed_commits)
-            state.done = ready + state.done
             await asyncio.sleep(min(30.0, 0.1 * 2 ** min(state.failed_commits, 8)))
             self._wake.set()
             return
         state.failed_commits = 0
-        self.space.fine("database")
         self._tracked = {p for p in (*self._tracked, *finished) if p > checkpoint}
         for position in finished:
             state.in_flight.pop(position, None)
@@ -335,9 +327,6 @@ class Follower:
                 except Exception:  # committed: it must not be redone, and the loop must go on
                     log.exception("consumer_cleanup_failed", consumer=self.name, position=done.record.position)
         state.handled += len(finished)
-        appended = {e.type for d in ready for e in d.results}
-        if appended:
-            self.eventlog.notify(appended)
         await self._advance(checkpoint)
 
     async def _advance(self, checkpoint: int) -> None:

@@ -1,4 +1,7 @@
-"""Tables of the event log: events, and each consumer's checkpoint and tracking records."""
+"""The database the log and the views share, and SQL text helpers for the statements that run for every event.
+
+The log's own tables are created by its backend (daemon.eventlog.sqlite, daemon.eventlog.postgres).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import peewee
-from playhouse.sqlite_ext import AutoIncrementField
 
-# Bound to the real database by eventlog.store.open_database; view tables share it.
+# Bound to the real database by the store's backend; view tables share it.
 database = peewee.DatabaseProxy()
 
 
@@ -46,41 +48,3 @@ class BaseModel(peewee.Model):
     class Meta:
         database = database
         legacy_table_names = False
-
-
-class StoredEvent(BaseModel):
-    # AUTOINCREMENT: positions are never reused, so a checkpoint can never skip a later event.
-    position = AutoIncrementField()
-    stream = peewee.CharField(max_length=64)
-    version = peewee.IntegerField()
-    type = peewee.CharField(max_length=64, index=True)
-    data = peewee.TextField()
-    recorded_at = peewee.CharField(max_length=40)
-
-    class Meta:
-        table_name = "events"
-        indexes = ((("stream", "version"), True),)
-
-
-class Checkpoint(BaseModel):
-    """A consumer's low-water mark: every event at or below it is fully handled."""
-
-    consumer = peewee.CharField(primary_key=True, max_length=64)
-    position = peewee.IntegerField()
-
-    class Meta:
-        table_name = "checkpoints"
-
-
-class Tracking(BaseModel):
-    """Events above the checkpoint that a concurrent consumer has already handled."""
-
-    consumer = peewee.CharField(max_length=64)
-    position = peewee.IntegerField()
-
-    class Meta:
-        table_name = "tracking"
-        primary_key = peewee.CompositeKey("consumer", "position")
-
-
-LOG_TABLES: tuple[type[BaseModel], ...] = (StoredEvent, Checkpoint, Tracking)

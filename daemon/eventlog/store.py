@@ -1,47 +1,49 @@
-"""The append-only event store. The only code that reads or writes the events table.
+"""The event store: the one API through which the daemon appends to and reads the event log.
 
-All writes go through one thread (the writer), so positions are committed in order and a reader
-that has seen position N has seen every event before it.
+Stages, views and webhooks never choose threads, open transactions or wake anyone: they append, read, and commit
+their results together with their tracking record. What differs between databases (connecting, the schema,
+keeping positions in commit order, wake-ups from other processes) lives in one module per backend:
+`eventlog.sqlite` and `eventlog.postgres`.
 
-The most recent events are also kept in memory, as committed: a consumer close behind the head (the usual
-case) reads its next page from there, without a trip to the writer thread, SQL or JSON decoding.
+Every write runs on one thread (the writer) and every append is serialised in the database, so positions become
+visible in commit order: a reader that has seen position N has seen every event before it. The most recent events
+are also kept in memory as committed, so a consumer close behind the head reads its next page without SQL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import peewee
-from playhouse.db_url import connect
+import structlog
 
 from daemon.diskspace import DiskSpace, is_disk_full
-from daemon.eventlog.models import (
-    LOG_TABLES,
-    Checkpoint,
-    StoredEvent,
-    Tracking,
-    database,
-    execute,
-    insert_rows,
-    placeholders,
-)
+from daemon.eventlog.models import database, execute, insert_rows, placeholders
 from daemon.events import Event, decode
 
 T = TypeVar("T")
-READERS = 2
 RECENT_EVENTS = 10_000  # at least this many of the newest events are kept in memory
+SCHEMA_VERSION = 2  # 1: the tables as imgpipe 0.1 made them, with no version row; 2: the version row
+DECIDE_ATTEMPTS = 20
+
+log = structlog.get_logger("eventlog")
 
 
 class StreamConflict(Exception):
     """The stream was not at the expected version (for a new stream: it exists already)."""
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer imgpipe; the message says which versions."""
 
 
 @dataclass(frozen=True)
@@ -57,88 +59,141 @@ class RecordedEvent:
         return self.event.type
 
 
-def open_database(url: str) -> peewee.Database:
-    """Connect by peewee database URL; SQLite gets WAL and the durability we document."""
-    db: peewee.Database
-    if url.startswith("sqlite"):
-        # WAL + synchronous=NORMAL: a commit survives a killed process (the kill -9 case);
-        # only an OS crash or power cut can lose the last commits. FULL would fsync every commit.
-        db = connect(url, pragmas={
-            "journal_mode": "wal",
-            "synchronous": "normal",
-            "busy_timeout": 10_000,
-            "foreign_keys": 1,
-        })
-    else:
-        db = connect(url)
-    database.initialize(db)
-    return db
+@dataclass(frozen=True)
+class Tracking:
+    """A consumer's progress, committed with its results: the handled positions and the new low-water mark."""
+
+    consumer: str
+    checkpoint: int
+    handled: tuple[int, ...]
+    prune: bool = True  # False: no tracking row at or below the mark exists, so there is nothing to delete
 
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class Backend(ABC):
+    """What one kind of database does differently. Methods run on the store's threads unless said otherwise."""
+
+    readers: ClassVar[int] = 2  # reader threads, each with its own connection
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.db = self.connect()
+        database.initialize(self.db)
+
+    @abstractmethod
+    def connect(self) -> peewee.Database:
+        """The peewee database (not yet connected; each thread connects on first use)."""
+
+    @abstractmethod
+    def create_schema(self) -> None:
+        """Create the log's tables if missing, or upgrade them; SchemaTooNew for a newer imgpipe's (writer)."""
+
+    @abstractmethod
+    def appending(self) -> AbstractContextManager[None]:
+        """A write transaction whose appends commit in the order of their positions (writer)."""
+
+    @abstractmethod
+    def insert_events(self, rows: Sequence[tuple[str, int, str, str, str]]) -> list[int]:
+        """Insert (stream, version, type, data, recorded_at) rows; their positions, in order (writer)."""
+
+    def announce(self, last: int) -> None:
+        """In the appending transaction: let other processes know the log grew to `last` (writer)."""
+
+    def watch(self, on_head: Callable[[int], None]) -> None:
+        """Start calling `on_head(position)` (from any thread) when another process appends (loop)."""
+
+    def unwatch(self) -> None:
+        """Stop watching (loop)."""
+
+    def broken(self) -> bool:
+        """Whether this thread's connection is lost, so the next job must connect again."""
+        return False
+
+    def version_sql(self) -> str:
+        return "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+
+    def stamp_version(self, existed: bool) -> None:
+        """Record SCHEMA_VERSION, upgrading a database of version 1 in place (writer, in a transaction)."""
+        execute(self.version_sql())
+        row = execute("SELECT MAX(version) FROM schema_version").fetchone()
+        found = row[0] if row and row[0] is not None else (1 if existed else 0)
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(f"the database's schema is version {found}, written by a newer imgpipe; this one "
+                               f"knows versions up to {SCHEMA_VERSION}: run that newer imgpipe, or another database")
+        if found < SCHEMA_VERSION:
+            execute("DELETE FROM schema_version")
+            execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            if existed:
+                log.info("schema_upgraded", from_version=found, to_version=SCHEMA_VERSION)
+
+
 class EventLog:
     """Append and read events; wakes subscribed consumers after every append."""
 
-    def __init__(self, db: peewee.Database, space: DiskSpace | None = None) -> None:
-        self.db = db
+    def __init__(self, backend: Backend, space: DiskSpace | None = None) -> None:
+        self.backend = backend
+        self.db = backend.db
         self.space = space or DiskSpace()  # the daemon's, which its consumers share (daemon.diskspace)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
-        self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="eventlog-reader")
+        self._readers = ThreadPoolExecutor(backend.readers, thread_name_prefix="eventlog-reader")
         self._subscribers: list[tuple[asyncio.Event, frozenset[str] | None]] = []
         self.head = 0
         self._appended_head = 0
-        # Positions are known at append time only where SQLite assigns them (the last rowid).
-        self._keeps_recent = isinstance(db, peewee.SqliteDatabase)
         self._appended: list[RecordedEvent] = []  # in the open transaction (writer thread)
         self._committed: deque[RecordedEvent] = deque()  # handed from the writer thread to the loop
         self._recent: list[RecordedEvent] = []  # consecutive positions, newest last (loop thread)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # lifecycle -------------------------------------------------------------------------------
-    async def open(self, extra_tables: Iterable[type[peewee.Model]] = ()) -> None:
-        def create() -> int:
-            self.db.create_tables([*LOG_TABLES, *extra_tables], safe=True)
-            return StoredEvent.select(peewee.fn.MAX(StoredEvent.position)).scalar() or 0
+    async def open(self, view_tables: Iterable[type[peewee.Model]] = ()) -> None:
+        self._loop = asyncio.get_running_loop()
 
-        self.head = await self.write(create)
+        def create() -> int:
+            with self.db.atomic():
+                self.backend.create_schema()
+                self.db.create_tables(list(view_tables), safe=True)
+            return int(execute("SELECT MAX(position) FROM events").fetchone()[0] or 0)
+
+        self.head = await self._on(self._writer, create)
+        self.backend.watch(self._other_process_appended)
 
     async def close(self) -> None:
         """Close every thread's connection (peewee keeps one per thread), then the threads."""
+        self.backend.unwatch()
         loop = asyncio.get_running_loop()
-        for pool, workers in ((self._writer, 1), (self._readers, READERS)):
+        for pool, workers in ((self._writer, 1), (self._readers, self.backend.readers)):
             # The barrier holds each task until all have started, so each runs on a thread of its own.
             barrier = threading.Barrier(workers)
 
             def close_thread_connection(barrier: threading.Barrier = barrier) -> None:
-                self.db.close()
+                try:
+                    self.db.close()
+                except peewee.PeeweeException:  # a lost connection with its transaction still open
+                    self.db.dispose()
                 barrier.wait(timeout=10)
 
             await asyncio.gather(*(loop.run_in_executor(pool, close_thread_connection) for _ in range(workers)))
             pool.shutdown(wait=True)
 
     # threads ---------------------------------------------------------------------------------
-    async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` on the writer thread (every write, and reads that must see the newest)."""
-        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+    async def _on(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, self._guarded, fn, args)
 
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a read-only `fn` on a reader thread, off the event loop and beside the writer."""
-        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+    def _guarded(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """Run `fn` on this thread's connection; a connection found lost is dropped, so the next job connects anew."""
+        try:
+            return fn(*args)
+        except Exception:
+            if self.backend.broken():
+                self.db.dispose()
+            raise
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """A write transaction (writer thread); `head` moves only once it has committed."""
-        atomic = self.db.atomic("IMMEDIATE") if isinstance(self.db, peewee.SqliteDatabase) else self.db.atomic()
-        self._appended_head = self.head
-        self._appended = []
-        with atomic:
-            yield
-        # Before `head` moves, so a reader that sees the new head finds its events in memory.
-        self._committed.extend(self._appended)
-        self._appended = []
-        self.head = max(self.head, self._appended_head)
+    async def query(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a read-only `fn` (view queries) on a reader thread, off the event loop and beside the writer."""
+        return await self._on(self._readers, fn, *args)
 
     # subscribers -------------------------------------------------------------------------------
     def subscribe(self, types: frozenset[str] | None = None) -> asyncio.Event:
@@ -150,16 +205,26 @@ class EventLog:
     def unsubscribe(self, wake: asyncio.Event) -> None:
         self._subscribers = [(w, t) for w, t in self._subscribers if w is not wake]
 
-    def notify(self, types: Iterable[str] | None = None) -> None:
+    def _notify(self, types: Iterable[str] | None = None) -> None:
         """Wake the subscribers interested in `types` (None: everyone)."""
         appended = None if types is None else set(types)
         for wake, wanted in self._subscribers:
             if wanted is None or appended is None or not wanted.isdisjoint(appended):
                 wake.set()
 
-    # events ----------------------------------------------------------------------------------
-    def append_sync(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
-        """Append to `stream` inside the caller's `transaction()`; returns the last position (writer thread)."""
+    def _other_process_appended(self, position: int) -> None:
+        """(any thread) Another process's append: the types are not known here, so everyone looks."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._grown_to, position)
+
+    def _grown_to(self, position: int) -> None:
+        if position > self.head:
+            self.head = position
+            self._notify()
+
+    # writing ---------------------------------------------------------------------------------
+    def _append_sync(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
+        """Append inside the open appending transaction; returns the last position (writer thread)."""
         if not events:
             return self.head
         current = execute("SELECT MAX(version) FROM events WHERE stream = ?", (stream,)).fetchone()[0] or 0
@@ -167,41 +232,114 @@ class EventLog:
             raise StreamConflict(f"stream {stream} is at version {current}, expected {expected_version}")
         at = now_iso()
         rows = [(stream, current + i, e.type, e.to_json(), at) for i, e in enumerate(events, start=1)]
-        cursor = insert_rows("INSERT INTO events (stream, version, type, data, recorded_at)", rows)
-        # SQLite's last rowid is the last position; other databases are asked.
-        last = int(cursor.lastrowid if self._keeps_recent else execute("SELECT MAX(position) FROM events").fetchone()[0])
-        self._appended_head = max(self._appended_head, last)
-        if self._keeps_recent:
-            # One writer in an IMMEDIATE transaction: the rows got consecutive positions ending at `last`.
-            first = last - len(events) + 1
-            self._appended.extend(RecordedEvent(first + i, stream, current + 1 + i, at, event)
-                                  for i, event in enumerate(events))
-        return last
+        positions = self.backend.insert_events(rows)
+        self._appended_head = max(self._appended_head, positions[-1])
+        self._appended.extend(RecordedEvent(position, stream, current + 1 + i, at, event)
+                              for i, (position, event) in enumerate(zip(positions, events, strict=True)))
+        return positions[-1]
 
-    async def append(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
-        def run() -> int:
-            with self.transaction():
-                return self.append_sync(stream, events, expected_version)
-
+    def _write_sync(self, body: Callable[[], T]) -> T:
+        """Run `body` in an appending transaction; `head` moves only once it has committed (writer thread)."""
+        self._appended_head = self.head
+        self._appended = []
         try:
-            position = await self.write(run)
+            with self.backend.appending():
+                result = body()
+                if self._appended:
+                    self.backend.announce(self._appended_head)
+        except BaseException:
+            self._appended = []
+            raise
+        # Before `head` moves, so a reader that sees the new head finds its events in memory.
+        self._committed.extend(self._appended)
+        self._appended = []
+        self.head = max(self.head, self._appended_head)
+        return result
+
+    async def _write(self, body: Callable[[], T], types: Iterable[str]) -> T:
+        try:
+            result: T = await self._on(self._writer, self._write_sync, body)
         except Exception as exc:
             if is_disk_full(exc):
                 await self.space.hit("database", exc)
             raise
         self.space.fine("database")
-        self.notify(e.type for e in events)
-        return position
+        self._notify(types)
+        return result
+
+    async def append(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
+        """Append `events` to `stream` (at `expected_version`, when given: else StreamConflict); the last position."""
+        return await self._write(lambda: self._append_sync(stream, events, expected_version), {e.type for e in events})
+
+    async def decide(self, stream: str, types: frozenset[str] | None,
+                     decide: Callable[[list[RecordedEvent]], tuple[Sequence[Event], T]]) -> tuple[int, T]:
+        """Read `stream` (its events of `types`), let `decide` say what to append and what to return, and append it
+        at the version read; decided again if the stream moved meanwhile. The last position (the head when nothing
+        was appended) and what `decide` returned."""
+        for _ in range(DECIDE_ATTEMPTS):
+            version = await self._on(self._readers, self._stream_version_sync, stream)
+            events, result = decide(await self.read_stream(stream, types))
+            if not events:
+                return self.head, result
+            try:
+                return await self.append(stream, events, expected_version=version), result
+            except StreamConflict:
+                continue
+        raise StreamConflict(f"stream {stream} kept moving while a command was decided on it")
+
+    async def commit(self, results: Sequence[tuple[str, Sequence[Event]]], tracking: Tracking | None = None,
+                     apply: Callable[[], None] | None = None, verify: bool = False) -> bool:
+        """Append each (stream, events) of `results`, run `apply` (a view's own table writes) and record `tracking`,
+        all in one transaction. With `verify` (the last try's outcome is unknown: its connection was lost), a commit
+        whose tracking record is already there is not made again. False when it was not made for that reason."""
+        def body() -> bool:
+            if verify and tracking is not None and tracking.handled and self._tracked_sync(tracking):
+                return False
+            for stream, events in results:
+                self._append_sync(stream, events)
+            if apply is not None:
+                apply()
+            if tracking is not None:
+                self._save_tracking_sync(tracking)
+            return True
+
+        return await self._write(body, {e.type for _, events in results for e in events})
+
+    # reading ---------------------------------------------------------------------------------
+    async def read_after(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent]:
+        """Up to `limit` events of `types` (None: any) after `position`, in log order; from memory when it reaches."""
+        recent = self.read_recent(position, types, limit)
+        if recent is not None:
+            return recent
+        return await self._on(self._readers, self.read_after_sync, position, types, limit)
 
     def read_after_sync(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent]:
         if types is None:
             rows = execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
                            (position, limit))
         else:
-            wanted = sorted(types)  # one statement text per follower, so SQLite's statement cache keeps it
+            wanted = sorted(types)  # one statement text per follower, so the statement cache keeps it
             rows = execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? AND type IN "
                            f"({placeholders(len(wanted))}) ORDER BY position LIMIT ?", (position, *wanted, limit))
         return [_recorded(*row) for row in rows]
+
+    async def read_stream(self, stream: str, types: frozenset[str] | None = None) -> list[RecordedEvent]:
+        """The events of `stream` (of `types`; None: all), in order."""
+        recent = self.read_stream_recent(stream)
+        if recent is not None:
+            return recent if types is None else [r for r in recent if r.type in types]
+        return await self._on(self._readers, self.read_stream_sync, stream, types)
+
+    def read_stream_sync(self, stream: str, types: frozenset[str] | None = None) -> list[RecordedEvent]:
+        wanted = sorted(types) if types is not None else []
+        only = f" AND type IN ({placeholders(len(wanted))})" if types is not None else ""
+        rows = execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE stream = ?{only} ORDER BY version",
+                       (stream, *wanted))
+        return [_recorded(*row) for row in rows]
+
+    @staticmethod
+    def _stream_version_sync(stream: str) -> int:
+        return int(execute("SELECT MAX(version) FROM events WHERE stream = ?", (stream,)).fetchone()[0] or 0)
 
     def _recent_to_head(self) -> list[RecordedEvent] | None:
         """The events in memory, oldest first, once they reach the head; None if they do not (loop thread)."""
@@ -210,7 +348,7 @@ class EventLog:
         while committed:
             record = committed.popleft()
             if recent and record.position != recent[-1].position + 1:
-                recent.clear()  # a gap (positions not known here): start again from this one
+                recent.clear()  # a gap (a rolled-back append, another process's): start again from this one
             recent.append(record)
         if len(recent) > 2 * RECENT_EVENTS:
             del recent[:-RECENT_EVENTS]
@@ -240,54 +378,60 @@ class EventLog:
         records = [r for r in recent if r.stream == stream]
         return records if records and records[0].version == 1 else None
 
-    def read_stream_sync(self, stream: str, types: frozenset[str] | None = None) -> list[RecordedEvent]:
-        wanted = sorted(types) if types is not None else []
-        only = f" AND type IN ({placeholders(len(wanted))})" if types is not None else ""
-        rows = execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE stream = ?{only} ORDER BY version",
-                       (stream, *wanted))
-        return [_recorded(*row) for row in rows]
-
-    async def read_stream(self, stream: str) -> list[RecordedEvent]:
-        recent = self.read_stream_recent(stream)
-        return recent if recent is not None else await self.read(self.read_stream_sync, stream)
-
     # consumer bookkeeping ----------------------------------------------------------------------
-    def load_tracking_sync(self, consumer: str) -> tuple[int, set[int]]:
-        row = Checkpoint.get_or_none(Checkpoint.consumer == consumer)
-        checkpoint = row.position if row else 0
-        done = {t.position for t in Tracking.select().where(
-            (Tracking.consumer == consumer) & (Tracking.position > checkpoint))}
-        return checkpoint, done
+    async def load_tracking(self, consumer: str) -> tuple[int, set[int]]:
+        """A consumer's checkpoint and the positions above it that it has handled."""
+        def load() -> tuple[int, set[int]]:
+            row = execute("SELECT position FROM checkpoints WHERE consumer = ?", (consumer,)).fetchone()
+            checkpoint = int(row[0]) if row else 0
+            done = {int(p) for p, in execute("SELECT position FROM tracking WHERE consumer = ? AND position > ?",
+                                             (consumer, checkpoint))}
+            return checkpoint, done
 
-    def save_tracking_sync(self, consumer: str, checkpoint: int, handled: Iterable[int], prune: bool = True) -> None:
-        """Record handled positions and the new low-water mark, in the caller's transaction.
+        return await self._on(self._readers, load)
 
-        `prune=False` says no tracking row at or below the mark exists, so there is nothing to delete.
-        """
-        insert_rows("INSERT INTO tracking (consumer, position)", [(consumer, p) for p in handled if p > checkpoint],
-                    " ON CONFLICT DO NOTHING")
-        if prune:
+    @staticmethod
+    def _tracked_sync(tracking: Tracking) -> bool:
+        """Whether `tracking` was committed already (writer thread)."""
+        row = execute("SELECT position FROM checkpoints WHERE consumer = ?", (tracking.consumer,)).fetchone()
+        if row and int(row[0]) >= max(tracking.handled):
+            return True
+        last = max(tracking.handled)
+        return execute("SELECT 1 FROM tracking WHERE consumer = ? AND position = ?",
+                       (tracking.consumer, last)).fetchone() is not None
+
+    @staticmethod
+    def _save_tracking_sync(tracking: Tracking) -> None:
+        consumer, checkpoint = tracking.consumer, tracking.checkpoint
+        insert_rows("INSERT INTO tracking (consumer, position)",
+                    [(consumer, p) for p in tracking.handled if p > checkpoint], " ON CONFLICT DO NOTHING")
+        if tracking.prune:
             execute("DELETE FROM tracking WHERE consumer = ? AND position <= ?", (consumer, checkpoint))
         execute("INSERT INTO checkpoints (consumer, position) VALUES (?, ?) "
                 "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position", (consumer, checkpoint))
 
-    def purge_deleted_sync(self, low_water: int) -> int:
-        """Remove the events of deleted streams but their RequestDeleted, where all of them are at or below
-        `low_water`, the lowest checkpoint of every consumer: no consumer reads them again. How many were removed
-        (writer thread)."""
-        streams = [stream for stream, in execute(
-            "SELECT stream FROM events WHERE stream IN (SELECT stream FROM events WHERE type = 'RequestDeleted') "
-            "GROUP BY stream HAVING COUNT(*) > 1 AND MAX(position) <= ?", (low_water,)).fetchall()]
-        removed = 0
-        with self.transaction():
-            for stream in streams:
-                removed += execute("DELETE FROM events WHERE stream = ? AND type != 'RequestDeleted'",
-                                   (stream,)).rowcount
-        return removed
+    async def reset_views(self, tables: Sequence[type[peewee.Model]], consumers: Iterable[str]) -> None:
+        """Drop and recreate the views' `tables` and forget `consumers`' progress, in one transaction (replay)."""
+        def reset() -> None:
+            self.db.drop_tables(list(tables))
+            self.db.create_tables(list(tables))
+            for consumer in consumers:
+                execute("DELETE FROM tracking WHERE consumer = ?", (consumer,))
+                execute("DELETE FROM checkpoints WHERE consumer = ?", (consumer,))
 
-    def reset_consumer_sync(self, consumer: str) -> None:
-        Tracking.delete().where(Tracking.consumer == consumer).execute()
-        Checkpoint.delete().where(Checkpoint.consumer == consumer).execute()
+        await self._write(reset, ())
+
+    async def purge_deleted(self, low_water: int) -> int:
+        """Remove the events of deleted streams but their RequestDeleted, where all of them are at or below
+        `low_water`, the lowest checkpoint of every consumer: no consumer reads them again. How many were removed."""
+        def purge() -> int:
+            streams = [stream for stream, in execute(
+                "SELECT stream FROM events WHERE stream IN (SELECT stream FROM events WHERE type = 'RequestDeleted') "
+                "GROUP BY stream HAVING COUNT(*) > 1 AND MAX(position) <= ?", (low_water,)).fetchall()]
+            return sum(execute("DELETE FROM events WHERE stream = ? AND type != 'RequestDeleted'", (stream,)).rowcount
+                       for stream in streams)
+
+        return await self._write(purge, ())
 
 
 EVENT_COLUMNS = "position, stream, version, recorded_at, type, data"
@@ -297,3 +441,16 @@ def _recorded(position: int, stream: str, version: int, recorded_at: str, type_:
     return RecordedEvent(position=position, stream=stream, version=version, recorded_at=recorded_at,
                          event=decode(type_, data))
 
+
+def open_store(url: str, space: DiskSpace | None = None) -> EventLog:
+    """The store for a peewee database URL: PostgreSQL for postgres(ql)://, else SQLite."""
+    from daemon.instance import is_postgresql
+
+    backend: Backend
+    if is_postgresql(url):
+        from daemon.eventlog.postgres import PostgresBackend
+        backend = PostgresBackend(url)
+    else:
+        from daemon.eventlog.sqlite import SqliteBackend
+        backend = SqliteBackend(url)
+    return EventLog(backend, space)

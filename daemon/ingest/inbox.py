@@ -374,7 +374,7 @@ class Inbox:
     async def _ingest(self, claimed: Path, request_id: str, name: str) -> None:
         # A claim left by a crash whose request was recorded: whatever the file says now (stricter limits since,
         # or a file changed by hand), it was accepted, and it is archived like any accepted file.
-        if await self._eventlog.read(self._eventlog.read_stream_sync, request_id, ACCEPTED):
+        if await self._eventlog.read_stream(request_id, ACCEPTED):
             log.info("inbox_claim_recovered", source_name=name, note="accepted before a restart")
             os.replace(claimed, self.folder / ARCHIVE / claimed.name)
             return

@@ -118,20 +118,15 @@ class CompleteStage(Follower):
 
     async def _first_tally(self, record: RecordedEvent) -> RequestTally:
         """The tally from the log, up to (not including) `record`."""
-        records = await self.eventlog.write(self.eventlog.read_stream_sync, record.stream, TALLIED)
+        records = await self.eventlog.read_stream(record.stream, TALLIED)
         tally = self._tallies[record.stream] = tally_of(r for r in records if r.position < record.position)
         return tally
 
     async def recover(self) -> None:
         """Remove the download folders of requests that completed just before a crash."""
-        folders = [p.name for p in await asyncio.to_thread(self.bodies.request_folders)]
-
-        def completed(request_ids: list[str]) -> list[str]:
-            return [r for r in request_ids
-                    if finished(self.eventlog.read_stream_sync(r, frozenset({"RequestCompleted", "RequestRetried"})))]
-
-        for request_id in await self.eventlog.read(completed, folders):
-            await self.bodies.remove_request(request_id)
+        for folder in await asyncio.to_thread(self.bodies.request_folders):
+            if finished(await self.eventlog.read_stream(folder.name, frozenset({"RequestCompleted", "RequestRetried"}))):
+                await self.bodies.remove_request(folder.name)
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         if results:

@@ -95,8 +95,7 @@ class CompressStage(Follower):
         backlog (were they all of it, downloads would wait for them forever)."""
         await asyncio.to_thread(remove_matching, self.images, TEMP_FILES)
         for request_id, waiting in self.bodies.waiting_by_request().items():
-            records = await self.eventlog.read(self.eventlog.read_stream_sync, request_id,
-                                               IMAGE_TERMINAL | {"ImageRequeued"})
+            records = await self.eventlog.read_stream(request_id, IMAGE_TERMINAL | {"ImageRequeued"})
             settled: set[tuple[int, int]] = set()
             for r in records:  # in log order: a requeued image is open again
                 if isinstance(r.event, ImageEvent):
@@ -113,12 +112,10 @@ class CompressStage(Follower):
             with contextlib.suppress(FileNotFoundError):
                 self.bodies.recycle(path, path.stat().st_size)
 
-    def committed_sync(self, record: RecordedEvent, results: Sequence[Event]) -> None:
-        event = record.event
-        assert isinstance(event, ImageDownloaded)
-        self.bodies.recycle(self.bodies.path(record.stream, event.product, event.index), event.bytes)
-
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+        """The body's image is settled in the log: it becomes a spare, and makes room for a download."""
         event = record.event
         assert isinstance(event, ImageDownloaded)
-        self.bodies.released(self.bodies.path(record.stream, event.product, event.index))
+        path = self.bodies.path(record.stream, event.product, event.index)
+        await asyncio.to_thread(self.bodies.recycle, path, event.bytes)
+        self.bodies.released(path)

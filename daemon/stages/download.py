@@ -175,7 +175,7 @@ class DownloadStage(Follower):
 
     async def _attempts_before_restart(self, stream: str, event: ImageRequested) -> int:
         """Attempts already made in this round for an image this daemon took over mid-retry (counted from the log)."""
-        records = await self.eventlog.read(self.eventlog.read_stream_sync, stream, frozenset({"ImageDownloadRetried"}))
+        records = await self.eventlog.read_stream(stream, frozenset({"ImageDownloadRetried"}))
         return sum(1 for r in records if isinstance(r.event, ImageDownloadRetried) and r.event.round == event.round
                    and (r.event.product, r.event.index) == (event.product, event.index))
 

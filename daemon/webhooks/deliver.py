@@ -238,36 +238,33 @@ def listeners(settings: Settings, accepted: RequestAccepted) -> list[str]:
     return list(dict.fromkeys([*settings.webhooks.urls, *filter(None, [accepted.webhook_url])]))
 
 
-def request_redelivery(eventlog: EventLog, settings: Settings,
-                       request_id: str) -> tuple[str, int] | web.HTTPException:
-    """Queue the request's completion message again (same webhook-id): its id and the request's position, or the
-    error to answer."""
-    with eventlog.transaction():
-        records = eventlog.read_stream_sync(request_id, frozenset({"RequestAccepted", "RequestCompleted",
-                                                                   "RequestDeleted"}))
+async def request_redelivery(eventlog: EventLog, settings: Settings, request_id: str) -> tuple[str, int]:
+    """Queue the request's completion message again (same webhook-id): its id and the request's position; the
+    error to answer is raised."""
+    def decide(records: list[RecordedEvent]) -> tuple[list[Event], str]:
         if not records or any(isinstance(r.event, RequestDeleted) for r in records):
-            return json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
+            raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
         completed = [r for r in records if isinstance(r.event, RequestCompleted)]
         if not completed:
-            return json_error(web.HTTPConflict, "not_finished", f"request {request_id} has not completed yet")
+            raise json_error(web.HTTPConflict, "not_finished", f"request {request_id} has not completed yet")
         accepted = records[0].event
         assert isinstance(accepted, RequestAccepted)
         if not listeners(settings, accepted):
-            return json_error(web.HTTPConflict, "no_listener",
-                              f"request {request_id} has no listener to redeliver to: none in [webhooks] urls "
-                              "and no webhook_url given at upload")
+            raise json_error(web.HTTPConflict, "no_listener",
+                             f"request {request_id} has no listener to redeliver to: none in [webhooks] urls "
+                             "and no webhook_url given at upload")
         msg_id = message_id(request_id, completed[-1].version)
-        return msg_id, eventlog.append_sync(request_id, [WebhookRedeliveryRequested(message_id=msg_id)])
+        return [WebhookRedeliveryRequested(message_id=msg_id)], msg_id
+
+    position, msg_id = await eventlog.decide(
+        request_id, frozenset({"RequestAccepted", "RequestCompleted", "RequestDeleted"}), decide)
+    return msg_id, position
 
 
 async def redeliver(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     eventlog = request.app[EVENTLOG]
-    queued = await eventlog.write(request_redelivery, eventlog, request.app[SETTINGS], request_id)
-    if isinstance(queued, web.HTTPException):
-        raise queued
-    msg_id, position = queued
-    eventlog.notify(["WebhookRedeliveryRequested"])
+    msg_id, position = await request_redelivery(eventlog, request.app[SETTINGS], request_id)
     await request.app[STATUS_VIEW].caught_up(position)
     log.info("webhook_redelivery_requested", request_id=request_id, message_id=msg_id)
     return json_response({"request_id": request_id, "message_id": msg_id, "status": "queued"}, status=202)

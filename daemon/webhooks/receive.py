@@ -14,8 +14,8 @@ import structlog
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from daemon.eventlog.store import EventLog
-from daemon.events import NotificationReceived, RequestDeleted
+from daemon.eventlog.store import EventLog, RecordedEvent
+from daemon.events import Event, NotificationReceived, RequestDeleted
 from daemon.text import storable
 from daemon.web import (
     EVENTLOG,
@@ -58,18 +58,19 @@ def parse_notification(payload: Any) -> tuple[str, str, str]:
     return request_id, kind, status
 
 
-def record_once(eventlog: EventLog, request_id: str, notification: NotificationReceived) -> tuple[str, int]:
-    """'recorded', 'duplicate' or 'unknown', and the position to wait for; checked and appended in one writer
-    transaction."""
-    with eventlog.transaction():
-        records = eventlog.read_stream_sync(request_id)
+async def record_once(eventlog: EventLog, request_id: str, notification: NotificationReceived) -> tuple[str, int]:
+    """'recorded', 'duplicate' or 'unknown', and the position to wait for; decided on the request's events."""
+    def decide(records: list[RecordedEvent]) -> tuple[list[Event], str]:
         if not records or any(isinstance(r.event, RequestDeleted) for r in records):
-            return "unknown", 0
+            return [], "unknown"
         if notification.webhook_id and any(
                 isinstance(r.event, NotificationReceived) and r.event.webhook_id == notification.webhook_id
                 for r in records):
-            return "duplicate", records[-1].position
-        return "recorded", eventlog.append_sync(request_id, [notification])
+            return [], "duplicate"
+        return [notification], "recorded"
+
+    position, outcome = await eventlog.decide(request_id, None, decide)
+    return outcome, position
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -109,11 +110,9 @@ async def receive(request: web.Request) -> web.Response:
     structlog.contextvars.bind_contextvars(request_id=request_id)
     notification = NotificationReceived(webhook_id=webhook_id, verified=verified, kind=kind, status=status,
                                         payload=payload)
-    outcome, position = await eventlog.write(record_once, eventlog, request_id, notification)
+    outcome, position = await record_once(eventlog, request_id, notification)
     if outcome == "unknown":
         raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
-    if outcome == "recorded":
-        eventlog.notify([notification.type])
     await request.app[STATUS_VIEW].caught_up(position)
     log.info("notification_received", kind=kind, status=status, verified=verified, webhook_id=webhook_id,
              duplicate=outcome == "duplicate")

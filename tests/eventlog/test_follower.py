@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from daemon.config import Settings
 from daemon.eventlog import store
 from daemon.eventlog.follower import Follower, Retry
-from daemon.eventlog.store import EventLog, RecordedEvent, open_database
+from daemon.eventlog.store import EventLog, RecordedEvent, open_store
 from daemon.events import Event
 from daemon.testing import eventually
 
@@ -67,7 +67,7 @@ class Recorder(Follower):
 
 
 async def open_log(settings: Settings) -> EventLog:
-    eventlog = EventLog(open_database(settings.database_url))
+    eventlog = open_store(settings.database_url)
     await eventlog.open()
     return eventlog
 
@@ -299,7 +299,7 @@ async def test_an_event_appended_while_the_follower_reads_is_handled_once(settin
             started.set()
             release.wait(timeout=30)
 
-        holding = asyncio.ensure_future(eventlog.write(hold_the_writer))
+        holding = asyncio.ensure_future(eventlog.commit([], apply=hold_the_writer))
         await helpers.eventually(started.is_set, "the writer thread to be held")
         queue = eventlog._writer._work_queue  # the writer's FIFO of pending jobs
         appending = asyncio.ensure_future(eventlog.append("s5", [SpinePinged(n=5)]))
@@ -413,7 +413,6 @@ class Untidy(Recorder):
 
     def __init__(self, eventlog: EventLog) -> None:
         super().__init__(eventlog)
-        self.cleaned: list[int] = []
         self.announced: list[int] = []
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
@@ -421,28 +420,24 @@ class Untidy(Recorder):
             raise ConnectionResetError("the listener hung up")
         self.announced.append(record.event.n)  # type: ignore[attr-defined]
 
-    def committed_sync(self, record: RecordedEvent, results: Sequence[Event]) -> None:
-        if record.event.n == 1:  # type: ignore[attr-defined]
-            raise PermissionError("the disk said no")
-        self.cleaned.append(record.event.n)  # type: ignore[attr-defined]
 
 
 async def test_a_failed_clean_up_after_the_commit_is_logged_and_not_committed_again(settings: Settings,
                                                                                      helpers: Any) -> None:
-    """committed_sync or committed raising does not undo or repeat the commit it follows, nor stop the follower:
-    one pong each, each failure logged."""
+    """`committed` raising does not undo or repeat the commit it follows, nor stop the follower: one pong each, the
+    failure logged."""
     eventlog = await open_log(settings)
     try:
         await ping(eventlog, 1, 2)
         follower = Untidy(eventlog)
         with capture_logs() as logs:
             assert await follower.run_until_idle() == 2
-        assert follower.cleaned == [2] and follower.announced == [1] and follower.checkpoint == eventlog.head
+        assert follower.announced == [1] and follower.checkpoint == eventlog.head
     finally:
         await eventlog.close()
     assert pongs(helpers, settings) == {1: 1, 2: 1}
     assert [(e["event"], e["consumer"], e["position"]) for e in logs if e["log_level"] == "error"] == [
-        ("consumer_cleanup_failed", "test.untidy", 1), ("consumer_cleanup_failed", "test.untidy", 2)]
+        ("consumer_cleanup_failed", "test.untidy", 2)]
 
 
 async def test_a_follower_that_fails_outside_handle_logs_it_and_carries_on(settings: Settings, helpers: Any) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.store import EventLog, RecordedEvent, StreamConflict, open_database
+from daemon.eventlog.store import EventLog, RecordedEvent, StreamConflict, open_store
 from daemon.events import (
     Event,
     ImageFailed,
@@ -27,7 +27,7 @@ def failed(index: int) -> ImageFailed:
 
 
 async def open_log(settings: Settings) -> EventLog:
-    eventlog = EventLog(open_database(settings.database_url))
+    eventlog = open_store(settings.database_url)
     await eventlog.open()
     return eventlog
 
@@ -42,7 +42,7 @@ async def eventlog(settings: Settings) -> AsyncIterator[EventLog]:
 
 
 async def read_all(eventlog: EventLog) -> list[RecordedEvent]:
-    return await eventlog.write(eventlog.read_after_sync, 0, None, 10_000)
+    return await eventlog.query(eventlog.read_after_sync, 0, None, 10_000)
 
 
 async def test_append_assigns_increasing_positions_and_per_stream_versions(eventlog: EventLog) -> None:
@@ -123,7 +123,7 @@ async def pages(eventlog: EventLog, position: int) -> list[tuple[object, object]
     for types in (None, frozenset({"ImageFailed"}), frozenset({"RequestCompleted", "ImageRequested"})):
         for limit in (1, 2, 100):
             pairs.append((eventlog.read_recent(position, types, limit),
-                          await eventlog.write(eventlog.read_after_sync, position, types, limit)))
+                          await eventlog.query(eventlog.read_after_sync, position, types, limit)))
     return pairs
 
 
@@ -137,7 +137,7 @@ async def test_recent_events_are_read_from_memory_as_the_database_has_them(event
         for memory, database in await pages(eventlog, position):
             assert memory == database
     for stream in ("a", "b"):
-        assert eventlog.read_stream_recent(stream) == await eventlog.read(eventlog.read_stream_sync, stream)
+        assert eventlog.read_stream_recent(stream) == await eventlog.query(eventlog.read_stream_sync, stream)
 
 
 async def test_memory_does_not_answer_for_events_it_never_saw(settings: Settings, helpers: Any) -> None:

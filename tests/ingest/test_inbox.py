@@ -18,7 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.config import Settings, replace
-from daemon.eventlog.store import EventLog, open_database
+from daemon.eventlog.store import open_store
 from daemon.ingest.accept import accept
 from daemon.ingest.csvfile import Batch, parse_csv
 from daemon.ingest.inbox import ARCHIVE, CLAIMED, REJECTED, Inbox
@@ -269,7 +269,7 @@ async def accept_directly(settings: Settings, request_id: str, data: bytes, name
     """Record a request as the inbox would have before a crash (then close, as the crashed daemon did)."""
     batch = parse_csv(data, settings.limits)
     assert isinstance(batch, Batch)
-    eventlog = EventLog(open_database(settings.database_url))
+    eventlog = open_store(settings.database_url)
     await eventlog.open()
     try:
         await accept(eventlog, batch, "inbox", name, request_id=request_id)
@@ -405,7 +405,7 @@ async def test_an_unreadable_claim_is_rejected_and_start_up_goes_on(serve_app: S
 
 async def test_stop_leaves_no_observer_thread_behind(settings: Settings, helpers: Any) -> None:
     """Inbox.stop() joins the watchdog observer: no thread it started is left running."""
-    eventlog = EventLog(open_database(settings.database_url))
+    eventlog = open_store(settings.database_url)
     await eventlog.open()
     await asyncio.to_thread(lambda: None)  # the loop's default executor exists before the snapshot
     before = set(threading.enumerate())

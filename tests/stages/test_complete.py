@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from daemon.config import Settings
-from daemon.eventlog.store import EventLog, open_database
+from daemon.eventlog.store import open_store
 from daemon.events import ImageCompressed, Product, RequestAccepted, RequestCompleted
 from daemon.stages.bodies import Bodies
 from daemon.stages.complete import LAST_FEW, CompleteStage
@@ -19,7 +19,7 @@ def compressed(index: int) -> ImageCompressed:
 
 async def test_a_requests_last_images_complete_it_without_waiting_out_the_linger(settings: Settings) -> None:
     """Once a request is down to its last few images, its RequestCompleted is not held back to be batched."""
-    eventlog = EventLog(open_database(settings.database_url))
+    eventlog = open_store(settings.database_url)
     await eventlog.open()
     images = LAST_FEW + 2
     stage = CompleteStage(eventlog, Bodies(settings.path("images") / ".incoming", 4))

@@ -50,7 +50,7 @@ async def submit(app: web.Application, rows: list[list[str]]) -> Accepted:
 
 
 async def status_of(app: web.Application, request_id: str) -> dict[str, Any]:
-    body = await app[EVENTLOG].read(request_status, request_id, app[SETTINGS].public_url)
+    body = await app[EVENTLOG].query(request_status, request_id, app[SETTINGS].public_url)
     assert body is not None
     return body
 
@@ -122,7 +122,7 @@ async def test_export_keeps_input_order_and_blank_for_failures(app: web.Applicat
     u = origin.url
     accepted = await submit(app, [[f"{u}/img/photo.jpg", f"{u}/code/404", f"{u}/img/photo2.jpg"]])
     await drain(app)
-    rows = await app[EVENTLOG].read(export_rows, [accepted.request_id], settings.public_url)
+    rows = await app[EVENTLOG].query(export_rows, [accepted.request_id], settings.public_url)
     text = to_csv(rows)
     parsed = list(csv.reader(io.StringIO(text)))
     assert parsed[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls"]

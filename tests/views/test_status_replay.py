@@ -170,7 +170,7 @@ async def test_a_status_read_sees_one_moment_even_when_a_commit_lands_between_it
             finally:
                 connection.set_trace_callback(None)
 
-        body = await app[EVENTLOG].read(read_while_a_commit_lands)
+        body = await app[EVENTLOG].query(read_while_a_commit_lands)
     assert landed and body is not None
     states = [image["status"] for product in body["products"] for image in product["images"]]
     assert (body["progress"]["done"], states) in ((0, ["pending"]), (1, ["compressed"]))

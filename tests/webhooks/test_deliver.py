@@ -44,7 +44,7 @@ async def submit(app: web.Application, origin: Origin, webhook_url: str = "") ->
 
 
 async def status_of(app: web.Application, request_id: str) -> dict[str, Any]:
-    body = await app[EVENTLOG].read(request_status, request_id, app[SETTINGS].public_url)
+    body = await app[EVENTLOG].query(request_status, request_id, app[SETTINGS].public_url)
     assert body is not None
     return body
 
@@ -91,7 +91,7 @@ async def test_redeliveries_requested_back_to_back_each_get_their_own_round(
             await drain(app)
             eventlog = app[EVENTLOG]
             for _ in range(2):
-                assert isinstance(await eventlog.write(request_redelivery, eventlog, settings, accepted.request_id), tuple)
+                assert isinstance(await request_redelivery(eventlog, settings, accepted.request_id), tuple)
             await drain(app)
             status = await status_of(app, accepted.request_id)
     assert len(listener.received) == 3 and len({r.headers["webhook-id"] for r in listener.received}) == 1

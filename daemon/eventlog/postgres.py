@@ -1,0 +1,139 @@
+"""The PostgreSQL backend: the log on a server that many machines can share.
+
+- Positions come from an identity column. Two transactions could take positions 7 and 8 and commit 8 first, and a
+  reader that saw 8 would skip 7 for ever: so every appending transaction first takes one transaction-level
+  advisory lock, and appends commit one after the other, in position order. It costs what SQLite's single writer
+  costs anyway: appends do not run in parallel. Readers never wait for it.
+- Wake-ups: each appending transaction sends one NOTIFY with the new head (a position, never rows: payloads are
+  capped near 8 KB). A thread LISTENs on a connection of its own and also polls the head once a second, since a
+  connection pooler in transaction mode drops LISTEN.
+- Connections: one per store thread (a writer and `readers` readers), one for LISTEN, one for the instance lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import peewee
+import structlog
+from playhouse.db_url import parse
+
+from daemon.eventlog.models import ROWS_PER_INSERT, execute, placeholders
+from daemon.eventlog.store import Backend
+from daemon.instance import DatabaseUnreachable, connect_postgresql, without_password
+
+log = structlog.get_logger("eventlog")
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS events (position BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+    "stream VARCHAR(64) NOT NULL, version INTEGER NOT NULL, type VARCHAR(64) NOT NULL, data TEXT NOT NULL, "
+    "recorded_at VARCHAR(40) NOT NULL, UNIQUE (stream, version))",
+    "CREATE INDEX IF NOT EXISTS events_type_position ON events (type, position)",
+    "CREATE TABLE IF NOT EXISTS checkpoints (consumer VARCHAR(64) PRIMARY KEY, position BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS tracking (consumer VARCHAR(64) NOT NULL, position BIGINT NOT NULL, "
+    "PRIMARY KEY (consumer, position))",
+)
+# Per database and schema, like everything of one log.
+LOG_KEY = "'imgpipe-log/' || current_database() || '/' || current_schema()"
+POLL_SECONDS = 1.0
+RECONNECT_SECONDS = 1.0
+
+
+class PostgresBackend(Backend):
+    readers: ClassVar[int] = 2
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._lock_key: int | None = None
+        self._channel = ""
+        self._stopped = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def connect(self) -> peewee.Database:
+        params: dict[str, Any] = parse(self.url)
+        name = params.pop("database")
+        return peewee.PostgresqlDatabase(name, prefer_psycopg3=True, connect_timeout=10, **params)
+
+    def create_schema(self) -> None:
+        existed = execute("SELECT to_regclass('events') IS NOT NULL").fetchone()[0]
+        for statement in SCHEMA:
+            execute(statement)
+        self.stamp_version(bool(existed))
+        self._keys()
+
+    def _keys(self) -> tuple[int, str]:
+        if self._lock_key is None:
+            key, channel = execute(f"SELECT hashtextextended({LOG_KEY}, 0), "
+                                   f"'imgpipe_' || to_hex(hashtextextended({LOG_KEY}, 1))").fetchone()
+            self._lock_key, self._channel = int(key), str(channel)
+        return self._lock_key, self._channel
+
+    @contextmanager
+    def appending(self) -> Iterator[None]:
+        key, _ = self._keys()
+        with self.db.atomic():
+            execute("SELECT pg_advisory_xact_lock(?)", (key,))
+            yield
+
+    def insert_events(self, rows: Sequence[tuple[str, int, str, str, str]]) -> list[int]:
+        positions: list[int] = []
+        for start in range(0, len(rows), ROWS_PER_INSERT):
+            chunk = rows[start:start + ROWS_PER_INSERT]
+            values = ", ".join([f"({placeholders(5)})"] * len(chunk))
+            cursor = execute(f"INSERT INTO events (stream, version, type, data, recorded_at) VALUES {values} "
+                             "RETURNING position", [v for row in chunk for v in row])
+            positions += sorted(int(p) for p, in cursor.fetchall())
+        return positions
+
+    def announce(self, last: int) -> None:
+        _, channel = self._keys()
+        execute("SELECT pg_notify(?, ?)", (channel, str(last)))
+
+    def broken(self) -> bool:
+        return not self.db.is_closed() and not self.db.is_connection_usable()
+
+    # wake-ups from other processes -----------------------------------------------------------------
+    def watch(self, on_head: Callable[[int], None]) -> None:
+        self._stopped.clear()
+        self._watcher = threading.Thread(target=self._watch, args=(on_head,), name="eventlog-listen", daemon=True)
+        self._watcher.start()
+
+    def unwatch(self) -> None:
+        self._stopped.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5 * POLL_SECONDS)
+            self._watcher = None
+
+    def _watch(self, on_head: Callable[[int], None]) -> None:
+        """(thread) LISTEN, and poll the head between notifications; reconnect after a lost connection."""
+        _, channel = self._keys()
+        lost = False
+        while not self._stopped.is_set():
+            try:
+                connection = connect_postgresql(self.url, application_name="imgpipe listen")
+            except DatabaseUnreachable as exc:
+                if not lost:
+                    log.warning("database_connection_lost", database=without_password(self.url), reason=str(exc))
+                    lost = True
+                self._stopped.wait(RECONNECT_SECONDS)
+                continue
+            if lost:
+                log.info("database_connection_back", database=without_password(self.url))
+                lost = False
+            try:
+                with connection:
+                    connection.execute(f"LISTEN {channel}")
+                    while not self._stopped.is_set():
+                        head = connection.execute("SELECT MAX(position) FROM events").fetchone()[0]
+                        if head:
+                            on_head(int(head))
+                        for notify in connection.notifies(timeout=POLL_SECONDS):
+                            on_head(int(notify.payload))
+            except Exception as exc:  # psycopg.OperationalError and the like: the connection is gone
+                if not self._stopped.is_set():
+                    log.warning("database_connection_lost", database=without_password(self.url), reason=str(exc))
+                    lost = True
+                    self._stopped.wait(RECONNECT_SECONDS)
