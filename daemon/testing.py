@@ -60,6 +60,11 @@ def pipeline_settings(tmp_path: Path, **sections: dict[str, object]) -> Settings
     return replace(base, **defaults)
 
 
+def with_database(url: str, sections: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+    """`sections` for pipeline_settings with the database at `url` (unless they name one)."""
+    return {**sections, "paths": {"database": url, **sections.get("paths", {})}}
+
+
 def imgpipe_command() -> list[str]:
     """The installed `imgpipe` console script of this interpreter's environment, else `python -m daemon`."""
     script = Path(sys.executable).with_name("imgpipe")

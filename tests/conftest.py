@@ -6,11 +6,14 @@ Test folders have no __init__.py, so helpers are handed out as fixtures rather t
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import os
 import sqlite3
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -19,7 +22,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +34,7 @@ from daemon.app import INBOX, build_app
 from daemon.config import Settings, load_settings, replace
 from daemon.ingest.csvfile import COLUMNS
 from daemon.ingest.inbox import Inbox
+from daemon.instance import DatabaseUnreachable, connect_postgresql, is_postgresql
 from daemon.testing import clean_environment, free_port, imgpipe_command
 from daemon.web import STATUS_VIEW
 
@@ -59,8 +63,9 @@ def toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-def write_config(folder: Path, port: int) -> Path:
+def write_config(folder: Path, port: int, database_url: str | None = None) -> Path:
     """A config file in `folder` naming absolute paths inside it (the way an operator would)."""
+    database_url = database_url or "sqlite:///" + str(folder / "imgpipe.db")
     path = folder / "config.toml"
     path.write_text(
         "[server]\n"
@@ -69,7 +74,7 @@ def write_config(folder: Path, port: int) -> Path:
         f"inbox = {toml_string(str(folder / 'inbox'))}\n"
         f"outbox = {toml_string(str(folder / 'outbox'))}\n"
         f"images = {toml_string(str(folder / 'images'))}\n"
-        f"database = {toml_string('sqlite:///' + str(folder / 'imgpipe.db'))}\n"
+        f"database = {toml_string(database_url)}\n"
         "[inbox]\n"
         f"settle_seconds = {SETTLE_SECONDS}\n",
         encoding="utf-8",
@@ -101,20 +106,20 @@ def db_file(settings: Settings) -> Path:
 
 
 def execute(settings: Settings, sql: str, *params: Any) -> None:
-    """Run and commit one statement on the daemon's SQLite file through a separate, plain sqlite3 connection."""
+    """Run and commit one statement (`?` placeholders) on the daemon's database through a connection of its own."""
+    query(settings, sql, *params, rows=False)
+
+
+def query(settings: Settings, sql: str, *params: Any, rows: bool = True) -> list[tuple[Any, ...]]:
+    """Rows from the daemon's database (`?` placeholders) through a connection of its own: sqlite3 or psycopg."""
+    if is_postgresql(settings.database_url):
+        with connect_postgresql(settings.database_url) as pg:
+            cursor = pg.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+            return [tuple(row) for row in cursor.fetchall()] if rows and cursor.description else []
     connection = sqlite3.connect(db_file(settings), timeout=10)
     try:
         with connection:
-            connection.execute(sql, params)
-    finally:
-        connection.close()
-
-
-def query(settings: Settings, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """Rows from the daemon's SQLite file through a separate, plain sqlite3 connection."""
-    connection = sqlite3.connect(db_file(settings), timeout=10)
-    try:
-        return connection.execute(sql, params).fetchall()
+            return connection.execute(sql, params).fetchall()
     finally:
         connection.close()
 
@@ -193,11 +198,11 @@ async def serve(settings: Settings) -> AsyncIterator[Served]:
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
     """Settings loaded from a config file in tmp_path (free port, tmp paths), some sections changed."""
 
     def make(**sections: dict[str, Any]) -> Settings:
-        settings = load_settings(write_config(tmp_path, free_port()), env={})
+        settings = load_settings(write_config(tmp_path, free_port(), database_url), env={})
         return replace(settings, **sections) if sections else settings
 
     return make
@@ -206,6 +211,57 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings()
+
+
+# PostgreSQL for the tests that run on both backends: each test gets a schema of its own in this database.
+POSTGRES_URL = os.environ.get("IMGPIPE_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
+REQUIRE_POSTGRES = os.environ.get("IMGPIPE_TEST_REQUIRE_POSTGRES") == "1"
+BACKENDS = ("sqlite", "postgresql")
+
+
+@functools.cache
+def postgres_unreachable() -> str | None:
+    """Why the test PostgreSQL cannot be used (None: it can)."""
+    try:
+        connect_postgresql(POSTGRES_URL).close()
+    except DatabaseUnreachable as exc:
+        return str(exc)
+    return None
+
+
+@contextmanager
+def backend_database(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database URL on `backend`, removed afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'imgpipe.db'}"
+        return
+    if reason := postgres_unreachable():
+        message = (f"{reason}; start PostgreSQL or set IMGPIPE_TEST_DATABASE_URL=postgresql://user@host:port/db "
+                   "to run the PostgreSQL tests")
+        if REQUIRE_POSTGRES:
+            pytest.fail(message)
+        pytest.skip(message)
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with connect_postgresql(POSTGRES_URL) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with connect_postgresql(POSTGRES_URL) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """The daemon's database: SQLite, except in the folders whose conftest runs their tests on both backends."""
+    with backend_database("sqlite", tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def both_backends() -> Callable[[str, Path], AbstractContextManager[str]]:
+    """For a folder's conftest: `database_url` on the backend its parameter names."""
+    return backend_database
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any, cast
 import peewee
 
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.models import BaseModel, database, execute, insert_rows
+from daemon.eventlog.models import BaseModel, execute, insert_rows
 from daemon.eventlog.store import RecordedEvent
 from daemon.events import (
     Event,
@@ -253,13 +253,9 @@ class Page:
 
 def request_status(request_id: str, public_url: str, with_products: bool = True,
                    page: Page | None = None) -> dict[str, Any] | None:
-    """The GET /status body for one request, or None (reader thread); without `products` when not asked for, or
-    with one page of them.
-
-    Its queries share one read transaction, so on SQLite they see one moment: a commit landing between them would
-    otherwise show an image compressed beside a progress that does not count it yet."""
-    with database.atomic():
-        return _request_status(request_id, public_url, with_products, page)
+    """The GET /status body for one request, or None; without `products` when not asked for, or with one page of
+    them. Run it through EventLog.query, whose read transaction makes its queries see one moment."""
+    return _request_status(request_id, public_url, with_products, page)
 
 
 def _request_status(request_id: str, public_url: str, with_products: bool,

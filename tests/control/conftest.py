@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,21 @@ from aiohttp.test_utils import TestClient, TestServer
 from daemon.app import FOLLOWERS, build_app
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower
-from daemon.testing import Origin, eventually, jpeg_bytes, photo, pipeline_settings
+from daemon.testing import Origin, eventually, jpeg_bytes, photo, pipeline_settings, with_database
 from daemon.web import EVENTLOG
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path,
+                 both_backends: Callable[[str, Path], AbstractContextManager[str]]) -> Iterator[str]:
+    """Every test here runs on both backends."""
+    with both_backends(request.param, tmp_path) as url:
+        yield url
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., Settings]:
-    return lambda **sections: pipeline_settings(tmp_path, **sections)
+def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
+    return lambda **sections: pipeline_settings(tmp_path, **with_database(database_url, sections))
 
 
 @pytest.fixture

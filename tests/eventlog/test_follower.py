@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -448,15 +447,14 @@ async def test_a_follower_that_fails_outside_handle_logs_it_and_carries_on(setti
         follower = Recorder(eventlog)
         with capture_logs() as logs:
             task = asyncio.create_task(follower.run())
-            with sqlite3.connect(helpers.db_file(settings)) as db:  # written behind the log's back: a bad row
-                db.execute("INSERT INTO events (stream, version, type, data, recorded_at) "
-                           "VALUES ('bad', 1, 'SpinePinged', '{not json', '2026-01-01T00:00:00Z')")
+            # Written behind the log's back: a bad row.
+            helpers.execute(settings, "INSERT INTO events (stream, version, type, data, recorded_at) "
+                                      "VALUES ('bad', 1, 'SpinePinged', '{not json', '2026-01-01T00:00:00Z')")
             (position,) = await ping(eventlog, 2)
             await eventually(lambda: asyncio.sleep(0, [e for e in logs if e["event"] == "consumer_failed"]),
                              "the failure's log line")
             assert not task.done()
-            with sqlite3.connect(helpers.db_file(settings)) as db:
-                db.execute("UPDATE events SET data = '{\"n\": 1}' WHERE stream = 'bad'")
+            helpers.execute(settings, "UPDATE events SET data = '{\"n\": 1}' WHERE stream = 'bad'")
             assert await follower.wait_for(position, timeout=10)
         assert not task.done()
         assert [n for n, _ in follower.calls] == [1, 2]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -11,7 +10,15 @@ import pytest
 
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.store import EventLog, RecordedEvent, StreamConflict, open_store
+from daemon.eventlog.store import (
+    SCHEMA_VERSION,
+    EventLog,
+    RecordedEvent,
+    SchemaTooNew,
+    StreamConflict,
+    Tracking,
+    open_store,
+)
 from daemon.events import (
     Event,
     ImageFailed,
@@ -20,6 +27,7 @@ from daemon.events import (
     RequestAccepted,
     RequestCompleted,
 )
+from daemon.instance import is_postgresql
 
 
 def failed(index: int) -> ImageFailed:
@@ -88,18 +96,17 @@ async def test_expected_version_zero_on_an_existing_stream_conflicts_and_writes_
 
 async def test_positions_are_never_reused_after_the_last_row_is_deleted(eventlog: EventLog, settings: Settings,
                                                                         helpers: Any) -> None:
-    """With AUTOINCREMENT, deleting the newest row does not let the next append take its position."""
+    """Deleting the newest row does not let the next append take its position."""
     last = await eventlog.append("r", [failed(0), failed(1), failed(2)])
-    connection = sqlite3.connect(helpers.db_file(settings))
-    with connection:
-        connection.execute("DELETE FROM events WHERE position = ?", (last,))
-    connection.close()
+    helpers.execute(settings, "DELETE FROM events WHERE position = ?", last)
     assert await eventlog.append("s", [failed(0)]) > last
     assert [p for p, *_ in helpers.stored_events(settings)] == [1, 2, last + 1]
 
 
 async def test_sqlite_runs_in_wal_mode(eventlog: EventLog, settings: Settings, helpers: Any) -> None:
     """The log's SQLite file is in WAL journal mode (readers never block the writer)."""
+    if is_postgresql(settings.database_url):
+        pytest.skip("a SQLite setting")
     await eventlog.append("r", [failed(0)])
     assert helpers.query(settings, "PRAGMA journal_mode") == [("wal",)]
 
@@ -155,11 +162,9 @@ async def test_memory_does_not_answer_for_events_it_never_saw(settings: Settings
         assert eventlog.read_stream_recent("a") is None  # its first events are only in the database
         await eventlog.append("c", [failed(0)])
         assert [r.event for r in eventlog.read_stream_recent("c") or []] == [failed(0)]
-        connection = sqlite3.connect(helpers.db_file(settings))
-        with connection:  # a row this store did not append leaves a gap in what it holds
-            connection.execute("INSERT INTO events (stream, version, type, data, recorded_at) "
-                               "VALUES ('x', 1, 'ImageFailed', ?, '2026-01-01T00:00:00.000Z')", (failed(9).to_json(),))
-        connection.close()
+        # A row this store did not append (another process's) leaves a gap in what it holds.
+        helpers.execute(settings, "INSERT INTO events (stream, version, type, data, recorded_at) "
+                                  "VALUES ('x', 1, 'ImageFailed', ?, '2026-01-01T00:00:00.000Z')", failed(9).to_json())
         await eventlog.append("a", [failed(3)])
         assert eventlog.read_recent(4, None, 10) is None
         for memory, database in await pages(eventlog, 5):
@@ -216,3 +221,48 @@ async def test_a_rolled_back_append_does_not_make_followers_skip_later_events(ev
     await eventlog.append("r", [failed(1)])
     await watcher.run_until_idle()
     assert watcher.seen == [0, 1]
+
+
+async def test_decide_appends_at_the_version_it_read_and_decides_again_when_the_stream_moved(
+        eventlog: EventLog) -> None:
+    """A decision made on a stream that another append moved meanwhile is made again on the new events."""
+    await eventlog.append("r", [failed(0)])
+    seen: list[int] = []
+
+    def decide(records: list[RecordedEvent]) -> tuple[list[Event], int]:
+        seen.append(len(records))
+        return [failed(len(records))], len(records)
+
+    original = eventlog.read_stream
+
+    async def read_then_someone_appends(stream: str, types: frozenset[str] | None = None) -> list[RecordedEvent]:
+        records = await original(stream, types)
+        if len(seen) == 0:
+            await eventlog.append("r", [failed(1)])  # lands between the read and the decided append
+        return records
+
+    eventlog.read_stream = read_then_someone_appends  # type: ignore[method-assign]
+    position, decided_on = await eventlog.decide("r", None, decide)
+    assert seen == [1, 2] and decided_on == 2
+    assert [r.event for r in await original("r")] == [failed(0), failed(1), failed(2)]
+    assert position == 3
+
+
+async def test_a_commit_whose_tracking_record_is_there_is_not_made_again(eventlog: EventLog) -> None:
+    """A commit retried after an unknown outcome finds its tracking record and appends nothing twice."""
+    tracking = Tracking("test.consumer", 0, (1,))
+    assert await eventlog.commit([("r", [failed(0)])], tracking)
+    assert not await eventlog.commit([("r", [failed(0)])], tracking, verify=True)
+    assert [r.event for r in await eventlog.read_stream("r")] == [failed(0)]
+    assert await eventlog.load_tracking("test.consumer") == (0, {1})
+
+
+async def test_a_database_written_by_a_newer_imgpipe_is_refused(settings: Settings, helpers: Any) -> None:
+    """A schema version above this imgpipe's stops the store from opening, saying which versions."""
+    first = await open_log(settings)
+    await first.close()
+    helpers.execute(settings, "UPDATE schema_version SET version = ?", SCHEMA_VERSION + 1)
+    eventlog = open_store(settings.database_url)
+    with pytest.raises(SchemaTooNew, match=f"version {SCHEMA_VERSION + 1}, written by a newer imgpipe"):
+        await eventlog.open()
+    await eventlog.close()

@@ -11,7 +11,7 @@ from aiohttp import web
 from PIL import Image
 
 from daemon.config import Settings
-from daemon.testing import Origin, daemon_app, jpeg_bytes, photo, pipeline_settings
+from daemon.testing import Origin, daemon_app, jpeg_bytes, photo, pipeline_settings, with_database
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -56,9 +56,9 @@ async def origin(image_files: dict[str, bytes]) -> AsyncIterator[Origin]:
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
     """Settings for a daemon in tmp_path, with some sections changed."""
-    return lambda **sections: pipeline_settings(tmp_path, **sections)
+    return lambda **sections: pipeline_settings(tmp_path, **with_database(database_url, sections))
 
 
 @pytest.fixture

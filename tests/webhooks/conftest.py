@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Settings
-from daemon.testing import Origin, jpeg_bytes, photo, pipeline_settings
+from daemon.testing import Origin, jpeg_bytes, photo, pipeline_settings, with_database
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., Settings]:
-    return lambda **sections: pipeline_settings(tmp_path, **sections)
+def make_settings(tmp_path: Path, database_url: str) -> Callable[..., Settings]:
+    return lambda **sections: pipeline_settings(tmp_path, **with_database(database_url, sections))
 
 
 @pytest.fixture
