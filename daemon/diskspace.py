@@ -33,6 +33,7 @@ PLACES = {"images": "compressed images", "work": "working files", "outbox": "out
           "inbox": "inbox"}
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 SQLITE_FULL = "database or disk is full"
+POSTGRES_FULL = frozenset({"53100"})  # disk_full: the server's disk (the daemon only waits; the server's admin acts)
 POLL_SECONDS = 0.25  # how often a paused place's free bytes are looked at
 RETRY_SECONDS = 3.0  # paused work tries again at least this often, even if the free bytes did not grow
 
@@ -52,6 +53,8 @@ def full_error(exc: BaseException) -> BaseException | None:
         if isinstance(current, OSError) and current.errno in FULL_ERRNOS:
             return current
         if isinstance(current, peewee.OperationalError | sqlite3.OperationalError) and SQLITE_FULL in str(current):
+            return current
+        if getattr(current, "sqlstate", None) in POSTGRES_FULL:  # psycopg's error, under peewee's
             return current
         current = current.__cause__ or current.__context__
     return None
