@@ -25,7 +25,7 @@ class Event:
         return type(self).__name__
 
     def to_json(self) -> str:
-        # vars() rather than dataclasses.asdict, whose deep copy cost more than the append of an event.
+        # vars(), not dataclasses.asdict: events are flat and frozen, so asdict's deep copy is pure cost.
         return json.dumps(vars(self), default=_fields, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
@@ -38,6 +38,11 @@ def _fields(value: object) -> dict[str, Any]:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return vars(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def names(*kinds: type[Event]) -> frozenset[str]:
+    """The type names the log stores for these event classes (a class's name is its stored type: keep it)."""
+    return frozenset(kind.__name__ for kind in kinds)
 
 
 def decode(type_name: str, data: str) -> Event:
@@ -167,7 +172,6 @@ class RequestDeleted(Event):
     """The request's files are to be removed and the views forget it."""
 
 
-IMAGE_TERMINAL = frozenset({"ImageCompressed", "ImageFailed"})
 
 
 @dataclass(frozen=True)
@@ -204,3 +208,6 @@ class NotificationReceived(Event):
     kind: str  # "classic" | "request.completed"
     status: str
     payload: dict[str, object]
+
+
+IMAGE_TERMINAL = names(ImageCompressed, ImageFailed)

@@ -22,12 +22,13 @@ from daemon.events import (
     RequestCompleted,
     RequestDeleted,
     RequestRetried,
+    names,
 )
 from daemon.ingest.accept import image_stem
 
 # What the commands read of a stream: enough to know its state and its failed images, not every event.
-STATE_TYPES = frozenset({"RequestAccepted", "ImageCompressed", "ImageFailed", "ImageRequeued", "RequestCompleted",
-                         "RequestRetried", "RequestCancelRequested", "RequestDeleted"})
+STATE_TYPES = names(RequestAccepted, ImageCompressed, ImageFailed, ImageRequeued, RequestCompleted, RequestRetried,
+                    RequestCancelRequested, RequestDeleted)
 
 
 class Refused(Exception):
@@ -129,7 +130,6 @@ async def delete(eventlog: EventLog, request_id: str) -> int:
 async def cancelled_request_ids(eventlog: EventLog) -> list[str]:
     """The requests whose cancellation stands: asked, and neither retried nor deleted since."""
     cancelled: set[str] = set()
-    for record in await eventlog.read_after(0, frozenset({"RequestCancelRequested", "RequestRetried",
-                                                          "RequestDeleted"}), limit=2**62):
+    for record in await eventlog.read_after(0, names(RequestCancelRequested, RequestRetried, RequestDeleted), limit=2**62):
         (cancelled.add if isinstance(record.event, RequestCancelRequested) else cancelled.discard)(record.stream)
     return sorted(cancelled)

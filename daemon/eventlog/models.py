@@ -34,8 +34,8 @@ ROWS_PER_INSERT = 2000  # x at most 8 columns: within SQLite's 32,766 parameters
 
 def insert_rows(head: str, rows: Sequence[Sequence[Any]], tail: str = "") -> Any:
     """`head VALUES (...), (...) tail` for `rows`, a statement per ROWS_PER_INSERT rows; the last cursor (None
-    for no rows). For bulk writes on the hot path: peewee's insert_many builds SQL per value, and for a
-    400,000-image upload that building took 7 s of the writer thread's 10."""
+    for no rows). For bulk writes on the hot path, where peewee's insert_many (which builds SQL per value) would
+    cost more than the database itself (docs/performance.md)."""
     cursor: Any = None
     for start in range(0, len(rows), ROWS_PER_INSERT):
         chunk = rows[start:start + ROWS_PER_INSERT]

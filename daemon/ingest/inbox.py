@@ -37,6 +37,7 @@ from watchdog.observers import Observer
 
 from daemon.config import LimitSettings
 from daemon.eventlog.store import EventLog, StreamConflict
+from daemon.events import RequestAccepted, names
 from daemon.files import TEMP_FILES, remove_matching, write_atomic
 from daemon.ingest.accept import accept, new_request_id
 from daemon.ingest.csvfile import Batch, Problem, parse_csv
@@ -45,7 +46,7 @@ from daemon.text import storable
 log = structlog.get_logger("inbox")
 
 CLAIMED, ARCHIVE, REJECTED = ".claimed", "archive", "rejected"
-ACCEPTED = frozenset({"RequestAccepted"})
+ACCEPTED = names(RequestAccepted)
 # File names are at most 255 bytes. Ours add "<request_id>--" (34) to the inbox name, and the longest file made
 # from it, a rejection report written atomically (".<name>.errors.txt.<16 hex>.tmp"), 33 more.
 MAX_NAME_BYTES = 255 - 34 - 33

@@ -9,9 +9,8 @@ not the whole batch, and downloads keep pace with compression instead of racing 
 bodies total less, and spares are deleted first (oldest first) to stay within it. Downloads in progress are
 not counted, so the folder may hold up to that many bodies more.
 
-A compressed body is not deleted but kept as a spare, and the next download overwrites it. Rewriting a file
-whose pages are cached costs about a quarter of creating, filling and deleting a new one; on ext4 without a
-journal, creating a file also scans past every inode deleted in the last minute.
+A compressed body is not deleted but kept as a spare, and the next download overwrites it: rewriting a file
+whose pages are cached is cheaper than creating, filling and deleting a new one (docs/performance.md).
 """
 
 from __future__ import annotations

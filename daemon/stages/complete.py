@@ -21,12 +21,13 @@ from daemon.events import (
     RequestCancelRequested,
     RequestCompleted,
     RequestRetried,
+    names,
 )
 from daemon.stages.bodies import Bodies
 
 LAST_FEW = 4  # a request this close to done is not batched with others: a few more commits, no waiting
-COUNTED = IMAGE_TERMINAL | {"RequestCancelRequested", "RequestRetried"}
-TALLIED = COUNTED | {"RequestAccepted", "RequestCompleted"}
+COUNTED = IMAGE_TERMINAL | names(RequestCancelRequested, RequestRetried)
+TALLIED = COUNTED | names(RequestAccepted, RequestCompleted)
 
 
 @dataclass
@@ -125,7 +126,7 @@ class CompleteStage(Follower):
     async def recover(self) -> None:
         """Remove the download folders of requests that completed just before a crash."""
         for folder in await asyncio.to_thread(self.bodies.request_folders):
-            if finished(await self.eventlog.read_stream(folder.name, frozenset({"RequestCompleted", "RequestRetried"}))):
+            if finished(await self.eventlog.read_stream(folder.name, names(RequestCompleted, RequestRetried))):
                 await self.bodies.remove_request(folder.name)
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:

@@ -22,6 +22,7 @@ from daemon.events import (
     ImageFailed,
     ImageRequested,
     ImageRequeued,
+    names,
 )
 from daemon.files import TEMP_FILES, remove_matching
 from daemon.stages.bodies import Bodies
@@ -39,7 +40,7 @@ def encode_settings(settings: CompressSettings) -> EncodeSettings:
 
 class CompressStage(Follower):
     name = "stage.compress"
-    types = frozenset({"ImageDownloaded"})
+    types = names(ImageDownloaded)
 
     def __init__(self, eventlog: EventLog, pool: CodecPool, bodies: Bodies, images: Path,
                  settings: CompressSettings, cancellations: Cancellations) -> None:
@@ -95,7 +96,7 @@ class CompressStage(Follower):
         backlog (were they all of it, downloads would wait for them forever)."""
         await asyncio.to_thread(remove_matching, self.images, TEMP_FILES)
         for request_id, waiting in self.bodies.waiting_by_request().items():
-            records = await self.eventlog.read_stream(request_id, IMAGE_TERMINAL | {"ImageRequeued"})
+            records = await self.eventlog.read_stream(request_id, IMAGE_TERMINAL | names(ImageRequeued))
             settled: set[tuple[int, int]] = set()
             for r in records:  # in log order: a requeued image is open again
                 if isinstance(r.event, ImageEvent):

@@ -14,7 +14,7 @@ import structlog
 from daemon.control.cancellations import Cancellations
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, RecordedEvent
-from daemon.events import Event, ImageCompressed, RequestAccepted
+from daemon.events import Event, ImageCompressed, RequestAccepted, RequestDeleted, names
 from daemon.ingest.inbox import ARCHIVE
 from daemon.stages.bodies import Bodies
 from daemon.views.export import outbox_name
@@ -24,7 +24,7 @@ log = structlog.get_logger("delete")
 
 class DeleteStage(Follower):
     name = "stage.delete"
-    types = frozenset({"RequestDeleted"})
+    types = names(RequestDeleted)
     concurrency = 4
 
     def __init__(self, eventlog: EventLog, bodies: Bodies, cancellations: Cancellations, images: Path, outbox: Path,

@@ -24,6 +24,8 @@ from daemon.events import (
     ImageDownloadRetried,
     ImageFailed,
     ImageRequested,
+    ImageRequeued,
+    names,
 )
 from daemon.network import INVALID_HOST_NAME, AddressNotAllowed
 from daemon.stages.bodies import Bodies, BodyWriter
@@ -117,7 +119,7 @@ async def fetch(client: aiohttp.ClientSession, url: str, body: BodyWriter, setti
 
 class DownloadStage(Follower):
     name = "stage.download"
-    types = frozenset({"ImageRequested", "ImageRequeued"})
+    types = names(ImageRequested, ImageRequeued)
 
     def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, bodies: Bodies,
                  settings: DownloadSettings, cancellations: Cancellations) -> None:
@@ -175,7 +177,7 @@ class DownloadStage(Follower):
 
     async def _attempts_before_restart(self, stream: str, event: ImageRequested) -> int:
         """Attempts already made in this round for an image this daemon took over mid-retry (counted from the log)."""
-        records = await self.eventlog.read_stream(stream, frozenset({"ImageDownloadRetried"}))
+        records = await self.eventlog.read_stream(stream, names(ImageDownloadRetried))
         return sum(1 for r in records if isinstance(r.event, ImageDownloadRetried) and r.event.round == event.round
                    and (r.event.product, r.event.index) == (event.product, event.index))
 

@@ -1,9 +1,8 @@
 """The codec's process pool: worker processes fed by the event loop itself, over one pipe each.
 
-concurrent.futures' ProcessPoolExecutor passes every job and result through two threads of its own (a queue
-feeder and a result manager); in the benchmark they took about a tenth of the daemon's CPU, which on a saturated
-machine the codec then did not get. Here the loop writes a job to a worker's pipe and reads the result when
-that pipe is readable: no threads and no locks. Each worker has up to `DEPTH` jobs sent ahead, so it never
+Unlike concurrent.futures' ProcessPoolExecutor, which passes every job and result through two threads of its own
+(their CPU is taken from the codec on a saturated machine; docs/performance.md), the loop writes a job to a
+worker's pipe and reads the result when that pipe is readable: no threads and no locks. Each worker has up to `DEPTH` jobs sent ahead, so it never
 waits for the loop between two images. A worker that dies (the OOM killer, a crash inside a codec library)
 fails the job it was running with WorkerLost, which the compress stage retries, sends the jobs queued behind it to
 another worker, and another worker takes its place. A worker whose job runs past `compress.job_timeout` (a codec

@@ -14,7 +14,7 @@ import structlog
 
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, RecordedEvent
-from daemon.events import Event, ImageCompressed, RequestAccepted
+from daemon.events import Event, ImageCompressed, RequestAccepted, RequestCompleted, names
 from daemon.files import TEMP_FILES, remove_matching, write_atomic
 from daemon.views.status import StatusImage, StatusRequest, image_url
 
@@ -100,7 +100,7 @@ class OutboxWriter(Follower):
     """On RequestCompleted, writes the export CSV to outbox/ (idempotent: same name, atomic)."""
 
     name = "export.outbox"
-    types = frozenset({"RequestCompleted"})
+    types = names(RequestCompleted)
     concurrency = 4
 
     def __init__(self, eventlog: EventLog, outbox: Path, public_url: str) -> None:

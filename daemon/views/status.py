@@ -28,6 +28,7 @@ from daemon.events import (
     WebhookAttempted,
     WebhookQueued,
     WebhookRedeliveryRequested,
+    names,
 )
 
 DONE_STATES = ("compressed", "kept_original")
@@ -125,11 +126,9 @@ STATUS_TABLES: tuple[type[BaseModel], ...] = (StatusRequest, StatusImage, Status
 
 class StatusView(Follower):
     name = "view.status"
-    types = frozenset({
-        "RequestAccepted", "ImageDownloadRetried", "ImageDownloaded", "ImageCompressed", "ImageFailed",
-        "RequestCompleted", "WebhookQueued", "WebhookAttempted", "NotificationReceived", "RequestRetried",
-        "ImageRequeued", "RequestDeleted", "WebhookRedeliveryRequested",
-    })
+    types = names(RequestAccepted, ImageDownloadRetried, ImageDownloaded, ImageCompressed, ImageFailed, RequestCompleted,
+                  WebhookQueued, WebhookAttempted, NotificationReceived, RequestRetried, ImageRequeued, RequestDeleted,
+                  WebhookRedeliveryRequested)
     ordered = True
     concurrency = 500
     linger = 0.05  # one image event after another: batch them
