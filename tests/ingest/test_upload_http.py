@@ -415,3 +415,37 @@ async def test_each_upload_logs_once(served: Any, helpers: Any) -> None:
     assert len(ids) == 2
     assert [e["request_id"] for e in accepted_logs(logs, "csv_accepted")] == ids
     assert len(accepted_logs(logs, "csv_rejected")) == 1
+
+
+async def test_an_upload_waits_for_a_lagging_status_view_and_says_so(settings: Settings,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the status view lags, an upload's answer waits for it (logged as lag), and comes once it has caught up."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from daemon.app import build_app
+    from daemon.eventlog import follower
+    from daemon.web import STATUS_VIEW
+
+    monkeypatch.setattr(follower, "LAG_WARNING", 0.05)
+    app = build_app(settings, follow=False)  # nothing follows the log until the test starts the view
+    async with TestClient(TestServer(app)) as client:
+        with capture_logs() as logs:
+            upload = asyncio.ensure_future(client.post("/upload", data=b"S. No.,Product Name,Input Image Urls\n"
+                                                       b"1,Mug,http://example.com/a.jpg\n",
+                                                       headers={"Content-Type": "text/csv"}))
+            while not any(e["event"] == "consumer_lagging" for e in logs):
+                assert not upload.done()
+                await asyncio.sleep(0.01)
+            view = asyncio.create_task(app[STATUS_VIEW].run())
+            try:
+                response = await upload
+                request_id = (await response.json())["request_id"]
+                status = await client.get(f"/status/{request_id}")
+            finally:
+                view.cancel()
+                await asyncio.gather(view, return_exceptions=True)
+    assert response.status == 202 and status.status == 200
+    lag = next(e for e in logs if e["event"] == "consumer_lagging")
+    assert (lag["consumer"], lag["log_level"]) == ("view.status", "warning")
