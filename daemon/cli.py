@@ -34,6 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from daemon.app import build_app
+    from daemon.eventlog.store import DatabaseAway
     from daemon.machine import keep_freed_memory
 
     settings = _settings(args)
@@ -45,10 +46,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             web.run_app(build_app(settings), sock=sockets, print=None, access_log=None, handle_signals=True)
     except (DatabaseInUse, DatabaseUnreachable, CannotListen) as exc:
         return _refused(exc)
+    except DatabaseAway as exc:  # lost between taking the lock and opening the log: refused all the same
+        return _refused(DatabaseUnreachable(settings.database_url, str(exc)))
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from daemon.eventlog.store import DatabaseAway
     from daemon.replay import replay
 
     settings = _settings(args)
@@ -58,6 +62,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             count = asyncio.run(replay(settings))
     except (DatabaseInUse, DatabaseUnreachable) as exc:
         return _refused(exc)
+    except DatabaseAway as exc:
+        return _refused(DatabaseUnreachable(settings.database_url, str(exc)))
     print(json.dumps({"event": "replayed", "events": count}))
     return 0
 

@@ -17,7 +17,7 @@ from daemon.config import Settings
 from daemon.control.cancellations import Cancellations
 from daemon.diskspace import DiskSpace, is_disk_full
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.store import EventLog
+from daemon.eventlog.store import DatabaseAway, EventLog
 from daemon.views.export import FINISHED, export_rows, finished_request_ids, to_csv
 from daemon.views.status import Page, StatusView, request_status
 
@@ -31,6 +31,7 @@ DELETE_STAGE = web.AppKey("delete_stage", Follower)
 CANCELLATIONS = web.AppKey("cancellations", Cancellations)
 DISK_SPACE = web.AppKey("disk_space", DiskSpace)
 DISK_FULL_RETRY_AFTER = 30  # seconds a client told 503 for a full disk is asked to wait
+DATABASE_AWAY_RETRY_AFTER = 5  # seconds a client told 503 for an unreachable database is asked to wait
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -71,6 +72,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
                                "the daemon's disk is full, so nothing could be recorded; try again later",
                                retry_after=DISK_FULL_RETRY_AFTER)
             error.headers["Retry-After"] = str(DISK_FULL_RETRY_AFTER)
+            raise error from None
+        if isinstance(exc, DatabaseAway):  # logged once by the store; whether a write landed is unknown
+            error = json_error(web.HTTPServiceUnavailable, "database_unreachable",
+                               "the daemon cannot reach its database right now; try again later",
+                               retry_after=DATABASE_AWAY_RETRY_AFTER)
+            error.headers["Retry-After"] = str(DATABASE_AWAY_RETRY_AFTER)
             raise error from None
         log.exception("http_unhandled_error", method=request.method, path=request.path)
         raise json_error(web.HTTPInternalServerError, "internal_error", "unexpected error; see the daemon's log") from None
@@ -124,7 +131,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     """200 while the daemon runs; "degraded" with reasons (never paths: it needs no token) while work waits."""
-    reasons = request.app[DISK_SPACE].reasons()
+    reasons = request.app[DISK_SPACE].reasons() + request.app[EVENTLOG].reasons()
     return json_response({"status": "degraded", "reasons": reasons} if reasons else {"status": "ok"})
 
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 import structlog
 
 from daemon.diskspace import is_disk_full
-from daemon.eventlog.store import EventLog, RecordedEvent, Tracking
+from daemon.eventlog.store import DatabaseAway, EventLog, RecordedEvent, Tracking
 from daemon.events import Event
 
 log = structlog.get_logger("follower")
@@ -119,12 +119,15 @@ class Follower:
     async def run(self) -> None:
         """Follow the log forever (until cancelled). A failure outside `handle` and the commit (a read, start-up
         recovery, an event that does not decode) is logged and the loop resumes after a growing pause: a
-        follower that quietly ended would leave every request behind it waiting for ever."""
+        follower that quietly ended would leave every request behind it waiting for ever. An unreachable database
+        is no failure of ours: the store logs it once, and the loop waits for the database."""
         failures, last_failure = 0, 0.0
         try:
             while True:
                 try:
                     await self._loop(until_idle=False)
+                except DatabaseAway:
+                    await self.eventlog.reachable()
                 except Exception:
                     now = time.monotonic()
                     failures = 1 if now - last_failure > FAILURES_FORGOTTEN_AFTER else failures + 1
@@ -255,6 +258,9 @@ class Follower:
                 continue
             except asyncio.CancelledError:
                 raise
+            except DatabaseAway:  # not the event's fault: no attempt spent, logged once by the store
+                await self.eventlog.reachable()
+                continue
             except Exception:
                 # A bug, not bad input (stages turn bad input into failure events): log, back off, redo.
                 log.exception("consumer_error", consumer=self.name, position=record.position, attempt=attempt)
@@ -310,6 +316,10 @@ class Follower:
                 self._wake.set()
                 return
             state.failed_commits += 1
+            if isinstance(exc, DatabaseAway):  # logged once by the store; the next try checks the tracking record
+                await self.eventlog.reachable()
+                self._wake.set()
+                return
             log.exception("consumer_commit_failed", consumer=self.name, events=len(ready),
                           failures=state.failed_commits)
             await asyncio.sleep(min(30.0, 0.1 * 2 ** min(state.failed_commits, 8)))

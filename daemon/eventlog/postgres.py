@@ -7,6 +7,8 @@
 - Wake-ups: each appending transaction sends one NOTIFY with the new head (a position, never rows: payloads are
   capped near 8 KB). A thread LISTENs on a connection of its own and also polls the head once a second, since a
   connection pooler in transaction mode drops LISTEN.
+- A lost connection: the store drops it (the next job connects again) and pauses the work until the server
+  answers; the LISTEN thread reconnects every RECONNECT_SECONDS and says when it is back.
 - Connections: one per store thread (a writer and `readers` readers), one for LISTEN, one for the instance lock.
 """
 
@@ -18,14 +20,11 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import peewee
-import structlog
 from playhouse.db_url import parse
 
 from daemon.eventlog.models import ROWS_PER_INSERT, execute, placeholders
 from daemon.eventlog.store import Backend
-from daemon.instance import DatabaseUnreachable, connect_postgresql, without_password
-
-log = structlog.get_logger("eventlog")
+from daemon.instance import DatabaseUnreachable, connect_postgresql
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS events (position BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
@@ -95,10 +94,16 @@ class PostgresBackend(Backend):
     def broken(self) -> bool:
         return not self.db.is_closed() and not self.db.is_connection_usable()
 
+    def lost(self, exc: Exception) -> bool:
+        # A connection error leaves no usable connection behind; a bad statement leaves it usable, or rolled back.
+        return isinstance(exc, peewee.OperationalError | peewee.InterfaceError) and (
+            self.db.is_closed() or not self.db.is_connection_usable())
+
     # wake-ups from other processes -----------------------------------------------------------------
-    def watch(self, on_head: Callable[[int], None]) -> None:
+    def watch(self, on_head: Callable[[int], None], on_connection: Callable[[str | None], None]) -> None:
         self._stopped.clear()
-        self._watcher = threading.Thread(target=self._watch, args=(on_head,), name="eventlog-listen", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, args=(on_head, on_connection), name="eventlog-listen",
+                                         daemon=True)
         self._watcher.start()
 
     def unwatch(self) -> None:
@@ -107,8 +112,9 @@ class PostgresBackend(Backend):
             self._watcher.join(timeout=5 * POLL_SECONDS)
             self._watcher = None
 
-    def _watch(self, on_head: Callable[[int], None]) -> None:
-        """(thread) LISTEN, and poll the head between notifications; reconnect after a lost connection."""
+    def _watch(self, on_head: Callable[[int], None], on_connection: Callable[[str | None], None]) -> None:
+        """(thread) LISTEN, and poll the head between notifications; reconnect after a lost connection, which
+        `on_connection` hears of (the store logs it and pauses its work until the server is back)."""
         _, channel = self._keys()
         lost = False
         while not self._stopped.is_set():
@@ -116,12 +122,12 @@ class PostgresBackend(Backend):
                 connection = connect_postgresql(self.url, application_name="imgpipe listen")
             except DatabaseUnreachable as exc:
                 if not lost:
-                    log.warning("database_connection_lost", database=without_password(self.url), reason=str(exc))
+                    on_connection(str(exc.details["reason"]))
                     lost = True
                 self._stopped.wait(RECONNECT_SECONDS)
                 continue
             if lost:
-                log.info("database_connection_back", database=without_password(self.url))
+                on_connection(None)
                 lost = False
             try:
                 with connection:
@@ -134,6 +140,6 @@ class PostgresBackend(Backend):
                             on_head(int(notify.payload))
             except Exception as exc:  # psycopg.OperationalError and the like: the connection is gone
                 if not self._stopped.is_set():
-                    log.warning("database_connection_lost", database=without_password(self.url), reason=str(exc))
+                    on_connection(str(exc).strip().partition("\n")[0] or type(exc).__name__)
                     lost = True
                     self._stopped.wait(RECONNECT_SECONDS)

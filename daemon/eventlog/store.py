@@ -13,13 +13,15 @@ are also kept in memory as committed, so a consumer close behind the head reads 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
@@ -29,11 +31,13 @@ import structlog
 from daemon.diskspace import DiskSpace, is_disk_full
 from daemon.eventlog.models import database, execute, insert_rows, placeholders
 from daemon.events import Event, decode
+from daemon.instance import is_postgresql, without_password
 
 T = TypeVar("T")
 RECENT_EVENTS = 10_000  # at least this many of the newest events are kept in memory
 SCHEMA_VERSION = 2  # 1: the tables as imgpipe 0.1 made them, with no version row; 2: the version row
 DECIDE_ATTEMPTS = 20
+AWAY_RETRY_SECONDS = 2.0  # work paused for a lost database tries again at least this often
 
 log = structlog.get_logger("eventlog")
 
@@ -44,6 +48,11 @@ class StreamConflict(Exception):
 
 class SchemaTooNew(Exception):
     """The database was written by a newer imgpipe; the message says which versions."""
+
+
+class DatabaseAway(peewee.OperationalError):
+    """The database server cannot be reached (a connection lost or refused). What was being written may or may not
+    have been committed; the work waits for the server (`EventLog.reachable`) rather than failing."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,7 @@ class Backend(ABC):
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.safe_url = without_password(url)  # for logs: never the password
         self.db = self.connect()
         database.initialize(self.db)
 
@@ -102,8 +112,9 @@ class Backend(ABC):
     def announce(self, last: int) -> None:
         """In the appending transaction: let other processes know the log grew to `last` (writer)."""
 
-    def watch(self, on_head: Callable[[int], None]) -> None:
-        """Start calling `on_head(position)` (from any thread) when another process appends (loop)."""
+    def watch(self, on_head: Callable[[int], None], on_connection: Callable[[str | None], None]) -> None:
+        """Start calling `on_head(position)` (from any thread) when another process appends, and
+        `on_connection(reason)` when the watching connection is lost (`None` once it is back) (loop)."""
 
     def unwatch(self) -> None:
         """Stop watching (loop)."""
@@ -111,6 +122,15 @@ class Backend(ABC):
     def broken(self) -> bool:
         """Whether this thread's connection is lost, so the next job must connect again."""
         return False
+
+    def lost(self, exc: Exception) -> bool:
+        """Whether `exc`, just raised on this thread, means the server cannot be reached (not a bad statement)."""
+        return False
+
+    def ping(self) -> None:
+        """Run a trivial statement on this thread's connection, if it has one (raises if it is gone)."""
+        if not self.db.is_closed():
+            execute("SELECT 1")
 
     def version_sql(self) -> str:
         return "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
@@ -146,6 +166,9 @@ class EventLog:
         self._committed: deque[RecordedEvent] = deque()  # handed from the writer thread to the loop
         self._recent: list[RecordedEvent] = []  # consecutive positions, newest last (loop thread)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._away: _Away | None = None  # the database found unreachable, until something reaches it again (loop)
+        self._losses = 0  # connections found lost so far: each thread checks its own once after a new one
+        self._thread = threading.local()
 
     # lifecycle -------------------------------------------------------------------------------
     async def open(self, view_tables: Iterable[type[peewee.Model]] = ()) -> None:
@@ -158,7 +181,7 @@ class EventLog:
             return int(execute("SELECT MAX(position) FROM events").fetchone()[0] or 0)
 
         self.head = await self._on(self._writer, create)
-        self.backend.watch(self._other_process_appended)
+        self.backend.watch(self._other_process_appended, self._watcher_connection)
 
     async def close(self) -> None:
         """Close every thread's connection (peewee keeps one per thread), then the threads."""
@@ -180,16 +203,74 @@ class EventLog:
 
     # threads ---------------------------------------------------------------------------------
     async def _on(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(pool, self._guarded, fn, args)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(pool, self._guarded, fn, args)
+        except DatabaseAway as exc:
+            self._lost(str(exc))
+            raise
+        self._reached()
+        return result
 
     def _guarded(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        """Run `fn` on this thread's connection; a connection found lost is dropped, so the next job connects anew."""
+        """Run `fn` on this thread's connection; a connection found lost is dropped, so the next job connects anew,
+        and the failure is raised as DatabaseAway."""
+        losses = self._losses
+        if getattr(self._thread, "losses", losses) != losses:
+            # Another thread lost its connection since this one last ran: this one was likely cut too, and
+            # finding out now, rather than halfway through a commit, spares a commit of unknown outcome.
+            try:
+                self.backend.ping()
+            except Exception:
+                self.db.dispose()
+        self._thread.losses = losses
         try:
             return fn(*args)
-        except Exception:
+        except Exception as exc:
+            lost = self.backend.lost(exc)
             if self.backend.broken():
                 self.db.dispose()
+            if lost:
+                self._losses += 1
+                self._thread.losses = self._losses
+                first_line = str(exc).strip().partition("\n")[0]
+                raise DatabaseAway(first_line or type(exc).__name__) from exc
             raise
+
+    # the database lost and back ----------------------------------------------------------------
+    def _lost(self, reason: str) -> None:
+        """(loop) The database could not be reached: logged once per episode."""
+        if self._away is None:
+            self._away = _Away()
+            log.warning("database_connection_lost", database=self.backend.safe_url, reason=reason)
+        self._away.failures += 1
+
+    def _reached(self) -> None:
+        """(loop) The database answered: an episode ends, and everything paused for it goes on."""
+        away, self._away = self._away, None
+        if away is not None:
+            away.back.set()
+            log.info("database_connection_back", database=self.backend.safe_url,
+                     paused_s=round(time.monotonic() - away.since, 3), failures=away.failures)
+
+    def _watcher_connection(self, reason: str | None) -> None:
+        """(any thread) The backend's watching connection was lost (a reason) or is back (None)."""
+        assert self._loop is not None
+        if reason is None:
+            self._loop.call_soon_threadsafe(self._reached)
+        else:
+            self._loop.call_soon_threadsafe(self._lost, reason)
+
+    def reasons(self) -> list[str]:
+        """Why the store is degraded, for /healthz; empty when it is not."""
+        return ["database unreachable"] if self._away is not None else []
+
+    async def reachable(self) -> None:
+        """Wait until the database may be reachable again: it answered, or AWAY_RETRY_SECONDS went by."""
+        away = self._away
+        if away is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(away.back.wait(), AWAY_RETRY_SECONDS)
 
     async def query(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a read-only `fn` (view queries) on a reader thread, off the event loop and beside the writer."""
@@ -434,6 +515,15 @@ class EventLog:
         return await self._write(purge, ())
 
 
+@dataclass
+class _Away:
+    """The database found unreachable: since when, how many operations failed, and set once it answers again."""
+
+    since: float = field(default_factory=time.monotonic)
+    failures: int = 0
+    back: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 EVENT_COLUMNS = "position, stream, version, recorded_at, type, data"
 
 
@@ -444,8 +534,6 @@ def _recorded(position: int, stream: str, version: int, recorded_at: str, type_:
 
 def open_store(url: str, space: DiskSpace | None = None) -> EventLog:
     """The store for a peewee database URL: PostgreSQL for postgres(ql)://, else SQLite."""
-    from daemon.instance import is_postgresql
-
     backend: Backend
     if is_postgresql(url):
         from daemon.eventlog.postgres import PostgresBackend
