@@ -1,7 +1,7 @@
 """kill -9 the real daemon at four points of one 280-image scenario, restart it, and check every promise.
 
-One module-scoped scenario (the expensive part) runs once; each test below checks one promise on what it
-recorded. Kill points, in order, each followed by a restart on the same paths:
+One module-scoped scenario (the expensive part) runs once on each backend (SQLite, PostgreSQL); each test below
+checks one promise on what it recorded. Kill points, in order, each followed by a restart on the same paths:
 
 1. mid-download: after an upload of 240 images, as soon as some (not all) `ImageDownloaded` are in the log;
 2. mid-compress: after the restart, as soon as more images are compressed but not all of them;
@@ -26,12 +26,12 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,9 +42,11 @@ import pytest_asyncio
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
+from daemon.instance import is_postgresql
 from daemon.testing import Listener, Origin, Received, eventually, jpeg_bytes, photo
 
 T = TypeVar("T")
+pytestmark = pytest.mark.slow  # the scenario takes about 20 s on each backend
 
 UPLOAD_ROWS, URLS_PER_ROW = 80, 3  # 240 images in one upload
 INBOX_ROWS = 40  # 40 more from the inbox: 280 images in all
@@ -67,34 +69,45 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def read_db(database: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """Rows from the daemon's SQLite file through a separate read-only connection."""
-    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)
-    try:
-        return connection.execute(sql, params).fetchall()
-    finally:
-        connection.close()
+@dataclass
+class Database:
+    """The daemon's database, read from outside through `read` (the `read_db` fixture: SQLite or PostgreSQL)."""
 
+    url: str
+    read: Callable[..., list[tuple[Any, ...]]]
 
-def event_counts(database: Path) -> Counter[str]:
-    return Counter(dict(read_db(database, "SELECT type, COUNT(*) FROM events GROUP BY type")))
+    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        return self.read(self.url, sql, *params)
 
+    def event_counts(self) -> Counter[str]:
+        return Counter(dict(self.rows("SELECT type, COUNT(*) FROM events GROUP BY type")))
 
-def all_events(database: Path) -> list[tuple[int, str, int, str, dict[str, Any]]]:
-    rows = read_db(database, "SELECT position, stream, version, type, data FROM events ORDER BY position")
-    return [(p, s, v, t, json.loads(d)) for p, s, v, t, d in rows]
+    def all_events(self) -> list[tuple[int, str, int, str, dict[str, Any]]]:
+        rows = self.rows("SELECT position, stream, version, type, data FROM events ORDER BY position")
+        return [(p, s, v, t, json.loads(d)) for p, s, v, t, d in rows]
 
+    def data_of(self, event_type: str, stream: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """(stream, data) of the events of `event_type` (in `stream`), in log order."""
+        where, params = ("type = ?", (event_type,)) if stream is None else ("type = ? AND stream = ?",
+                                                                             (event_type, stream))
+        return [(s, json.loads(d)) for s, d in self.rows(
+            f"SELECT stream, data FROM events WHERE {where} ORDER BY position", *params)]
 
-def dump_views(database: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every view_status_* table, ordered by all of its columns."""
-    tables = [name for (name,) in read_db(
-        database, "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'view_status_%' ORDER BY name")]
-    dump: dict[str, list[tuple[Any, ...]]] = {}
-    for table in tables:
-        columns = len(read_db(database, f'PRAGMA table_info("{table}")'))
-        order = ", ".join(str(i) for i in range(1, columns + 1))
-        dump[table] = read_db(database, f'SELECT * FROM "{table}" ORDER BY {order}')
-    return dump
+    def dump_views(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row of every view_status_* table, ordered by all of its columns."""
+        if is_postgresql(self.url):
+            tables_sql = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            columns_sql = ("SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = current_schema() "
+                           "AND table_name = ?")
+        else:
+            tables_sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+            columns_sql = "SELECT COUNT(*) FROM pragma_table_info(?)"
+        dump: dict[str, list[tuple[Any, ...]]] = {}
+        for table in sorted(name for (name,) in self.rows(tables_sql) if name.startswith("view_status_")):
+            columns = self.rows(columns_sql, table)[0][0]
+            order = ", ".join(str(i) for i in range(1, columns + 1))
+            dump[table] = self.rows(f'SELECT * FROM "{table}" ORDER BY {order}')
+        return dump
 
 
 Identity = tuple[int, str]  # (pid, start time in clock ticks): a pid alone may be reused
@@ -183,10 +196,6 @@ class Daemon:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.env['IMGPIPE_SERVER_PORT']}"
 
-    @property
-    def database(self) -> Path:
-        return self.root / "imgpipe.db"
-
     def folder(self, name: str) -> Path:
         return self.root / name
 
@@ -272,7 +281,7 @@ class Outcome:
         return [e for e in self.events if e[3] == event_type]
 
 
-async def run_scenario(root: Path) -> Outcome:
+async def run_scenario(root: Path, db: Database) -> Outcome:
     for name in ("run", "staging"):
         (root / name).mkdir()
     bodies = [jpeg_bytes(photo(IMAGE_SIDE, IMAGE_SIDE, seed=seed)) for seed in range(4)]
@@ -288,7 +297,8 @@ async def run_scenario(root: Path) -> Outcome:
             "IMGPIPE_PATHS_INBOX": str(root / "inbox"),
             "IMGPIPE_PATHS_OUTBOX": str(root / "outbox"),
             "IMGPIPE_PATHS_IMAGES": str(root / "images"),
-            "IMGPIPE_PATHS_DATABASE": f"sqlite:///{root / 'imgpipe.db'}",
+            "IMGPIPE_PATHS_DATABASE": db.url,
+            "IMGPIPE_PATHS_WORK": str(root / ".imgpipe-work"),  # where SQLite's would be; PostgreSQL's is elsewhere
             "IMGPIPE_INBOX_SETTLE_SECONDS": "0.2",
             "IMGPIPE_NETWORK_ALLOW_PRIVATE": "true",  # origin and listener live on 127.0.0.1
             "IMGPIPE_COMPRESS_WORKERS": "2",
@@ -299,10 +309,9 @@ async def run_scenario(root: Path) -> Outcome:
             "IMGPIPE_WEBHOOKS_SECRET": SECRET,
         }
         daemon = Daemon(root, env, session)
-        db = daemon.database
 
         async def counts() -> Counter[str]:
-            return await asyncio.to_thread(event_counts, db)
+            return await asyncio.to_thread(db.event_counts)
 
         try:
             await daemon.start()
@@ -359,22 +368,19 @@ async def run_scenario(root: Path) -> Outcome:
             # .claimed/ while the daemon reads and parses 20 MB (the parse alone takes ~0.1 s) and records it.
             await eventually(taken, f"{INBOX_NAME} to leave the inbox root", KILL_DEADLINE, interval=0.002)
             await daemon.kill()
-            accepted = await asyncio.to_thread(
-                read_db, db, "SELECT COUNT(*) FROM events WHERE type = 'RequestAccepted' "
-                             "AND json_extract(data, '$.source_name') = ?", INBOX_NAME)
+            accepted = await asyncio.to_thread(db.data_of, "RequestAccepted")
             evidence["mid_ingest"] = {
                 "claimed": sorted(p.name for p in (inbox / ".claimed").iterdir()),
                 "archived": sorted(p.name for p in (inbox / "archive").iterdir()),
-                "accepted": accepted[0][0],
+                "accepted": sum(1 for _, data in accepted if data["source_name"] == INBOX_NAME),
             }
 
             # (4) after completion, before the webhook is delivered ------------------------------------
             await daemon.start()
 
             def pending_retry() -> dict[str, Any] | None:
-                for (stream,) in read_db(db, "SELECT stream FROM events WHERE type = 'RequestCompleted'"):
-                    outcomes = [json.loads(d)["outcome"] for (d,) in read_db(
-                        db, "SELECT data FROM events WHERE stream = ? AND type = 'WebhookAttempted'", stream)]
+                for stream, _ in db.data_of("RequestCompleted"):
+                    outcomes = [data["outcome"] for _, data in db.data_of("WebhookAttempted", stream)]
                     if "retrying" in outcomes and "delivered" not in outcomes:
                         return {"stream": stream, "outcomes": outcomes}
                 return None
@@ -385,7 +391,7 @@ async def run_scenario(root: Path) -> Outcome:
             pending = await eventually(retry_pending, "a completed request with a pending webhook retry", KILL_DEADLINE,
                                   interval=0.02)
             await daemon.kill()
-            at_kill = await asyncio.to_thread(read_db, db, "SELECT type, data FROM events WHERE stream = ? "
+            at_kill = await asyncio.to_thread(db.rows, "SELECT type, data FROM events WHERE stream = ? "
                                               "AND type IN ('RequestCompleted', 'WebhookAttempted')", pending["stream"])
             evidence["after_completion"] = {
                 "completed": sum(1 for t, _ in at_kill if t == "RequestCompleted"),
@@ -396,10 +402,8 @@ async def run_scenario(root: Path) -> Outcome:
             await daemon.start()
 
             def finished() -> list[str] | None:
-                requests = [s for (s,) in read_db(db, "SELECT stream FROM events WHERE type = 'RequestAccepted'")]
-                delivered = {s for (s,) in read_db(
-                    db, "SELECT stream FROM events WHERE type = 'WebhookAttempted' "
-                        "AND json_extract(data, '$.outcome') = 'delivered'")}
+                requests = [s for s, _ in db.data_of("RequestAccepted")]
+                delivered = {s for s, data in db.data_of("WebhookAttempted") if data["outcome"] == "delivered"}
                 return requests if len(requests) == 2 and delivered >= set(requests) else None
 
             async def all_finished() -> list[str] | None:
@@ -420,15 +424,15 @@ async def run_scenario(root: Path) -> Outcome:
             status_before = await eventually(views_settled, "/status to show completed and delivered", FINISH_DEADLINE,
                                         interval=0.05)
             await daemon.stop()
-            views_before = await asyncio.to_thread(dump_views, db)
+            views_before = await asyncio.to_thread(db.dump_views)
             replay = await asyncio.to_thread(
                 subprocess.run, [sys.executable, "-m", "daemon", "replay"], cwd=root / "run", env=env,
                 capture_output=True, text=True, timeout=60, check=False)
-            views_after = await asyncio.to_thread(dump_views, db)
+            views_after = await asyncio.to_thread(db.dump_views)
             await daemon.start()
             status_after = {rid: await daemon.status_text(rid) for rid in request_ids}
             await daemon.stop()
-            events = await asyncio.to_thread(all_events, db)
+            events = await asyncio.to_thread(db.all_events)
             orphans = still_running(daemon.left_behind)
         finally:
             if daemon.process is not None and daemon.process.poll() is None:
@@ -445,9 +449,14 @@ async def run_scenario(root: Path) -> Outcome:
         )
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def outcome(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Outcome]:
-    yield await run_scenario(tmp_path_factory.mktemp("crash"))
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["sqlite", "postgresql"])
+async def outcome(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  databases: Callable[[str, Path], AbstractContextManager[str]],
+                  read_db: Callable[..., list[tuple[Any, ...]]]) -> AsyncIterator[Outcome]:
+    """The scenario, run once on each backend."""
+    root = tmp_path_factory.mktemp(f"crash-{request.param}")
+    with databases(request.param, root) as url:
+        yield await run_scenario(root, Database(url, read_db))
 
 
 # the promises --------------------------------------------------------------------------------------

@@ -9,9 +9,12 @@ import json
 from typing import Any
 
 import aiohttp
+import pytest
 from PIL import Image
 
 from daemon.testing import Listener, Origin, jpeg_bytes, photo
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 
 
 async def wait_finished(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
