@@ -47,6 +47,7 @@ class _State:
     done: list[_Done] = field(default_factory=list)
     handled: int = 0
     failed_commits: int = 0
+    unsure: list[_Done] = field(default_factory=list)  # the last failed commit's batch: it may have landed
     deferred: set[int] = field(default_factory=set)  # in flight but only waiting for a Retry's defer
 
 
@@ -278,14 +279,19 @@ class Follower:
         state = self._state
         if not state.done:
             return
-        ready = sorted(state.done, key=lambda d: d.record.position)
-        if self.ordered:
-            finishing = {d.record.position for d in ready if d.final}
-            first_waiting = min((p for p in state.in_flight if p not in finishing), default=None)
-            if first_waiting is not None:
-                ready = [d for d in ready if d.record.position < first_waiting]
-        if not ready:
-            return
+        if state.unsure:
+            # Tried again alone: a batch with more in it would have a tracking record of its own that says nothing
+            # of whether this one landed, and would commit it twice if it had.
+            ready = state.unsure
+        else:
+            ready = sorted(state.done, key=lambda d: d.record.position)
+            if self.ordered:
+                finishing = {d.record.position for d in ready if d.final}
+                first_waiting = min((p for p in state.in_flight if p not in finishing), default=None)
+                if first_waiting is not None:
+                    ready = [d for d in ready if d.record.position < first_waiting]
+            if not ready:
+                return
         if len(ready) == len(state.done):
             state.done = []
         else:
@@ -316,6 +322,7 @@ class Follower:
                 self._wake.set()
                 return
             state.failed_commits += 1
+            state.unsure = ready
             if isinstance(exc, DatabaseAway):  # logged once by the store; the next try checks the tracking record
                 await self.eventlog.reachable()
                 self._wake.set()
@@ -326,6 +333,7 @@ class Follower:
             self._wake.set()
             return
         state.failed_commits = 0
+        state.unsure = []
         self._tracked = {p for p in (*self._tracked, *finished) if p > checkpoint}
         for position in finished:
             state.in_flight.pop(position, None)
