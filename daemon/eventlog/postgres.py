@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import peewee
@@ -86,6 +86,10 @@ class PostgresBackend(Backend):
                              "RETURNING position", [v for row in chunk for v in row])
             positions += sorted(int(p) for p, in cursor.fetchall())
         return positions
+
+    def snapshot(self) -> AbstractContextManager[Any]:
+        # READ COMMITTED, the default, gives each statement its own moment.
+        return self.db.atomic(isolation_level="REPEATABLE READ")
 
     def announce(self, last: int) -> None:
         _, channel = self._keys()

@@ -109,6 +109,10 @@ class Backend(ABC):
     def insert_events(self, rows: Sequence[tuple[str, int, str, str, str]]) -> list[int]:
         """Insert (stream, version, type, data, recorded_at) rows; their positions, in order (writer)."""
 
+    def snapshot(self) -> AbstractContextManager[Any]:
+        """A read transaction that sees one moment of the database, for queries made of several statements."""
+        return self.db.atomic()
+
     def announce(self, last: int) -> None:
         """In the appending transaction: let other processes know the log grew to `last` (writer)."""
 
@@ -273,8 +277,14 @@ class EventLog:
             await asyncio.wait_for(away.back.wait(), AWAY_RETRY_SECONDS)
 
     async def query(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a read-only `fn` (view queries) on a reader thread, off the event loop and beside the writer."""
-        return await self._on(self._readers, fn, *args)
+        """Run a read-only `fn` (view queries) on a reader thread, off the event loop and beside the writer, in one
+        read transaction: its statements see one moment, so a commit landing between them cannot show an image
+        compressed beside a progress that does not count it yet."""
+        return await self._on(self._readers, self._in_snapshot, fn, args)
+
+    def _in_snapshot(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self.backend.snapshot():
+            return fn(*args)
 
     # subscribers -------------------------------------------------------------------------------
     def subscribe(self, types: frozenset[str] | None = None) -> asyncio.Event:
