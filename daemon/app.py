@@ -1,7 +1,8 @@
 """The aiohttp application: routes, and the daemon's resources in dependency order.
 
 cleanup_ctx runs set-up top to bottom and teardown bottom to top:
-disk space -> event log -> downloaded bodies (the working folder) -> process pool -> the daemon's CPU -> HTTP clients (downloads, webhooks) -> consumers -> inbox.
+disk space -> event log -> downloaded bodies (the working folder) -> process pool -> the process's tuning
+(daemon.tuning) -> HTTP clients (downloads, webhooks) -> consumers -> inbox -> retention.
 """
 
 from __future__ import annotations
@@ -22,20 +23,7 @@ from daemon.control.retention import Retention
 from daemon.diskspace import DiskSpace, settings_places
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, open_store
-from daemon.ingest import http as ingest_http
-from daemon.ingest.inbox import Inbox
-from daemon.instance import without_password
-from daemon.machine import on_one_cpu
-from daemon.network import AddressPolicy, GuardedConnector
-from daemon.stages.bodies import Bodies
-from daemon.stages.complete import CompleteStage
-from daemon.stages.compress import CompressStage
-from daemon.stages.delete import DeleteStage
-from daemon.stages.download import DownloadStage
-from daemon.stages.pool import CodecPool
-from daemon.views.export import OutboxWriter
-from daemon.views.status import STATUS_TABLES, StatusView
-from daemon.web import (
+from daemon.http_api import (
     CANCELLATIONS,
     COMPLETE_STAGE,
     DELETE_STAGE,
@@ -47,6 +35,19 @@ from daemon.web import (
     bearer_auth,
     json_errors,
 )
+from daemon.ingest import http as ingest_http
+from daemon.ingest.inbox import Inbox
+from daemon.instance import without_password
+from daemon.network import AddressPolicy, GuardedConnector
+from daemon.stages.bodies import Bodies
+from daemon.stages.complete import CompleteStage
+from daemon.stages.compress import CompressStage
+from daemon.stages.delete import DeleteStage
+from daemon.stages.download import DownloadStage
+from daemon.stages.pool import CodecPool
+from daemon.tuning import tuned
+from daemon.views.export import OutboxWriter
+from daemon.views.status import STATUS_TABLES, StatusView
 from daemon.webhooks import deliver, receive
 from daemon.webhooks.deliver import WebhookDelivery
 
@@ -67,7 +68,7 @@ VIEW_TABLES = (*STATUS_TABLES,)
 async def open_eventlog(settings: Settings, space: DiskSpace | None = None) -> EventLog:
     for name in ("inbox", "outbox", "images"):
         settings.path(name).mkdir(parents=True, exist_ok=True)
-    eventlog = open_store(settings.database_url, space)
+    eventlog = open_store(settings.database_url, space, settings.paths.sqlite_synchronous)
     await eventlog.open(VIEW_TABLES)
     return eventlog
 
@@ -132,9 +133,9 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[POOL].shutdown()
 
 
-async def cpu_ctx(app: web.Application) -> AsyncIterator[None]:
+async def tuning_ctx(app: web.Application) -> AsyncIterator[None]:
     """After the pool: its forkserver and workers keep every CPU while the daemon's threads share one."""
-    with on_one_cpu(app[SETTINGS].compress.pin_daemon) as cpu:
+    with tuned(app[SETTINGS].compress.pin_daemon) as cpu:
         app[DAEMON_CPU] = cpu
         yield
 
@@ -201,7 +202,7 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
                           client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
     app[SETTINGS] = settings
     app[FOLLOW] = follow
-    app.cleanup_ctx.extend([diskspace_ctx, eventlog_ctx, bodies_ctx, pool_ctx, cpu_ctx, client_ctx, followers_ctx,
+    app.cleanup_ctx.extend([diskspace_ctx, eventlog_ctx, bodies_ctx, pool_ctx, tuning_ctx, client_ctx, followers_ctx,
                             inbox_ctx, retention_ctx, announce_ctx])
     add_routes(app)
     ingest_http.add_routes(app)

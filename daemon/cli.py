@@ -35,14 +35,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from daemon.app import build_app
     from daemon.eventlog.store import DatabaseAway
-    from daemon.machine import keep_freed_memory
 
     settings = _settings(args)
     logs.configure()
     try:
         with exclusive(settings.database_url):
             sockets = listening_sockets(settings.server.host, settings.server.port)
-            keep_freed_memory()
             web.run_app(build_app(settings), sock=sockets, print=None, access_log=None, handle_signals=True)
     except (DatabaseInUse, DatabaseUnreachable, CannotListen) as exc:
         return _refused(exc)

@@ -41,6 +41,7 @@ class PathSettings:
     outbox: str = "outbox"
     images: str = "compressed_images"
     database: str = "sqlite:///imgpipe.db"
+    sqlite_synchronous: str = "normal"  # "full": commits survive a power cut too, at an fsync each
     work: str = ""  # empty: WORK_FOLDER beside a SQLite database file, else in the user's cache folder
 
 
@@ -80,7 +81,7 @@ class CompressSettings:
     optimize: bool = False
     progressive: bool = False
     workers: int = 0  # 0: one per CPU
-    pin_daemon: bool = True  # the daemon's own threads on one CPU, the workers on all (see daemon.machine)
+    pin_daemon: bool = True  # the daemon's own threads on one CPU, the workers on all (see daemon.tuning)
     max_pixels: int = 50_000_000
     job_timeout: float = 120.0  # seconds one image may run in a worker before the worker is killed
 
@@ -247,6 +248,9 @@ def _check(name: str, section: Any) -> None:
         raise ConfigError(f"config key compress.quality: must be 1..95, got {section.quality}")
     if name == "compress" and not 0 <= section.target_ratio < 1:
         raise ConfigError(f"config key compress.target_ratio: must be 0 (off) or below 1, got {section.target_ratio}")
+    if name == "paths" and section.sqlite_synchronous not in ("normal", "full"):
+        raise ConfigError(f"config key paths.sqlite_synchronous: must be \"normal\" or \"full\", "
+                          f"got {section.sqlite_synchronous!r}")
     if name == "server" and not 1 <= section.port <= 65535:
         # 0 would bind a random port, which every URL the daemon hands out (from public_url) would not name.
         raise ConfigError(f"config key server.port: must be 1..65535, got {section.port}")

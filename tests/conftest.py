@@ -32,11 +32,11 @@ from aiohttp import test_utils, web
 
 from daemon.app import INBOX, build_app
 from daemon.config import Settings, load_settings, replace
+from daemon.http_api import STATUS_VIEW
 from daemon.ingest.csvfile import COLUMNS
 from daemon.ingest.inbox import Inbox
 from daemon.instance import DatabaseUnreachable, connect_postgresql, is_postgresql
 from daemon.testing import clean_environment, free_port, imgpipe_command
-from daemon.web import STATUS_VIEW
 
 T = TypeVar("T")
 

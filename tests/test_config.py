@@ -234,3 +234,11 @@ def test_imgpipe_run_with_an_unknown_key_in_the_file_exits_naming_the_key(tmp_pa
     assert result.returncode != 0
     assert "inbox.settle" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sqlite_durability_takes_normal_or_full() -> None:
+    """paths.sqlite_synchronous is "normal" by default, may be "full", and anything else stops start-up naming it."""
+    assert load_settings(None, env={}).paths.sqlite_synchronous == "normal"
+    assert load_settings(None, env={"IMGPIPE_PATHS_SQLITE_SYNCHRONOUS": "full"}).paths.sqlite_synchronous == "full"
+    with pytest.raises(ConfigError, match='paths.sqlite_synchronous: must be "normal" or "full", got \'off\''):
+        load_settings(None, env={"IMGPIPE_PATHS_SQLITE_SYNCHRONOUS": "off"})

@@ -21,13 +21,13 @@ from daemon import diskspace
 from daemon.app import build_app
 from daemon.config import Settings
 from daemon.diskspace import is_disk_full
+from daemon.http_api import DISK_SPACE
 from daemon.ingest import inbox
 from daemon.stages.codec import EncodeSettings, compress_file
 from daemon.stages.compress import CODEC_ATTEMPTS
 from daemon.stages.pool import CodecPool
 from daemon.testing import Origin, jpeg_bytes, photo, pipeline_settings
 from daemon.views.export import FINISHED
-from daemon.web import DISK_SPACE
 
 PHOTOS = 12
 FILLER = "filler"

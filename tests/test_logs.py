@@ -11,7 +11,7 @@ import pytest
 import structlog
 
 from daemon import logs
-from daemon.text import storable
+from daemon.outside_text import storable
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 
 from daemon.app import EVENTLOG
 from daemon.config import NetworkSettings
+from daemon.http_api import SETTINGS
 from daemon.ingest.accept import accept
 from daemon.ingest.csvfile import Batch, parse_csv
 from daemon.network import AddressPolicy
@@ -23,7 +24,6 @@ from daemon.testing import (
     pipeline_settings,
 )
 from daemon.views.status import request_status
-from daemon.web import SETTINGS
 
 
 @pytest.fixture

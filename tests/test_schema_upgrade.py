@@ -10,9 +10,9 @@ from structlog.testing import capture_logs
 
 from daemon.control import commands
 from daemon.eventlog.store import SCHEMA_VERSION
+from daemon.http_api import EVENTLOG
 from daemon.testing import daemon_app, drain, pipeline_settings
 from daemon.views.status import request_status
-from daemon.web import EVENTLOG
 
 OLD_DATABASE = Path(__file__).parent / "data" / "written-by-ff75e88.db"
 REQUEST_ID = "0a92f7e0a32d4145a3f4d54c4e6df7c7"  # one request: 3 images, 1 failed (a 404)

@@ -7,8 +7,7 @@ from aiohttp import web
 
 from daemon.control import commands
 from daemon.control.commands import Refused
-from daemon.views.status import request_status
-from daemon.web import (
+from daemon.http_api import (
     CANCELLATIONS,
     COMPLETE_STAGE,
     DELETE_STAGE,
@@ -18,6 +17,7 @@ from daemon.web import (
     json_error,
     json_response,
 )
+from daemon.views.status import request_status
 
 log = structlog.get_logger("control")
 

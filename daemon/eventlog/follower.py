@@ -34,7 +34,7 @@ class Retry(Exception):
 
 
 @dataclass(eq=False)  # compared by identity: field-wise equality made each commit quadratic
-class _Done:
+class _Outcome:
     record: RecordedEvent
     results: Sequence[Event]
     final: bool = True
@@ -44,10 +44,10 @@ class _Done:
 @dataclass
 class _State:
     in_flight: dict[int, asyncio.Task[None]] = field(default_factory=dict)
-    done: list[_Done] = field(default_factory=list)
+    done: list[_Outcome] = field(default_factory=list)
     handled: int = 0
     failed_commits: int = 0
-    unsure: list[_Done] = field(default_factory=list)  # the last failed commit's batch: it may have landed
+    unsure: list[_Outcome] = field(default_factory=list)  # the last failed commit's batch: it may have landed
     deferred: set[int] = field(default_factory=set)  # in flight but only waiting for a Retry's defer
 
 
@@ -61,8 +61,8 @@ class Follower:
     page_size: ClassVar[int] = 500
     # Seconds to wait after a wake-up for more events to arrive, so a follower that takes every event
     # (views) reads and commits them in batches rather than one transaction per event. Skipped while
-    # someone waits in `wait_for`, while `urgent()`, and in burst mode.
-    linger: ClassVar[float] = 0.0
+    # someone waits in `wait_for`, while `in_a_hurry()`, and in burst mode.
+    batch_window: ClassVar[float] = 0.0
 
     def __init__(self, eventlog: EventLog) -> None:
         self.eventlog = eventlog
@@ -78,20 +78,20 @@ class Follower:
         self._progress = asyncio.Condition()
         self._waiters = 0
         self._bursts = False  # driven by run_until_idle (tests, replay), not by run
-        self._hurry = asyncio.Event()
+        self._waited_on = asyncio.Event()
 
     # what subclasses write ---------------------------------------------------------------------
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         """Do the work for one event; return events to append to its stream. May raise Retry."""
         return ()
 
-    def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+    def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         """Synchronous writes to the follower's own tables, inside the commit transaction (views)."""
 
     @property
     def has_tables(self) -> bool:
         """Whether this follower has tables of its own to write in its commits."""
-        return type(self).write is not Follower.write
+        return type(self).update_tables is not Follower.update_tables
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         """After the commit: clean-up that must not happen before the results are durable."""
@@ -99,11 +99,11 @@ class Follower:
     async def recover(self) -> None:
         """Once at start: finish clean-up that a crash interrupted after a commit."""
 
-    def urgent(self) -> bool:
-        """True while batching by `linger` would hold up something someone waits for (checked on each wake-up)."""
+    def in_a_hurry(self) -> bool:
+        """True while batching by `batch_window` would hold up something someone waits for (checked on each wake-up)."""
         return False
 
-    def room(self, busy: int, deferred: int = 0) -> int:
+    def startable(self, busy: int, deferred: int = 0) -> int:
         """How many more events to start now, with `busy` in flight and `deferred` more waiting to try again
         (which by default hold no slot: a dead webhook listener must not block the others)."""
         return self.concurrency - busy
@@ -154,7 +154,7 @@ class Follower:
         if self._bursts:
             return self._checkpoint >= position
         self._waiters += 1
-        self._hurry.set()
+        self._waited_on.set()
         # The position may hold an event of a type this follower does not take, whose append did not wake it:
         # looking at the log once moves the cursor (and with nothing in flight, the checkpoint) past it.
         self._wake.set()
@@ -195,7 +195,7 @@ class Follower:
         while True:
             self._wake.clear()
             await self._commit()
-            free = self.room(len(state.in_flight) - len(state.deferred), len(state.deferred))
+            free = self.startable(len(state.in_flight) - len(state.deferred), len(state.deferred))
             page: list[RecordedEvent] = []
             # Woken but nothing new in the log since the last read: no query.
             if free > 0 and self.eventlog.head > self._cursor:
@@ -218,16 +218,16 @@ class Follower:
             if until_idle and not state.in_flight and not state.done:
                 return
             await self._wake.wait()
-            if self.linger and not until_idle:
-                await self._linger()
+            if self.batch_window and not until_idle:
+                await self._gather_batch()
 
-    async def _linger(self) -> None:
-        if self._waiters or self.urgent():
+    async def _gather_batch(self) -> None:
+        if self._waiters or self.in_a_hurry():
             return
-        self._hurry.clear()
+        self._waited_on.clear()
         try:
-            async with asyncio.timeout(self.linger):
-                await self._hurry.wait()
+            async with asyncio.timeout(self.batch_window):
+                await self._waited_on.wait()
         except TimeoutError:
             pass
 
@@ -244,7 +244,7 @@ class Follower:
                 results = await self.handle(record, attempt)
             except Retry as retry:
                 if retry.events:
-                    interim = _Done(record, retry.events, final=False)
+                    interim = _Outcome(record, retry.events, final=False)
                     self._finish(interim)
                     await interim.committed.wait()  # the next attempt must see these in the log
                 # A waiting retry gives its slot back (a dead webhook listener must not block the others);
@@ -268,10 +268,10 @@ class Follower:
                 await asyncio.sleep(min(60.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0))
                 attempt += 1
                 continue
-            self._finish(_Done(record, results))
+            self._finish(_Outcome(record, results))
             return
 
-    def _finish(self, done: _Done) -> None:
+    def _finish(self, done: _Outcome) -> None:
         self._state.done.append(done)
         self._wake.set()
 
@@ -308,7 +308,7 @@ class Follower:
         def apply() -> None:
             for done in ready:
                 if done.final:
-                    self.write(done.record, done.results)
+                    self.update_tables(done.record, done.results)
 
         try:
             # After a failed try its outcome may be unknown (a lost connection): the store checks the tracking record.
@@ -333,7 +333,10 @@ class Follower:
             self._wake.set()
             return
         state.failed_commits = 0
-        state.unsure = []
+        if state.unsure:
+            state.unsure = []
+            if state.done:  # what finished meanwhile woke the loop once already: commit it now
+                self._wake.set()
         self._tracked = {p for p in (*self._tracked, *finished) if p > checkpoint}
         for position in finished:
             state.in_flight.pop(position, None)

@@ -26,13 +26,20 @@ SCHEMA = (
 )
 
 
+SYNCHRONOUS = ("normal", "full")
+
+
 class SqliteBackend(Backend):
+    def __init__(self, url: str, synchronous: str = "normal") -> None:
+        # WAL + NORMAL: a commit survives a killed process (the kill -9 case); an OS crash or power cut can lose the
+        # last commits, never corrupt the file. FULL also survives those, at an fsync per commit.
+        self.synchronous = synchronous
+        super().__init__(url)
+
     def connect(self) -> peewee.Database:
-        # WAL + synchronous=NORMAL: a commit survives a killed process (the kill -9 case); only an OS crash or power
-        # cut can lose the last commits. FULL would fsync every commit.
         db: peewee.Database = connect(self.url, pragmas={
             "journal_mode": "wal",
-            "synchronous": "normal",
+            "synchronous": self.synchronous,
             "busy_timeout": 10_000,
             "foreign_keys": 1,
         })

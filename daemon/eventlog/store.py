@@ -542,13 +542,13 @@ def _recorded(position: int, stream: str, version: int, recorded_at: str, type_:
                          event=decode(type_, data))
 
 
-def open_store(url: str, space: DiskSpace | None = None) -> EventLog:
-    """The store for a peewee database URL: PostgreSQL for postgres(ql)://, else SQLite."""
+def open_store(url: str, space: DiskSpace | None = None, sqlite_synchronous: str = "normal") -> EventLog:
+    """The store for a peewee database URL: PostgreSQL for postgres(ql)://, else SQLite (with its durability)."""
     backend: Backend
     if is_postgresql(url):
         from daemon.eventlog.postgres import PostgresBackend
         backend = PostgresBackend(url)
     else:
         from daemon.eventlog.sqlite import SqliteBackend
-        backend = SqliteBackend(url)
+        backend = SqliteBackend(url, sqlite_synchronous)
     return EventLog(backend, space)

@@ -12,11 +12,7 @@ from aiohttp.multipart import content_disposition_filename, parse_content_dispos
 from daemon.config import Settings
 from daemon.eventlog.store import StreamConflict
 from daemon.events import RequestAccepted, RequestDeleted
-from daemon.ingest.accept import Accepted, accept, idempotent_request_id
-from daemon.ingest.csvfile import Batch, check_url, parse_csv
-from daemon.network import AddressPolicy
-from daemon.text import storable
-from daemon.web import (
+from daemon.http_api import (
     EVENTLOG,
     SETTINGS,
     STATUS_VIEW,
@@ -25,6 +21,10 @@ from daemon.web import (
     json_response,
     read_limited,
 )
+from daemon.ingest.accept import Accepted, accept, idempotent_request_id
+from daemon.ingest.csvfile import Batch, check_url, parse_csv
+from daemon.network import AddressPolicy
+from daemon.outside_text import storable
 
 log = structlog.get_logger("ingest")
 

@@ -41,7 +41,7 @@ from daemon.events import RequestAccepted, names
 from daemon.files import TEMP_FILES, remove_matching, write_atomic
 from daemon.ingest.accept import accept, new_request_id
 from daemon.ingest.csvfile import Batch, Problem, parse_csv
-from daemon.text import storable
+from daemon.outside_text import storable
 
 log = structlog.get_logger("inbox")
 

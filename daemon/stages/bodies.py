@@ -56,7 +56,7 @@ class Bodies:
         return (int(product), int(index)) if product.isdigit() and index.isdigit() else None
 
     @property
-    def room(self) -> int:
+    def vacancies(self) -> int:
         """How many more bodies may be downloaded before the compress stage takes some."""
         if self.limit_bytes is not None and self._waiting_bytes >= self.limit_bytes:
             return 0
@@ -193,12 +193,12 @@ class BodyWriter:
         self._written = 0
 
     async def flush(self, chunks: list[bytes]) -> None:
-        await _to_thread_to_the_end(self.write, chunks)
+        await _to_thread_to_the_end(self.write_chunks, chunks)
 
     async def complete(self, chunks: list[bytes]) -> None:
         await _to_thread_to_the_end(self.finish, chunks)
 
-    def write(self, chunks: list[bytes]) -> None:
+    def write_chunks(self, chunks: list[bytes]) -> None:
         """(thread)"""
         if self._fd is None:
             self._file, self._fd = self.bodies.open_for_writing(self.partial)
@@ -206,7 +206,7 @@ class BodyWriter:
 
     def finish(self, chunks: list[bytes]) -> None:
         """(thread) Write the last chunks and rename the body into place."""
-        self.write(chunks)
+        self.write_chunks(chunks)
         assert self._fd is not None
         try:
             os.ftruncate(self._fd, self._written)  # a spare may be longer than this body

@@ -95,7 +95,7 @@ class CompleteStage(Follower):
     # Many at once so commits are batched; a per-request lock keeps each request's counts in log order.
     concurrency = 500
     ordered = True
-    linger = 0.05  # batch image events, but not a request's last ones (see `urgent`)
+    batch_window = 0.05  # batch image events, but not a request's last ones (see `in_a_hurry`)
 
     def __init__(self, eventlog: EventLog, bodies: Bodies) -> None:
         super().__init__(eventlog)
@@ -103,8 +103,8 @@ class CompleteStage(Follower):
         self._tallies: dict[str, RequestTally] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def urgent(self) -> bool:
-        # A request's completion, and with it the webhook and outbox, would otherwise wait for the linger
+    def in_a_hurry(self) -> bool:
+        # A request's completion, and with it the webhook and outbox, would otherwise wait for the batch_window
         # twice: before its last image event is read, and again before the RequestCompleted is committed.
         return any(t.images - t.done - t.failed <= LAST_FEW for t in self._tallies.values())
 

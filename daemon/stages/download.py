@@ -130,13 +130,13 @@ class DownloadStage(Follower):
         self._earlier: dict[int, int] = {}  # position -> attempts made before a restart
         bodies.listen(self.wake)
 
-    def room(self, busy: int, deferred: int = 0) -> int:
+    def startable(self, busy: int, deferred: int = 0) -> int:
         """Every download in flight becomes a waiting body: together they stay within the backlog. A download
         waiting to try again holds no connection slot but keeps its body's place in the backlog, or a batch
         that answers 429 to every first request would start all its downloads and land them all on disk.
         Once the backlog is full, downloads start again in batches, not one per compressed image: each start
         costs a read of the log and a commit."""
-        room = min(self.concurrency - busy, self.bodies.room - busy - deferred)
+        room = min(self.concurrency - busy, self.bodies.vacancies - busy - deferred)
         return room if room >= min(self.concurrency, self.bodies.limit) // 2 else 0
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:

@@ -31,8 +31,8 @@ from typing import Any, TypeVar
 import structlog
 
 from daemon.config import CompressSettings
-from daemon.machine import allowed_cpus
 from daemon.stages.codec import warm_up
+from daemon.tuning import allowed_cpus
 
 log = structlog.get_logger("pool")
 T = TypeVar("T")
@@ -87,7 +87,7 @@ def serve(conn: Connection, daemon_pid: int, cpus: frozenset[int] | None) -> Non
 
 def start_worker(daemon_pid: int, cpus: frozenset[int] | None = None) -> None:
     """Yield the CPU to the daemon's event loop, run on `cpus` (the daemon's own threads may be confined to
-    one of them, see daemon.machine), and end with the daemon."""
+    one of them, see daemon.tuning), and end with the daemon."""
     # The loop feeds the pool and answers /status; at equal priority a saturated pool starves both.
     os.nice(WORKER_NICENESS)
     # A stop signal for the whole process group (Ctrl-C, systemd) is the daemon's to act on: it closes the pipes

@@ -131,9 +131,9 @@ class StatusView(Follower):
                   WebhookRedeliveryRequested)
     ordered = True
     concurrency = 500
-    linger = 0.05  # one image event after another: batch them
+    batch_window = 0.05  # one image event after another: batch them
 
-    def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+    def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         apply(record)
 
 

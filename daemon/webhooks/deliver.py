@@ -32,11 +32,11 @@ from daemon.events import (
     WebhookQueued,
     WebhookRedeliveryRequested,
 )
+from daemon.http_api import EVENTLOG, SETTINGS, STATUS_VIEW, json_error, json_response
 from daemon.network import AddressNotAllowed
 from daemon.stages.download import retry_after_seconds
 from daemon.views.export import ExportImage, stream_images
 from daemon.views.status import image_url
-from daemon.web import EVENTLOG, SETTINGS, STATUS_VIEW, json_error, json_response
 
 log = structlog.get_logger("webhooks")
 

@@ -16,8 +16,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event, NotificationReceived, RequestDeleted
-from daemon.text import storable
-from daemon.web import (
+from daemon.http_api import (
     EVENTLOG,
     SETTINGS,
     STATUS_VIEW,
@@ -26,6 +25,7 @@ from daemon.web import (
     json_response,
     read_limited,
 )
+from daemon.outside_text import storable
 
 log = structlog.get_logger("webhooks")
 

@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from daemon.app import FOLLOWERS, build_app
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower
+from daemon.http_api import EVENTLOG
 from daemon.testing import Origin, eventually, jpeg_bytes, photo, pipeline_settings, with_database
-from daemon.web import EVENTLOG
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

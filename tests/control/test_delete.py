@@ -10,9 +10,9 @@ from typing import Any
 from daemon.app import FOLLOWERS
 from daemon.config import Settings
 from daemon.control.retention import DAY, Retention
+from daemon.http_api import EVENTLOG
 from daemon.ingest.inbox import ARCHIVE, REJECTED
 from daemon.testing import Origin
-from daemon.web import EVENTLOG
 
 
 async def test_delete_removes_the_requests_files_and_the_views_forget_it(

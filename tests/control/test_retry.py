@@ -21,7 +21,7 @@ async def test_retry_downloads_only_the_failed_images_and_completes_again(
         make_settings: Callable[..., Settings], serve_daemon: Any, origin: Origin, helpers: Any,
         monkeypatch: Any) -> None:
     """A failed image is tried again once its origin has it; the request completes again with a new webhook-id."""
-    monkeypatch.setattr(StatusView, "linger", 1.0)  # a slow view: without waiting for it, /retry would answer early
+    monkeypatch.setattr(StatusView, "batch_window", 1.0)  # a slow view: without waiting for it, /retry would answer early
     settings = make_settings()
     async with Listener([200]) as listener, serve_daemon(settings) as daemon:
         request_id = await daemon.upload([f"{origin.url}/img/photo.jpg", f"{origin.url}/img/late.jpg"],

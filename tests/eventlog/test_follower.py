@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import peewee
 import pytest
 from structlog.testing import capture_logs
 
@@ -254,7 +255,7 @@ class FlakyWrite(Recorder):
     name = "test.flaky-write"
     failures: ClassVar[int] = 0
 
-    def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+    def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         if FlakyWrite.failures == 0:
             FlakyWrite.failures += 1
             raise RuntimeError("database is locked")
@@ -352,13 +353,13 @@ class Batcher(Recorder):
     name = "test.batcher"
     ordered = True
 
-    def __init__(self, eventlog: EventLog, linger: float) -> None:
+    def __init__(self, eventlog: EventLog, batch_window: float) -> None:
         super().__init__(eventlog, concurrency=100)
-        self.linger = linger  # type: ignore[misc]
+        self.batch_window = batch_window  # type: ignore[misc]
         self.writing: list[int] = []
         self.commits: list[list[int]] = []
 
-    def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+    def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         self.writing.append(record.position)
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
@@ -368,10 +369,10 @@ class Batcher(Recorder):
 
 
 async def test_a_lingering_follower_commits_a_burst_of_events_together(settings: Settings) -> None:
-    """Events appended one by one within the linger are read and committed in one transaction."""
+    """Events appended one by one within the batch_window are read and committed in one transaction."""
     eventlog = await open_log(settings)
     try:
-        follower = Batcher(eventlog, linger=1.0)
+        follower = Batcher(eventlog, batch_window=1.0)
         task = asyncio.create_task(follower.run())
         (first,) = await ping(eventlog, 1)
         assert await follower.wait_for(first)  # now idle, waiting for a wake-up
@@ -389,14 +390,14 @@ async def test_a_lingering_follower_commits_a_burst_of_events_together(settings:
 
 
 async def test_wait_for_cuts_a_linger_short(settings: Settings) -> None:
-    """Someone waiting for a position does not wait out the linger (an upload's read-your-writes)."""
+    """Someone waiting for a position does not wait out the batch_window (an upload's read-your-writes)."""
     eventlog = await open_log(settings)
     try:
-        follower = Batcher(eventlog, linger=60.0)
+        follower = Batcher(eventlog, batch_window=60.0)
         task = asyncio.create_task(follower.run())
         (first,) = await ping(eventlog, 1)
         assert await follower.wait_for(first, timeout=10) is True  # now idle, waiting for a wake-up
-        (second,) = await ping(eventlog, 2)  # wakes it: it would linger for a minute
+        (second,) = await ping(eventlog, 2)  # wakes it: it would batch_window for a minute
         assert await follower.wait_for(second, timeout=10) is True
         assert follower.commits == [[first], [second]]
         task.cancel()
@@ -464,3 +465,36 @@ async def test_a_follower_that_fails_outside_handle_logs_it_and_carries_on(setti
         await asyncio.gather(task, return_exceptions=True)
     finally:
         await eventlog.close()
+
+
+async def test_a_commit_that_landed_though_it_reported_a_failure_is_not_made_again(
+        settings: Settings, helpers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit whose connection dropped after it landed is tried again alone, found in the tracking record and not
+    repeated, also when another event finished meanwhile: one pong per ping."""
+    eventlog = await open_log(settings)
+    gates = {1: asyncio.Event(), 2: asyncio.Event()}
+    follower = Recorder(eventlog, gates=gates, concurrency=8)
+    landed: list[bool] = []
+    commit = eventlog.commit
+
+    async def lands_then_reports_a_lost_connection(*args: Any, **kwargs: Any) -> bool:
+        result = await commit(*args, **kwargs)
+        if not landed:
+            landed.append(True)
+            raise peewee.OperationalError("server closed the connection unexpectedly")
+        return result
+
+    monkeypatch.setattr(eventlog, "commit", lands_then_reports_a_lost_connection)
+    task = asyncio.create_task(follower.run())
+    try:
+        _, second = await ping(eventlog, 1, 2)
+        await helpers.eventually(lambda: follower.running == 2, "both pings in flight")
+        gates[1].set()
+        await helpers.eventually(lambda: landed, "ping 1's commit to land and report a failure")
+        gates[2].set()  # ping 2 finishes while ping 1's commit waits to be tried again
+        assert await follower.wait_for(second, timeout=10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await eventlog.close()
+    assert pongs(helpers, settings) == {1: 1, 2: 1}

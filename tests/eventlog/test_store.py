@@ -10,6 +10,7 @@ import pytest
 
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower
+from daemon.eventlog.models import execute
 from daemon.eventlog.store import (
     SCHEMA_VERSION,
     EventLog,
@@ -186,7 +187,7 @@ class _BrokenWrite(Follower):
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         return (RequestCompleted(status="failed", images=1, done=0, failed=1),)
 
-    def write(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+    def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         self.writes.append(record.position)
         raise RuntimeError("the follower's table write failed")
 
@@ -266,3 +267,16 @@ async def test_a_database_written_by_a_newer_imgpipe_is_refused(settings: Settin
     with pytest.raises(SchemaTooNew, match=f"version {SCHEMA_VERSION + 1}, written by a newer imgpipe"):
         await eventlog.open()
     await eventlog.close()
+
+
+async def test_sqlite_durability_is_a_setting(settings: Settings, helpers: Any) -> None:
+    """paths.sqlite_synchronous = "full" makes every SQLite commit wait for the disk; "normal" is the default."""
+    if is_postgresql(settings.database_url):
+        pytest.skip("a SQLite setting")
+    for mode, expected in (("normal", 1), ("full", 2)):
+        eventlog = open_store(settings.database_url, sqlite_synchronous=mode)
+        await eventlog.open()
+        try:
+            assert await eventlog.query(lambda: execute("PRAGMA synchronous").fetchone()[0]) == expected
+        finally:
+            await eventlog.close()

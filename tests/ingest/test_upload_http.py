@@ -426,7 +426,7 @@ async def test_an_upload_waits_for_a_lagging_status_view_and_says_so(settings: S
 
     from daemon.app import build_app
     from daemon.eventlog import follower
-    from daemon.web import STATUS_VIEW
+    from daemon.http_api import STATUS_VIEW
 
     monkeypatch.setattr(follower, "LAG_WARNING", 0.05)
     app = build_app(settings, follow=False)  # nothing follows the log until the test starts the view

@@ -22,11 +22,11 @@ async def test_a_restart_counts_waiting_bodies_and_clears_half_written_ones(tmp_
         (incoming / ".spare" / str(name)).write_bytes(b"spent")
     bodies = Bodies(incoming, limit=3)
     bodies.load()
-    assert bodies.room == 2
+    assert bodies.vacancies == 2
     assert sorted(p.name for p in (incoming / "r1").iterdir()) == ["0-0"]
     assert len(list(bodies.spares_folder.iterdir())) == 3
     await bodies.remove_request("r1")
-    assert bodies.room == 3 and not (incoming / "r1").exists()
+    assert bodies.vacancies == 3 and not (incoming / "r1").exists()
 
 
 async def test_a_new_body_overwrites_a_spare_and_a_released_one_becomes_a_spare(tmp_path: Path) -> None:
@@ -37,14 +37,14 @@ async def test_a_new_body_overwrites_a_spare_and_a_released_one_becomes_a_spare(
     bodies.load()
     target = bodies.path("r1", 0, 0)
     writer = bodies.writer(target)
-    writer.write([b"new "])
+    writer.write_chunks([b"new "])
     writer.finish([b"body"])
     bodies.arrived(target, len(b"new body"))
-    assert target.read_bytes() == b"new body" and bodies.room == 1
+    assert target.read_bytes() == b"new body" and bodies.vacancies == 1
     assert list(bodies.spares_folder.iterdir()) == []
     bodies.recycle(target, len(b"new body"))
     bodies.released(target)
-    assert bodies.room == 2 and not target.exists()
+    assert bodies.vacancies == 2 and not target.exists()
     assert [p.read_bytes() for p in bodies.spares_folder.iterdir()] == [b"new body"]
 
 
@@ -56,12 +56,12 @@ async def test_a_download_that_fails_leaves_nothing_behind(tmp_path: Path) -> No
     first.finish([b"first"])
     bodies.recycle(first.path, 5)  # now a spare
     into_spare, into_new = bodies.writer(bodies.path("r1", 0, 1)), bodies.writer(bodies.path("r1", 0, 2))
-    into_spare.write([b"half"])
-    into_new.write([b"half"])
+    into_spare.write_chunks([b"half"])
+    into_new.write_chunks([b"half"])
     into_spare.discard()
     into_new.discard()
     assert set((tmp_path / ".incoming").rglob("*")) == {bodies.spares_folder, tmp_path / ".incoming" / "r1"}
-    assert bodies.room == 2
+    assert bodies.vacancies == 2
 
 
 async def test_a_download_cancelled_mid_write_waits_for_the_write_before_it_is_discarded(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ async def test_spares_go_first_and_downloads_stop_when_the_bytes_bound_is_reache
     assert sorted(p.stat().st_size for p in bodies.spares_folder.iterdir()) == [300, 300, 300]
     big = bodies.path("r1", 1, 0)
     writer = bodies.writer(big)
-    writer.write([b"b" * 10])  # into a spare: two are left
+    writer.write_chunks([b"b" * 10])  # into a spare: two are left
     writer.finish([b"b" * 590])
     bodies.arrived(big, 600)
     assert [p.stat().st_size for p in bodies.spares_folder.iterdir()] == [300]  # 600 + 300 <= 1000
@@ -111,7 +111,7 @@ async def test_spares_go_first_and_downloads_stop_when_the_bytes_bound_is_reache
     writer = bodies.writer(other)
     writer.finish([b"o" * 400])  # 600 + 400 waiting: the last spare goes
     bodies.arrived(other, 400)
-    assert list(bodies.spares_folder.iterdir()) == [] and bodies.room == 0
+    assert list(bodies.spares_folder.iterdir()) == [] and bodies.vacancies == 0
     bodies.recycle(other, 400)  # within the bound as a spare: kept
     bodies.released(other)
-    assert bodies.room == 9 and [p.stat().st_size for p in bodies.spares_folder.iterdir()] == [400]
+    assert bodies.vacancies == 9 and [p.stat().st_size for p in bodies.spares_folder.iterdir()] == [400]

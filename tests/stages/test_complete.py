@@ -23,13 +23,13 @@ async def test_a_requests_last_images_complete_it_without_waiting_out_the_linger
     await eventlog.open()
     images = LAST_FEW + 2
     stage = CompleteStage(eventlog, Bodies(settings.path("images") / ".incoming", 4))
-    stage.linger = 60.0  # type: ignore[misc]  # were it waited out, the test would time out
+    stage.batch_window = 60.0  # type: ignore[misc]  # were it waited out, the test would time out
     task = asyncio.create_task(stage.run())
     try:
         urls = tuple(f"http://o/{i}.jpg" for i in range(images))
         await eventlog.append("r", [RequestAccepted(source="upload", source_name="t.csv",
                                                     products=(Product("1", "Shoe", "1", urls),))])
-        for index in range(2):  # someone waiting for them cuts the linger short, so these are counted now
+        for index in range(2):  # someone waiting for them cuts the batch_window short, so these are counted now
             assert await stage.wait_for(await eventlog.append("r", [compressed(index)]), timeout=10)
         await eventlog.append("r", [compressed(i) for i in range(2, images)])  # nobody waits for these
 

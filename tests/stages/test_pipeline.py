@@ -24,6 +24,7 @@ from daemon.app import BODIES, EVENTLOG, FOLLOWERS, POOL
 from daemon.config import Settings
 from daemon.eventlog.store import EventLog
 from daemon.events import ImageRequested
+from daemon.http_api import SETTINGS
 from daemon.ingest.accept import Accepted, accept
 from daemon.ingest.csvfile import Batch, parse_csv
 from daemon.stages.codec import compress_file
@@ -31,7 +32,6 @@ from daemon.stages.compress import encode_settings
 from daemon.testing import Origin, daemon_app, drain, eventually
 from daemon.views.export import export_rows, to_csv
 from daemon.views.status import request_status
-from daemon.web import SETTINGS
 
 
 def csv_bytes(rows: list[list[str]]) -> bytes:
@@ -393,7 +393,7 @@ async def test_bodies_left_by_a_crash_after_their_compression_do_not_block_the_b
     async with daemon_app(settings) as app:
         await drain(app)
         body = await status_of(app, accepted.request_id)
-        assert bodies_on_disk(app) == [] and app[BODIES].room == 2
+        assert bodies_on_disk(app) == [] and app[BODIES].vacancies == 2
     assert body["status"] == "completed" and body["progress"]["done"] == 3
 
 

@@ -23,13 +23,13 @@ from daemon.events import (
     WebhookAttempted,
     WebhookQueued,
 )
+from daemon.http_api import EVENTLOG, STATUS_VIEW
 from daemon.ingest.accept import accept
 from daemon.ingest.csvfile import Batch, parse_csv
 from daemon.replay import replay
 from daemon.testing import daemon_app
 from daemon.views import status as status_module
 from daemon.views.status import STATUS_TABLES, StatusView, request_status
-from daemon.web import EVENTLOG, STATUS_VIEW
 
 Serve = Callable[[Settings], AbstractAsyncContextManager[Any]]
 

@@ -24,12 +24,12 @@ from daemon.events import (
     RequestAccepted,
     RequestCompleted,
 )
+from daemon.http_api import SETTINGS
 from daemon.ingest.accept import Accepted, accept
 from daemon.ingest.csvfile import Batch, parse_csv
 from daemon.stages.download import fetch
 from daemon.testing import Listener, Origin, daemon_app, drain, eventually
 from daemon.views.status import StatusView, request_status
-from daemon.web import SETTINGS
 from daemon.webhooks.deliver import completion_payload, request_redelivery
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -317,7 +317,7 @@ async def test_redirects_are_failures_and_retry_after_is_honoured(make_settings:
 async def test_a_listener_told_of_completion_finds_status_and_export_complete(
         make_settings: Callable[..., Settings], origin: Origin, monkeypatch: Any) -> None:
     """Delivery waits for the status view, so a listener that calls back at once sees the request finished."""
-    monkeypatch.setattr(StatusView, "linger", 2.0)  # a slow view: without the wait the callbacks see 409
+    monkeypatch.setattr(StatusView, "batch_window", 2.0)  # a slow view: without the wait the callbacks see 409
     seen: list[tuple[int, str]] = []
     app = build_app(make_settings())
     async with TestClient(TestServer(app)) as client:

@@ -196,7 +196,7 @@ async def test_text_that_is_no_unicode_is_refused_or_replaced(make_client: Calla
 async def test_a_recorded_notification_shows_in_the_status_at_once(make_client: Callable[..., Any],
                                                                    monkeypatch: Any) -> None:
     """POST /webhook answers only once the status view shows the notification, however slow the view."""
-    monkeypatch.setattr(StatusView, "linger", 2.0)
+    monkeypatch.setattr(StatusView, "batch_window", 2.0)
     async with make_client() as client:
         request_id = await new_request(client)
         response = await client.post("/webhook", data=classic(request_id), headers={"webhook-id": "msg_now",

@@ -1,25 +1,13 @@
-"""How the daemon's own process uses the machine: its memory allocator and its CPUs.
+"""How the daemon's own process uses the machine, applied once at start (`tuned`): the owner of both techniques.
 
-Both are measured answers to the same fact: on a machine whose CPUs the codec workers saturate, every
-microsecond the daemon's process spends in the kernel is taken from the codec.
+- Allocator: glibc's malloc would hand the heap's top back to the kernel whenever a little is free, and fault
+  fresh pages in at the next download's chunks; fixed trim and mmap thresholds keep freed memory for reuse.
+- CPUs: the daemon's threads (event loop, event-log threads, file helpers) hand work to each other many times
+  per image and share the GIL anyway; on one CPU each hand-off wakes the next thread there instead of
+  interrupting a codec worker on another. The codec workers keep every CPU.
 
-Allocator. Each downloaded body passes through the event loop in chunks of up to 256 KB (asyncio's read
-size). glibc's malloc, left to itself, serves those from its heap and gives the heap's top back to the kernel
-as soon as more than twice its (adaptive) mmap threshold is free there, about 512 KB: with 16 downloads in
-flight the heap grows and shrinks all the time, and every regrowth faults fresh zeroed pages in. In the
-benchmark that was 6.5% of the main process's CPU (page faults, zeroing, unmapping). A fixed trim threshold
-keeps up to `TRIM_THRESHOLD` of free heap; the fixed mmap threshold (which setting the trim threshold implies
-anyway) keeps chunk-sized blocks on the heap where they are reused.
-
-CPUs. The daemon's threads (event loop, event-log writer, file helpers) hand work to each other many times
-per image. Spread over the CPUs, each hand-off wakes a thread on another CPU, with an interprocessor interrupt,
-and lands between a codec worker and its caches; on one CPU the woken thread simply runs next there. The
-threads share the GIL, so they never ran in parallel for long anyway. Confined to one CPU, the daemon used 6%
-less CPU per image in the throughput benchmark and 13-19% less under load, where status p99 fell by a third.
-The codec workers keep every CPU.
-
-Only the daemon's own process is tuned: the codec workers start from a fresh forkserver with the defaults,
-which the Pillow ceiling in the benchmark uses too.
+Only the daemon's process is tuned; the codec workers start from a fresh forkserver with the defaults. What each
+buys is measured by `make bench` (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -48,6 +36,14 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+@contextlib.contextmanager
+def tuned(pin_to_one_cpu: bool) -> Iterator[int | None]:
+    """Tune this process for the block: the allocator, and (when asked) its threads on one CPU, which it yields."""
+    keep_freed_memory()
+    with on_one_cpu(pin_to_one_cpu) as cpu:
+        yield cpu
 
 
 def allowed_cpus() -> frozenset[int] | None:

@@ -15,9 +15,9 @@ import pytest
 
 from daemon.app import DAEMON_CPU, POOL
 from daemon.config import CompressSettings
-from daemon.machine import on_one_cpu
 from daemon.stages.pool import CodecPool
 from daemon.testing import daemon_app, eventually, pipeline_settings
+from daemon.tuning import on_one_cpu
 
 CPUS = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
 needs_two_cpus = pytest.mark.skipif(len(CPUS) < 2 or not os.path.isdir("/proc/self/task"),
@@ -27,7 +27,7 @@ needs_two_cpus = pytest.mark.skipif(len(CPUS) < 2 or not os.path.isdir("/proc/se
 # again a hundred times; prints whether tuning applied and the minor page faults of those hundred rounds.
 CHURN = """
 import resource, sys
-from daemon.machine import keep_freed_memory
+from daemon.tuning import keep_freed_memory
 tuned = keep_freed_memory() if sys.argv[1] == "tuned" else False
 def churn():
     chunks = [b"x" * 262144 for _ in range(16)]
