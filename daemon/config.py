@@ -64,7 +64,7 @@ class InboxSettings:
 class DownloadSettings:
     concurrency: int = 16
     backlog: int = 64
-    backlog_bytes: int = 256 * 1024 * 1024  # waiting bodies plus spare files (daemon.stages.bodies)
+    backlog_bytes: int = 256 * 1024 * 1024  # waiting bodies plus recycled files (daemon.stages.bodies)
     connect_timeout: float = 5.0
     total_timeout: float = 30.0
     max_redirects: int = 5

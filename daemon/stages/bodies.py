@@ -1,15 +1,15 @@
 """Downloaded bodies between the download and the compress stage: where they live and how many may wait.
 
-A body is `<incoming>/<request_id>/<product>-<index>`, written elsewhere (into a spare, or a new `.part`
+A body is `<incoming>/<request_id>/<product>-<index>`, written elsewhere (into a recycled file, or a new `.part`
 file) and renamed there when complete. At most
 `limit` bodies wait for the compress stage at once, so a 10,000-image batch holds a bounded amount of disk,
 not the whole batch, and downloads keep pace with compression instead of racing ahead of it.
 
-`limit_bytes` bounds the bytes of the waiting bodies plus the spares: a download starts only while the waiting
-bodies total less, and spares are deleted first (oldest first) to stay within it. Downloads in progress are
+`limit_bytes` bounds the bytes of the waiting bodies plus the recycled files: a download starts only while the waiting
+bodies total less, and recycled files are deleted first (oldest first) to stay within it. Downloads in progress are
 not counted, so the folder may hold up to that many bodies more.
 
-A compressed body is not deleted but kept as a spare, and the next download overwrites it: rewriting a file
+A compressed body is not deleted but kept as a recycled file, and the next download overwrites it: rewriting a file
 whose pages are cached is cheaper than creating, filling and deleting a new one (docs/performance.md).
 """
 
@@ -24,9 +24,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-SPARE_FOLDER = ".spare"
-# A bigger body is deleted, not kept: idle spares hold at most `limit` x 4 MB of disk.
-SPARE_MAX_BYTES = 4 * 1024 * 1024
+RECYCLED_FOLDER = ".recycled"
+# A bigger body is deleted, not kept: idle recycled files hold at most `limit` x 4 MB of disk.
+RECYCLED_MAX_BYTES = 4 * 1024 * 1024
 PART_SUFFIX = ".part"
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 IOV_MAX = os.sysconf("SC_IOV_MAX")
@@ -37,13 +37,13 @@ class Bodies:
 
     def __init__(self, incoming: Path, limit: int, limit_bytes: int | None = None) -> None:
         self.incoming, self.limit, self.limit_bytes = incoming, limit, limit_bytes
-        self.spares_folder = incoming / SPARE_FOLDER
+        self.recycled_folder = incoming / RECYCLED_FOLDER
         self._waiting: dict[Path, int] = {}  # path -> bytes
         self._waiting_bytes = 0  # changed on the loop; threads only read it
         # (path, bytes), oldest first; list.pop and list.append are atomic, so threads share it safely
-        self._spares: list[tuple[Path, int]] = []
+        self._recycled: list[tuple[Path, int]] = []
         self._names = itertools.count()
-        self._run = secrets.token_hex(4)  # spare names of this run never collide with adopted ones
+        self._run = secrets.token_hex(4)  # recycled names of this run never collide with adopted ones
         self._listeners: list[Callable[[], None]] = []
 
     def path(self, request_id: str, product: int, index: int) -> Path:
@@ -67,8 +67,8 @@ class Bodies:
         self._listeners.append(callback)
 
     def load(self) -> None:
-        """(thread) At start: adopt the bodies and spares a previous run left, remove half-written bodies."""
-        self.spares_folder.mkdir(parents=True, exist_ok=True)
+        """(thread) At start: adopt the bodies and recycled files a previous run left, remove half-written bodies."""
+        self.recycled_folder.mkdir(parents=True, exist_ok=True)
         for folder in self.request_folders():
             for path in folder.iterdir():
                 if path.name.endswith(PART_SUFFIX):
@@ -76,12 +76,12 @@ class Bodies:
                 else:
                     self._waiting[path] = path.stat().st_size
         self._waiting_bytes = sum(self._waiting.values())
-        for spare in sorted(self.spares_folder.iterdir()):
-            if len(self._spares) < self.limit:
-                self._spares.append((spare, spare.stat().st_size))
+        for recycled in sorted(self.recycled_folder.iterdir()):
+            if len(self._recycled) < self.limit:
+                self._recycled.append((recycled, recycled.stat().st_size))
             else:
-                spare.unlink(missing_ok=True)
-        self.trim_spares()
+                recycled.unlink(missing_ok=True)
+        self.trim_recycled()
 
     def waiting_by_request(self) -> dict[str, list[Path]]:
         """The bodies waiting for the compress stage, by request id."""
@@ -92,7 +92,7 @@ class Bodies:
 
     def request_folders(self) -> list[Path]:
         """(thread) The folders of requests that have bodies on disk."""
-        return [p for p in self.incoming.iterdir() if p.name != SPARE_FOLDER] if self.incoming.is_dir() else []
+        return [p for p in self.incoming.iterdir() if p.name != RECYCLED_FOLDER] if self.incoming.is_dir() else []
 
     # the download stage ----------------------------------------------------------------------
     def writer(self, path: Path) -> BodyWriter:
@@ -103,25 +103,25 @@ class Bodies:
         self._waiting_bytes += size - self._waiting.get(path, 0)
         self._waiting[path] = size
 
-    def trim_spares(self, extra: int = 0) -> None:
-        """(thread) Delete the oldest spares while they, the waiting bodies and `extra` bytes more are over
-        `limit_bytes`: spares go before any download has to wait."""
+    def trim_recycled(self, extra: int = 0) -> None:
+        """(thread) Delete the oldest recycled files while they, the waiting bodies and `extra` bytes more are over
+        `limit_bytes`: recycled files go before any download has to wait."""
         if self.limit_bytes is None:
             return
-        while self._spares and self._waiting_bytes + extra + sum(size for _, size in self._spares) > self.limit_bytes:
+        while self._recycled and self._waiting_bytes + extra + sum(size for _, size in self._recycled) > self.limit_bytes:
             try:
-                spare, _ = self._spares.pop(0)
+                recycled, _ = self._recycled.pop(0)
             except IndexError:  # another thread took the last one
                 return
-            spare.unlink(missing_ok=True)
+            recycled.unlink(missing_ok=True)
 
     def open_for_writing(self, partial: Path) -> tuple[Path, int]:
-        """(thread) A file to write a new body into, and its descriptor: a spare when there is one, written
+        """(thread) A file to write a new body into, and its descriptor: a recycled file when there is one, written
         where it lies (the writer truncates it to the new body's length), else `partial`, a new file."""
-        while self._spares:
+        while self._recycled:
             try:
-                spare, _ = self._spares.pop()
-                return spare, os.open(spare, os.O_WRONLY | os.O_CLOEXEC)
+                recycled, _ = self._recycled.pop()
+                return recycled, os.open(recycled, os.O_WRONLY | os.O_CLOEXEC)
             except IndexError:  # another thread took the last one
                 break
             except FileNotFoundError:  # removed behind our back: take the next
@@ -137,25 +137,25 @@ class Bodies:
         """(thread) A complete body goes where the compress stage looks for it."""
         try:
             os.replace(written, path)
-        except FileNotFoundError:  # written into a spare: the request's folder may not exist yet
+        except FileNotFoundError:  # written into a recycled file: the request's folder may not exist yet
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(written, path)
 
     # the compress stage and completion ---------------------------------------------------------
     def recycle(self, path: Path, size: int) -> None:
-        """(thread) The compress stage is done with a body: it becomes a spare (or goes)."""
+        """(thread) The compress stage is done with a body: it becomes a recycled file (or goes)."""
         try:
-            # The body still counts as waiting here, so as a spare it keeps the total where it is.
+            # The body still counts as waiting here, so as a recycled file it keeps the total where it is.
             over_bytes = self.limit_bytes is not None and (
-                self._waiting_bytes + sum(s for _, s in self._spares) > self.limit_bytes)
-            if size > SPARE_MAX_BYTES or len(self._spares) >= self.limit or over_bytes:
+                self._waiting_bytes + sum(s for _, s in self._recycled) > self.limit_bytes)
+            if size > RECYCLED_MAX_BYTES or len(self._recycled) >= self.limit or over_bytes:
                 path.unlink()
                 return
-            spare = self.spares_folder / f"{self._run}-{next(self._names)}"
-            os.replace(path, spare)
+            recycled = self.recycled_folder / f"{self._run}-{next(self._names)}"
+            os.replace(path, recycled)
         except FileNotFoundError:  # its request's folder went first
             return
-        self._spares.append((spare, size))
+        self._recycled.append((recycled, size))
 
     def released(self, path: Path) -> None:
         """The compress stage is done with a body: it stops waiting, which makes room for a download."""
@@ -171,9 +171,9 @@ class Bodies:
         await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
 
     def empty(self) -> None:
-        """(thread) At a clean stop: remove every body and spare (see daemon.app.bodies_ctx)."""
+        """(thread) At a clean stop: remove every body and recycled (see daemon.app.bodies_ctx)."""
         shutil.rmtree(self.incoming, ignore_errors=True)
-        self._waiting, self._waiting_bytes, self._spares = {}, 0, []
+        self._waiting, self._waiting_bytes, self._recycled = {}, 0, []
 
     def _notify(self) -> None:
         for callback in self._listeners:
@@ -188,7 +188,7 @@ class BodyWriter:
     def __init__(self, bodies: Bodies, path: Path) -> None:
         self.bodies, self.path = bodies, path
         self.partial = path.with_name(path.name + PART_SUFFIX)
-        self._file: Path | None = None  # a spare or `partial`, once opened
+        self._file: Path | None = None  # a recycled file or `partial`, once opened
         self._fd: int | None = None
         self._written = 0
 
@@ -209,13 +209,13 @@ class BodyWriter:
         self.write_chunks(chunks)
         assert self._fd is not None
         try:
-            os.ftruncate(self._fd, self._written)  # a spare may be longer than this body
+            os.ftruncate(self._fd, self._written)  # a recycled file may be longer than this body
         finally:
             os.close(self._fd)
             self._fd = None
         assert self._file is not None
         self.bodies.put_in_place(self._file, self.path)
-        self.bodies.trim_spares(extra=self._written)
+        self.bodies.trim_recycled(extra=self._written)
 
     def discard(self) -> None:
         """The download failed or was cancelled: nothing of it stays (on the loop: a rare path)."""

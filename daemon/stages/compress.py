@@ -92,7 +92,7 @@ class CompressStage(Follower):
 
     async def recover(self) -> None:
         """Temp files of encodes that a crash cut short (workers end with the daemon), and bodies whose image was
-        settled just before a crash, before they became spares: nobody will take them, so they must not fill the
+        settled just before a crash, before they became recycled files: nobody will take them, so they must not fill the
         backlog (were they all of it, downloads would wait for them forever)."""
         await asyncio.to_thread(remove_matching, self.images, TEMP_FILES)
         for request_id, waiting in self.bodies.waiting_by_request().items():
@@ -114,7 +114,7 @@ class CompressStage(Follower):
                 self.bodies.recycle(path, path.stat().st_size)
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
-        """The body's image is settled in the log: it becomes a spare, and makes room for a download."""
+        """The body's image is settled in the log: it becomes a recycled file, and makes room for a download."""
         event = record.event
         assert isinstance(event, ImageDownloaded)
         path = self.bodies.path(record.stream, event.product, event.index)

@@ -511,14 +511,14 @@ def test_every_image_has_exactly_one_output_file(outcome: Outcome) -> None:
 
 def test_no_temporary_files_are_left(outcome: Outcome) -> None:
     """No .tmp/.part file anywhere, no hidden file in images/ and nothing left in the working folder's bodies (but
-    spare files for the next downloads) or inbox/.claimed."""
+    recycled files for the next downloads) or inbox/.claimed."""
     leftovers = [p for name in ("images", "outbox", "inbox", ".imgpipe-work") for p in (outcome.root / name).rglob("*")
                  if p.name.endswith((".tmp", ".part"))]
     assert leftovers == []
     hidden = [p.name for p in (outcome.root / "images").iterdir() if p.name.startswith(".")]
     assert hidden == []
     bodies = outcome.root / ".imgpipe-work" / "bodies"
-    assert [p for p in files_under(bodies) if p.parent.name != ".spare"] == []
+    assert [p for p in files_under(bodies) if p.parent.name != ".recycled"] == []
     assert files_under(outcome.root / "inbox" / ".claimed") == []
 
 

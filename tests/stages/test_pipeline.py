@@ -111,8 +111,8 @@ async def test_every_kind_of_image_gets_the_right_outcome(app: web.Application, 
 
     types = event_types(app[EVENTLOG], accepted.request_id)
     assert types["ImageDownloadRetried"] == 2 and types["RequestCompleted"] == 1
-    assert app[BODIES].request_folders() == []  # no body left: each became a spare or was removed
-    assert len(list(app[BODIES].spares_folder.iterdir())) <= settings.download.backlog
+    assert app[BODIES].request_folders() == []  # no body left: each became a recycled file or was removed
+    assert len(list(app[BODIES].recycled_folder.iterdir())) <= settings.download.backlog
     assert not [p for p in settings.path("images").iterdir() if p.name.endswith(".tmp")]
 
 
@@ -265,7 +265,7 @@ async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Cal
     outputs = sorted(p.name for p in settings.path("images").iterdir() if p.is_file())
     assert outputs == sorted(f"{r.stem}.jpg" for r in requested)
     assert not [p for p in settings.path("images").rglob("*")
-                if p.is_file() and p.parent not in (settings.path("images"), app[BODIES].spares_folder)]
+                if p.is_file() and p.parent not in (settings.path("images"), app[BODIES].recycled_folder)]
 
     async with daemon_app(settings) as app:  # a third start has nothing left to do
         assert await drain(app) == 0
@@ -377,7 +377,7 @@ async def test_downloads_waiting_to_try_again_keep_their_place_in_the_backlog(
 
 async def test_bodies_left_by_a_crash_after_their_compression_do_not_block_the_backlog(
         make_settings: Callable[..., Settings], origin: Origin) -> None:
-    """Bodies still on disk although their images were compressed (a crash right after the commit) are made spares
+    """Bodies still on disk although their images were compressed (a crash right after the commit) are made recycled files
     at the next start, so with a full backlog of them the request still completes."""
     settings = make_settings(download={"backlog": 2})
     async with daemon_app(settings) as app:
@@ -387,7 +387,7 @@ async def test_bodies_left_by_a_crash_after_their_compression_do_not_block_the_b
         await followers["stage.compress"].run_until_idle()
         spent = [app[BODIES].path(accepted.request_id, 0, index) for index in (0, 1)]
         assert bodies_on_disk(app) == [] and event_types(app[EVENTLOG], accepted.request_id)["ImageCompressed"] == 2
-    for path in spent:  # as if the daemon died between the commit and making them spares
+    for path in spent:  # as if the daemon died between the commit and making them recycled files
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"already compressed")
     async with daemon_app(settings) as app:
@@ -404,13 +404,13 @@ async def test_a_spare_body_is_overwritten_to_the_new_length(make_settings: Call
     async with daemon_app(settings) as app:
         big = await submit(app, [[f"{origin.url}/img/photo2.jpg"]])
         await drain(app)
-        spares = list(app[BODIES].spares_folder.iterdir())
-        assert len(spares) == 1 and spares[0].stat().st_size == len(image_files["photo2.jpg"])
+        recycled = list(app[BODIES].recycled_folder.iterdir())
+        assert len(recycled) == 1 and recycled[0].stat().st_size == len(image_files["photo2.jpg"])
         small = await submit(app, [[f"{origin.url}/img/low.jpg", f"{origin.url}/img/photo.jpg"]])
         await drain(app)
         kept, photo = images_of(await status_of(app, small.request_id))
         assert (await status_of(app, big.request_id))["status"] == "completed"
-        assert len(list(app[BODIES].spares_folder.iterdir())) == 1  # at most `backlog` spares are kept
+        assert len(list(app[BODIES].recycled_folder.iterdir())) == 1  # at most `backlog` recycled files are kept
     assert kept["status"] == "kept_original" and kept["bytes_in"] == len(image_files["low.jpg"])
     assert output_file(settings, kept).read_bytes() == image_files["low.jpg"]
     assert photo["status"] == "compressed" and photo["bytes_in"] == len(image_files["photo.jpg"])
