@@ -298,3 +298,28 @@ class Helpers:
 @pytest.fixture
 def helpers() -> type[Helpers]:
     return Helpers
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a reachable PostgreSQL (and unless CI requires it), its tests are left out, said once at the end."""
+    if REQUIRE_POSTGRES or not any(_on_postgresql(item) for item in items) or not postgres_unreachable():
+        return
+    left_out = [item for item in items if _on_postgresql(item)]
+    items[:] = [item for item in items if not _on_postgresql(item)]
+    config.hook.pytest_deselected(items=left_out)
+    config.stash[POSTGRES_LEFT_OUT] = len(left_out)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if left_out := config.stash.get(POSTGRES_LEFT_OUT, 0):
+        terminalreporter.write_line(
+            f"{left_out} PostgreSQL tests not run: {postgres_unreachable()}; start PostgreSQL or set "
+            "IMGPIPE_TEST_DATABASE_URL=postgresql://user@host:port/db to run them")
+
+
+POSTGRES_LEFT_OUT = pytest.StashKey[int]()
+
+
+def _on_postgresql(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and "postgresql" in callspec.params.values()
