@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,14 @@ def image_files() -> dict[str, bytes]:
 async def origin(image_files: dict[str, bytes]) -> AsyncIterator[Origin]:
     async with Origin(image_files) as server:
         yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path,
+                 both_backends: Callable[[str, Path], AbstractContextManager[str]]) -> Iterator[str]:
+    """Every test here runs on both backends."""
+    with both_backends(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,14 @@ from daemon.config import Settings
 from daemon.testing import Origin, jpeg_bytes, photo, pipeline_settings, with_database
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path,
+                 both_backends: Callable[[str, Path], AbstractContextManager[str]]) -> Iterator[str]:
+    """Every test here runs on both backends."""
+    with both_backends(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
