@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,15 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
         holder.wait()
     with exclusive(url) as path:
         assert path is not None and Path(path).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_postgresql_database_is_held_by_one_process_at_a_time(
+        tmp_path: Path, both_backends: Callable[[str, Path], AbstractContextManager[str]]) -> None:
+    """On PostgreSQL the lock is an advisory lock: a second holder is refused naming the first's pid, then it is free."""
+    with both_backends("postgresql", tmp_path) as url:
+        with exclusive(url) as lock:
+            with pytest.raises(DatabaseInUse) as refused, exclusive(url):
+                pass
+            assert refused.value.details == {"database": url, "lock": lock, "pid": os.getpid()}
+        with exclusive(url):  # the server released it with its connection
+            pass
