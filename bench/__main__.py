@@ -1,20 +1,24 @@
-"""make bench: two scenarios against the real daemon, one after the other, in one run.
+"""make bench: three scenarios, one after the other, in one run.
 
-throughput: the daemon end to end vs. the bare Pillow ceiling, measured side by side.
+throughput: the daemon end to end vs. the bare Pillow ceiling, measured side by side, on each event-log backend.
 1. Generate N photographic 2000x2000 JPEGs (quality 90) and serve them from a loopback origin.
 2. Start `imgpipe run` as a subprocess, upload one CSV listing them with a webhook_url; the time ends
-   when the completion webhook arrives.
+   when the completion webhook arrives. Once per backend (--backends, default SQLite and PostgreSQL, each
+   daemon with a fresh log: a SQLite file, or a PostgreSQL schema of its own).
 3. Ceiling: a process pool of the same size decodes and re-encodes the same files at the same quality,
    no network, no events.
-Ceiling and pipeline alternate for --rounds rounds (default 3, a fresh daemon each). Reports images/s for
-both and their ratio over all rounds, the lowest and median round's ratio, and the daemon's peak RSS.
+Ceiling and pipelines alternate for --rounds rounds (default 7, a fresh daemon each). Reports images/s for
+all and each backend's ratio to the ceiling over all rounds, the lowest and median round's ratio, the daemon's
+peak RSS, and PostgreSQL's images/s over SQLite's as the median of the rounds' ratios.
+
 Before the first round the bench waits, up to --settle-max seconds, until creating a file costs what it does
 with no recent deletions, and it deletes no daemon's files before the end (see harness.settled_filesystem).
 
+appends (bench/backends.py): appends per second through `EventLog.append` on each backend, in this process.
 load (bench/load.py): concurrent uploads while clients poll /status at a fixed rate; see there.
 
 Prints the results and writes them to bench/results/latest.json as
-{"filesystem": {...}, "throughput": {...}, "load": {...}}.
+{"filesystem": {...}, "throughput": {...}, "appends": {...}, "load": {...}}.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import io
 import json
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -33,6 +38,7 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
+from bench.backends import Databases, add_backend_arguments, backends_of, databases, run_appends
 from bench.harness import (
     Daemon,
     cpu_mark,
@@ -68,8 +74,8 @@ def ceiling(files: list[bytes], workers: int, quality: int) -> float:
         return time.perf_counter() - start
 
 
-async def run_daemon(urls: list[str], workers: int, quality: int, workdir: Path) -> dict[str, Any]:
-    async with (Daemon(workdir, workers, quality) as daemon, aiohttp.ClientSession() as client,
+async def run_daemon(urls: list[str], workers: int, quality: int, workdir: Path, database: str) -> dict[str, Any]:
+    async with (Daemon(workdir, workers, quality, database) as daemon, aiohttp.ClientSession() as client,
                 Listener([204]) as listener):
         mark = cpu_mark()
         start = time.perf_counter()
@@ -87,44 +93,14 @@ async def run_daemon(urls: list[str], workers: int, quality: int, workdir: Path)
             **daemon.memory(), "cpu": cpu, "main_cpu_s": main_cpu_s}
 
 
-async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    """`args.rounds` rounds of ceiling then pipeline, alternated so that a machine that speeds up or slows down
-    during the run moves both; the headline figures are over all rounds, the spread is in `rounds`."""
-    files = {f"p{i}.jpg": photos[i % len(photos)] for i in range(args.images)}
-    n = args.images
-    rounds: list[dict[str, Any]] = []
-    async with Origin(files) as origin:
-        for k in range(args.rounds):
-            ceiling_s = ceiling(list(files.values()), args.workers, args.quality)
-            create_ms = file_create_ms(scratch)
-            daemon = await run_daemon([f"{origin.url}/img/{name}" for name in files], args.workers,
-                                      args.quality, new_workdir(scratch, f"throughput-{k}"))
-            if daemon["status"] != "completed":
-                raise SystemExit(f"throughput: the batch ended {daemon['status']}: {daemon['progress']}")
-            rounds.append({
-                "ceiling_images_per_s": round(n / ceiling_s, 2),
-                "pipeline_images_per_s": round(n / daemon["elapsed_s"], 2),
-                "ratio": round(ceiling_s / daemon["elapsed_s"], 3),
-                "upload_ack_ms": round(daemon["ack_s"] * 1000, 1),
-                "daemon_peak_rss_mb": daemon["daemon_peak_rss_mb"],
-                "pool_rss_mb": daemon["pool_rss_mb"],
-                "cpu_cores_while_running": daemon["cpu"],
-                "daemon_main_cpu_ms_per_image": round(1000 * daemon["main_cpu_s"] / n, 3),
-                "file_create_ms": create_ms,
-                "ceiling_s": ceiling_s, "pipeline_s": daemon["elapsed_s"],
-            })
-    ceiling_total = sum(r.pop("ceiling_s") for r in rounds)
-    pipeline_total = sum(r.pop("pipeline_s") for r in rounds)
+def summary(rounds: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """One backend's figures over all rounds: images/s and the ceiling's total time over the pipeline's."""
+    ceiling_total = sum(r["ceiling_s"] for r in rounds)
+    pipeline_total = sum(r["pipeline_s"] for r in rounds)
     ratios = sorted(r["ratio"] for r in rounds)
     cpu = {key: round(statistics.mean(r["cpu_cores_while_running"][key] for r in rounds), 2)
            for key in rounds[0]["cpu_cores_while_running"]}
     return {
-        "images": n,
-        "size": f"{args.size}x{args.size}",
-        "input_mb": round(sum(len(b) for b in files.values()) / 1e6, 1),
-        "workers": args.workers,
-        "quality": args.quality,
-        "ceiling_images_per_s": round(n * len(rounds) / ceiling_total, 2),
         "pipeline_images_per_s": round(n * len(rounds) / pipeline_total, 2),
         "ratio": round(ceiling_total / pipeline_total, 3),
         "ratio_lowest": ratios[0],
@@ -133,22 +109,92 @@ async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Pat
         "pool_rss_mb": max(r["pool_rss_mb"] for r in rounds),
         "cpu_cores_while_running": cpu,
         "daemon_main_cpu_ms_per_image": round(statistics.mean(r["daemon_main_cpu_ms_per_image"] for r in rounds), 3),
+    }
+
+
+def versus(rounds: list[dict[str, Any]], backend: str, baseline: str) -> dict[str, Any]:
+    """`backend`'s images/s over `baseline`'s, per round (both ran on the same images in that round)."""
+    ratios = [round(r[baseline]["pipeline_s"] / r[backend]["pipeline_s"], 3) for r in rounds]
+    return {"ratio_median": statistics.median(ratios), "ratio_lowest": min(ratios), "ratio_highest": max(ratios),
+            "rounds": ratios}
+
+
+async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Path,
+                     where: Databases) -> dict[str, Any]:
+    """`args.rounds` rounds of the ceiling then the pipeline on each backend, alternated so that a machine that speeds
+    up or slows down during the run moves all of them (and the backends swap places each round, so neither always
+    runs right after the ceiling). The headline figures are over all rounds, the spread is in `rounds`; the first
+    backend's are also at the top level, where they were before there was more than one."""
+    files = {f"p{i}.jpg": photos[i % len(photos)] for i in range(args.images)}
+    n = args.images
+    backends = backends_of(args)
+    rounds: list[dict[str, Any]] = []
+    async with Origin(files) as origin:
+        for k in range(args.rounds):
+            ceiling_s = ceiling(list(files.values()), args.workers, args.quality)
+            round_: dict[str, Any] = {"ceiling_images_per_s": round(n / ceiling_s, 2), "ceiling_s": ceiling_s,
+                                      "order": backends if k % 2 == 0 else backends[::-1]}
+            for backend in round_["order"]:
+                create_ms = file_create_ms(scratch)
+                workdir = new_workdir(scratch, f"throughput-{backend}-{k}")
+                daemon = await run_daemon([f"{origin.url}/img/{name}" for name in files], args.workers,
+                                          args.quality, workdir, where.url(backend, workdir))
+                if daemon["status"] != "completed":
+                    raise SystemExit(f"throughput ({backend}): the batch ended {daemon['status']}: "
+                                     f"{daemon['progress']}")
+                round_[backend] = {
+                    "pipeline_images_per_s": round(n / daemon["elapsed_s"], 2),
+                    "ratio": round(ceiling_s / daemon["elapsed_s"], 3),
+                    "upload_ack_ms": round(daemon["ack_s"] * 1000, 1),
+                    "daemon_peak_rss_mb": daemon["daemon_peak_rss_mb"],
+                    "pool_rss_mb": daemon["pool_rss_mb"],
+                    "cpu_cores_while_running": daemon["cpu"],
+                    "daemon_main_cpu_ms_per_image": round(1000 * daemon["main_cpu_s"] / n, 3),
+                    "file_create_ms": create_ms,
+                    "ceiling_s": ceiling_s, "pipeline_s": daemon["elapsed_s"],
+                }
+            print(f"throughput round {k + 1}: ceiling {round_['ceiling_images_per_s']} img/s, " + ", ".join(
+                f"{b} {round_[b]['pipeline_images_per_s']} img/s" for b in backends), file=sys.stderr)
+            rounds.append(round_)
+    by_backend = {backend: summary([r[backend] for r in rounds], n) for backend in backends}
+    compared = {f"{b}_vs_{backends[0]}": versus(rounds, b, backends[0]) for b in backends[1:]}
+    for name, figures in compared.items():
+        print(f"throughput {name.replace('_vs_', ' / ')}: median {figures['ratio_median']} over {len(rounds)} rounds "
+              f"({figures['ratio_lowest']}-{figures['ratio_highest']})", file=sys.stderr)
+    ceiling_total = sum(r["ceiling_s"] for r in rounds)
+    for r in rounds:
+        del r["ceiling_s"]
+        for backend in backends:
+            del r[backend]["ceiling_s"], r[backend]["pipeline_s"]
+    return {
+        "images": n,
+        "size": f"{args.size}x{args.size}",
+        "input_mb": round(sum(len(b) for b in files.values()) / 1e6, 1),
+        "workers": args.workers,
+        "quality": args.quality,
+        "ceiling_images_per_s": round(n * len(rounds) / ceiling_total, 2),
+        "backend": backends[0],
+        **by_backend[backends[0]],
+        "by_backend": by_backend,
+        **compared,
         "rounds": rounds,
     }
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench")
-    parser.add_argument("--scenario", choices=("all", "throughput", "load"), default="all")
+    parser.add_argument("--scenario", choices=("all", "throughput", "appends", "load"), default="all")
     parser.add_argument("--images", type=int, default=int(os.environ.get("BENCH_IMAGES", 200)))
     parser.add_argument("--size", type=int, default=2000)
     parser.add_argument("--distinct", type=int, default=24, help="distinct generated photos, served round-robin")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quality", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=3, help="throughput: ceiling and pipeline, alternated")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="throughput: the ceiling and the pipeline on each backend, alternated")
     parser.add_argument("--settle-max", type=float, default=420.0,
                         help="seconds to wait at most for file creation to cost what it does with no recent deletions")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    add_backend_arguments(parser)
     add_load_arguments(parser)
     args = parser.parse_args()
 
@@ -161,12 +207,15 @@ async def main() -> None:
         return photos[key]
 
     results: dict[str, Any] = {}
-    with scratch() as folder:
+    with scratch() as folder, databases(args) as where:
         results["filesystem"] = await settled_filesystem(folder, args.settle_max)
         print(json.dumps({"filesystem": results["filesystem"]}), flush=True)
         if args.scenario in ("all", "throughput"):
-            results["throughput"] = await throughput(photos_of(args.size, args.images), args, folder)
+            results["throughput"] = await throughput(photos_of(args.size, args.images), args, folder, where)
             print(json.dumps({"throughput": results["throughput"]}, indent=2), flush=True)
+        if args.scenario in ("all", "appends"):
+            results["appends"] = await run_appends(args, folder, where)
+            print(json.dumps({"appends": results["appends"]}, indent=2), flush=True)
         if args.scenario in ("all", "load"):
             load_photos = photos_of(args.load_size, args.load_requests * args.load_images)
             results["load"] = await run_load(load_photos, args, folder)

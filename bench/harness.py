@@ -156,6 +156,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def database_server_pids() -> list[int]:
+    """The local PostgreSQL server's processes (its backends, WAL writer, checkpointer...), whoever they serve."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "postgres":
+                    pids.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return pids
+
+
 def cpu_busy() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine since boot."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
@@ -169,10 +182,12 @@ def csv_body(urls: list[str]) -> bytes:
 
 
 class Daemon:
-    """`python -m daemon run` in `workdir` on a free loopback port; samples its memory until stopped."""
+    """`python -m daemon run` in `workdir` on a free loopback port; samples its memory until stopped. Its event log is
+    `database` (a URL), by default a SQLite file in `workdir`."""
 
-    def __init__(self, workdir: Path, workers: int, quality: int) -> None:
+    def __init__(self, workdir: Path, workers: int, quality: int, database: str = "") -> None:
         self.workdir, self.workers, self.quality = workdir, workers, quality
+        self.database = database or f"sqlite:///{workdir / 'imgpipe.db'}"
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.peak_main_kb = self.peak_pool_kb = 0
@@ -191,7 +206,7 @@ class Daemon:
             "IMGPIPE_PATHS_INBOX": str(self.workdir / "inbox"),
             "IMGPIPE_PATHS_OUTBOX": str(self.workdir / "outbox"),
             "IMGPIPE_PATHS_IMAGES": str(self.workdir / "images"),
-            "IMGPIPE_PATHS_DATABASE": f"sqlite:///{self.workdir / 'imgpipe.db'}",
+            "IMGPIPE_PATHS_DATABASE": self.database,
             "IMGPIPE_COMPRESS_WORKERS": str(self.workers),
             "IMGPIPE_COMPRESS_QUALITY": str(self.quality),
             "IMGPIPE_NETWORK_ALLOW_PRIVATE": "true",
@@ -260,21 +275,25 @@ class CpuMark:
 
 
 def cpu_mark() -> CpuMark:
-    """Start a CPU-use window over the machine and this process with everything below it."""
+    """Start a CPU-use window over the machine, this process with everything below it, and the database server."""
     me = os.getpid()
-    return CpuMark(time.perf_counter(), cpu_busy(), {p: cpu_seconds(p) for p in [me, *descendants(me)]})
+    return CpuMark(time.perf_counter(), cpu_busy(),
+                   {p: cpu_seconds(p) for p in [me, *descendants(me), *database_server_pids()]})
 
 
 def cpu_use(mark: CpuMark, daemon: int) -> dict[str, float]:
-    """CPU use since `mark`, in cores: the daemon's main process, its pool, the bench (client and origin), and
+    """CPU use since `mark`, in cores: the daemon's main process, its pool, the bench (client and origin), the
+    PostgreSQL server (all of it: with the SQLite backend, the database's work is in the daemon's main process), and
     whatever else ran on the machine meanwhile (other users: not 0 means the figures are disturbed)."""
     wall = time.perf_counter() - mark.at
     busy, total = cpu_busy()
     me, pool = os.getpid(), set(descendants(daemon))
-    used = {"daemon_main": 0.0, "pool": 0.0, "bench": 0.0}
+    used = {"daemon_main": 0.0, "pool": 0.0, "bench": 0.0, "database_server": 0.0}
     for pid in [me, *descendants(me)]:
         part = "daemon_main" if pid == daemon else "pool" if pid in pool else "bench"
         used[part] += cpu_seconds(pid) - mark.processes.get(pid, 0.0)
+    for pid in database_server_pids():
+        used["database_server"] += cpu_seconds(pid) - mark.processes.get(pid, 0.0)
     share = (busy - mark.machine[0]) / max(total - mark.machine[1], 1)
     machine = share * (os.cpu_count() or 1)
     return {"machine_cpu_busy_pct": round(100 * share, 1),
