@@ -29,6 +29,7 @@ from daemon.http_api import (
     DELETE_STAGE,
     DISK_SPACE,
     EVENTLOG,
+    IMAGE_STORE,
     SETTINGS,
     STATUS_VIEW,
     add_routes,
@@ -45,6 +46,7 @@ from daemon.stages.compress import CompressStage
 from daemon.stages.delete import DeleteStage
 from daemon.stages.download import DownloadStage
 from daemon.stages.pool import CodecPool
+from daemon.storage import image_store
 from daemon.tuning import tuned
 from daemon.views.export import OutboxWriter
 from daemon.views.status import STATUS_TABLES, StatusView
@@ -87,14 +89,14 @@ def build_followers(app: web.Application) -> list[Follower]:
     app[STATUS_VIEW] = status_view
     bodies, cancellations = app[BODIES], app[CANCELLATIONS]
     complete = app[COMPLETE_STAGE] = CompleteStage(eventlog, bodies)
-    delete = app[DELETE_STAGE] = DeleteStage(eventlog, bodies, cancellations, settings.path("images"),
+    delete = app[DELETE_STAGE] = DeleteStage(eventlog, bodies, cancellations, app[IMAGE_STORE],
                                              settings.path("outbox"), settings.path("inbox"))
     return [
         *views,
         DownloadStage(eventlog, app[CLIENT], bodies, settings.download, cancellations),
-        CompressStage(eventlog, app[POOL], bodies, settings.path("images"), settings.compress, cancellations),
+        CompressStage(eventlog, app[POOL], bodies, app[IMAGE_STORE], settings.compress, cancellations),
         complete,
-        OutboxWriter(eventlog, settings.path("outbox"), settings.public_url),
+        OutboxWriter(eventlog, settings.path("outbox"), settings.images_url),
         WebhookDelivery(eventlog, app[WEBHOOK_CLIENT], settings, status_view),
         delete,
     ]
@@ -201,6 +203,7 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
     app = web.Application(middlewares=[json_errors, bearer_auth(settings.server.tokens)],
                           client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
     app[SETTINGS] = settings
+    app[IMAGE_STORE] = image_store(settings)  # a plain value: the clients it opens live as long as the process
     app[FOLLOW] = follow
     app.cleanup_ctx.extend([diskspace_ctx, eventlog_ctx, bodies_ctx, pool_ctx, tuning_ctx, client_ctx, followers_ctx,
                             inbox_ctx, retention_ctx, announce_ctx])

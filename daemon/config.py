@@ -110,6 +110,14 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    url: str = ""  # empty: images in paths.images; else s3://bucket/prefix (credentials: AWS_* variables only)
+    endpoint: str = ""  # empty: AWS for the region; else an S3-compatible server's base URL
+    region: str = ""  # empty: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    public_url: str = ""  # base of output image URLs (the bucket's or a CDN's); empty: the daemon's /images/
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     paths: PathSettings = field(default_factory=PathSettings)
@@ -120,11 +128,17 @@ class Settings:
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     base_dir: Path = field(default_factory=Path.cwd)
 
     @property
     def public_url(self) -> str:
         return (self.server.public_url or f"http://{self.server.host}:{self.server.port}").rstrip("/")
+
+    @property
+    def images_url(self) -> str:
+        """The base of output image URLs: a name appended after a slash is the image's URL."""
+        return self.storage.public_url.rstrip("/") or f"{self.public_url}/images"
 
     def path(self, name: str) -> Path:
         """An absolute path from [paths]; relative ones are relative to the config file's folder."""
@@ -265,8 +279,27 @@ def _check(name: str, section: Any) -> None:
         raise ConfigError(f"config key download.backlog_bytes: must be at least 1, got {section.backlog_bytes}")
     if name == "download" and section.attempts < 1:
         raise ConfigError(f"config key download.attempts: must be at least 1, got {section.attempts}")
+    if name == "storage":
+        _check_storage(section)
     if name == "webhooks" and section.max_payload_bytes < 1:
         raise ConfigError(f"config key webhooks.max_payload_bytes: must be at least 1, got {section.max_payload_bytes}")
+
+
+def _check_storage(storage: StorageSettings) -> None:
+    """A store the daemon could never write to is refused at start, not found out image by image."""
+    if not storage.url:
+        for key in ("endpoint", "region", "public_url"):
+            if getattr(storage, key):
+                raise ConfigError(f"config key storage.{key}: set storage.url too (without it images stay in "
+                                  "paths.images)")
+        return
+    bucket = storage.url.removeprefix("s3://").split("/", 1)[0]
+    if not storage.url.startswith("s3://") or not bucket:
+        raise ConfigError(f"config key storage.url: expected s3://bucket or s3://bucket/prefix, got {storage.url!r}")
+    for key in ("endpoint", "public_url"):
+        value = getattr(storage, key)
+        if value and not value.startswith(("http://", "https://")):
+            raise ConfigError(f"config key storage.{key}: expected an http:// or https:// URL, got {value!r}")
 
 
 def _check_environment(env: Mapping[str, str]) -> None:

@@ -5,6 +5,9 @@ image's or the request's: nothing is failed for it and no attempt is spent. Each
 (the images folder, the working folder, the outbox, the database, the inbox) is full or not; the first failure
 there starts an episode, logged once as `disk_full` with the path and the free bytes, and the first write
 there that succeeds again ends it (`disk_space_back`). While any place is full, /healthz says "degraded".
+
+An object store that is down or refuses writes (daemon.storage.StoreUnavailable) is one more such place, "store":
+the same pause, logged as `image_store_unavailable` and `image_store_back`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import TYPE_CHECKING, TypeVar
 import peewee
 import structlog
 
+from daemon.storage import StoreUnavailable
+
 if TYPE_CHECKING:
     from daemon.config import Settings
 
@@ -30,7 +35,8 @@ T = TypeVar("T")
 
 # What /healthz names (it needs no token, so never a path).
 PLACES = {"images": "compressed images", "work": "working files", "outbox": "outbox", "database": "database",
-          "inbox": "inbox"}
+          "inbox": "inbox", "store": "image store"}
+STORE = "store"
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 SQLITE_FULL = "database or disk is full"
 POSTGRES_FULL = frozenset({"53100"})  # disk_full: the server's disk (the daemon only waits; the server's admin acts)
@@ -50,7 +56,7 @@ def full_error(exc: BaseException) -> BaseException | None:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in FULL_ERRNOS:
+        if isinstance(current, OSError) and current.errno in FULL_ERRNOS or isinstance(current, StoreUnavailable):
             return current
         if isinstance(current, peewee.OperationalError | sqlite3.OperationalError) and SQLITE_FULL in str(current):
             return current
@@ -61,7 +67,9 @@ def full_error(exc: BaseException) -> BaseException | None:
 
 
 def place_of(exc: BaseException, place: str) -> str:
-    """The place a disk-full error is about: a full database wherever it was written from, else `place`."""
+    """The place a disk-full error is about: a full database wherever it was written from, the store, else `place`."""
+    if isinstance(full_error(exc), StoreUnavailable):
+        return STORE
     return "database" if isinstance(exc, peewee.DatabaseError | sqlite3.DatabaseError) else place
 
 
@@ -107,7 +115,8 @@ class DiskSpace:
 
     def reasons(self) -> list[str]:
         """Why the daemon is degraded, for /healthz; empty when it is not."""
-        return [f"disk full: {PLACES.get(place, place)}" for place in sorted(self._full)]
+        return ["image store unavailable" if place == STORE else f"disk full: {PLACES.get(place, place)}"
+                for place in sorted(self._full)]
 
     def failed_writes(self, place: str) -> int:
         """Writes at `place` that failed for lack of space in its current episode; 0 when it is not full."""
@@ -126,6 +135,9 @@ class DiskSpace:
         episode.watcher = asyncio.create_task(self._watch(place, episode), name=f"diskspace:{place}")
         path = self.paths.get(place)
         error = full_error(exc) or exc
+        if place == STORE:
+            log.warning("image_store_unavailable", error=str(error))
+            return
         log.warning("disk_full", place=place, path=str(path) if path else None, free_bytes=free,
                     error=f"{type(error).__name__}: {error}")
 
@@ -138,6 +150,10 @@ class DiskSpace:
             episode.watcher.cancel()
         episode.more_room.set()
         path = self.paths.get(place)
+        if place == STORE:
+            log.info("image_store_back", paused_s=round(time.monotonic() - episode.since, 3),
+                     failed_writes=episode.failures)
+            return
         log.info("disk_space_back", place=place, path=str(path) if path else None,
                  paused_s=round(time.monotonic() - episode.since, 3), failed_writes=episode.failures)
 

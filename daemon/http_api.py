@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import mimetypes
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,6 +17,7 @@ from daemon.control.cancellations import Cancellations
 from daemon.diskspace import DiskSpace, is_disk_full
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import DatabaseAway, EventLog
+from daemon.storage import ImageStore, ObjectStore, StoreUnavailable, content_type
 from daemon.views.export import FINISHED, export_rows, finished_request_ids, to_csv
 from daemon.views.status import Page, StatusView, request_status
 
@@ -30,8 +30,10 @@ COMPLETE_STAGE = web.AppKey("complete_stage", Follower)
 DELETE_STAGE = web.AppKey("delete_stage", Follower)
 CANCELLATIONS = web.AppKey("cancellations", Cancellations)
 DISK_SPACE = web.AppKey("disk_space", DiskSpace)
+IMAGE_STORE = web.AppKey("image_store", ImageStore)
 DISK_FULL_RETRY_AFTER = 30  # seconds a client told 503 for a full disk is asked to wait
 DATABASE_AWAY_RETRY_AFTER = 5  # seconds a client told 503 for an unreachable database is asked to wait
+STORE_RETRY_AFTER = 5  # seconds a client told 503 for an image store that is down is asked to wait
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -173,7 +175,7 @@ async def status(request: web.Request) -> web.Response:
     page = None if offset is None and limit is None else Page(offset or 0, limit)
 
     def encoded() -> bytes | None:
-        body = request_status(request_id, settings.public_url, with_products, page)
+        body = request_status(request_id, settings.public_url, with_products, page, settings.images_url)
         return None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
 
     # Built and encoded on a reader thread: a 10,000-image body must not hold up the event loop.
@@ -192,7 +194,7 @@ async def export_all(request: web.Request) -> web.Response:
     settings, eventlog = request.app[SETTINGS], request.app[EVENTLOG]
 
     def csv_bytes() -> bytes:  # on a reader thread, like every large body
-        return to_csv(export_rows(finished_request_ids(), settings.public_url)).encode("utf-8")
+        return to_csv(export_rows(finished_request_ids(), settings.images_url)).encode("utf-8")
 
     return csv_response(await eventlog.query(csv_bytes), "export.csv")
 
@@ -209,7 +211,7 @@ async def export_one(request: web.Request) -> web.Response:
                          status=body["status"], progress=body["progress"])
 
     def csv_bytes() -> bytes:
-        return to_csv(export_rows([request_id], settings.public_url)).encode("utf-8")
+        return to_csv(export_rows([request_id], settings.images_url)).encode("utf-8")
 
     return csv_response(await eventlog.query(csv_bytes), f"{request_id}.csv")
 
@@ -217,17 +219,56 @@ async def export_one(request: web.Request) -> web.Response:
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 
 
-async def image(request: web.Request) -> web.FileResponse:
-    """Serve a compressed image; only plain names inside the images folder are reachable."""
+async def image(request: web.Request) -> web.StreamResponse:
+    """Serve a compressed image; only plain names inside the images folder (or the store) are reachable."""
     name = request.match_info["name"]
-    folder = request.app[SETTINGS].path("images")
-    path = folder / name
-    if not IMAGE_NAME.match(name) or ".." in name or path.parent != folder or not path.is_file():
+    settings, store = request.app[SETTINGS], request.app[IMAGE_STORE]
+    if not IMAGE_NAME.match(name) or ".." in name:
         raise json_error(web.HTTPNotFound, "unknown_image", f"no image named {name!r}")
-    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     # With API tokens, a shared cache (a CDN or proxy in front) must not hand the image to callers without one.
-    scope = "private" if request.app[SETTINGS].server.tokens else "public"
-    return web.FileResponse(path, headers={"Content-Type": content_type, "Cache-Control": f"{scope}, max-age=86400"})
+    scope = "private" if settings.server.tokens else "public"
+    headers = {"Content-Type": content_type(name), "Cache-Control": f"{scope}, max-age=86400"}
+    if isinstance(store, ObjectStore):
+        return await _stored_image(request, store, name, headers)
+    folder = settings.path("images")
+    path = folder / name
+    if path.parent != folder or not path.is_file():
+        raise json_error(web.HTTPNotFound, "unknown_image", f"no image named {name!r}")
+    return web.FileResponse(path, headers=headers)
+
+
+async def _stored_image(request: web.Request, store: ObjectStore, name: str,
+                        headers: dict[str, str]) -> web.StreamResponse:
+    """With storage.public_url, a redirect there (the store or its CDN serves the bytes; URLs handed out before it
+    was set keep working); without, the bucket may be private, so the daemon streams the object, chunk by chunk."""
+    public = request.app[SETTINGS].storage.public_url
+    if public:
+        raise web.HTTPFound(f"{public.rstrip('/')}/{name}")
+    try:
+        found = await store.read(name)
+    except StoreUnavailable as exc:
+        log.warning("image_store_unavailable", path=request.path, error=str(exc))
+        error = json_error(web.HTTPServiceUnavailable, "image_store_unavailable",
+                           "the image store does not answer right now; try again later",
+                           retry_after=STORE_RETRY_AFTER)
+        error.headers["Retry-After"] = str(STORE_RETRY_AFTER)
+        raise error from None
+    if found is None:
+        raise json_error(web.HTTPNotFound, "unknown_image", f"no image named {name!r}")
+    size, etag, chunks = found
+    response = web.StreamResponse(headers={**headers, **({"ETag": etag} if etag else {})})
+    response.content_length = size
+    await response.prepare(request)
+    try:
+        async for chunk in chunks:
+            await response.write(chunk)
+    except StoreUnavailable as exc:  # the status line is sent: all that is left is to cut the body short
+        log.warning("image_store_unavailable", path=request.path, error=str(exc))
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
 
 
 def add_routes(app: web.Application) -> None:

@@ -37,6 +37,7 @@ from daemon.ingest.csvfile import COLUMNS
 from daemon.ingest.inbox import Inbox
 from daemon.instance import DatabaseUnreachable, connect_postgresql, is_postgresql
 from daemon.testing import clean_environment, free_port, imgpipe_command
+from daemon.views.export import FINISHED
 
 T = TypeVar("T")
 
@@ -147,6 +148,18 @@ async def eventually(check: Callable[[], T | None] | Callable[[], Awaitable[T | 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def finished(client: test_utils.TestClient[Any, Any], request_id: str, timeout: float = 30.0,
+                   headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """The request's status once the status view has it and it has finished."""
+
+    async def done() -> dict[str, Any] | None:
+        response = await client.get(f"/status/{request_id}", headers=headers)
+        body = await response.json()
+        return body if response.status == 200 and body["status"] in FINISHED else None
+
+    return dict(await eventually(done, "the request to finish", timeout=timeout))
 
 
 @dataclass
@@ -286,6 +299,7 @@ class Helpers:
     execute = staticmethod(execute)
     stored_events = staticmethod(stored_events)
     eventually = staticmethod(eventually)
+    finished = staticmethod(finished)
     db_file = staticmethod(db_file)
     free_port = staticmethod(free_port)
     write_config = staticmethod(write_config)

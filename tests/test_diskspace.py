@@ -27,7 +27,6 @@ from daemon.stages.codec import EncodeSettings, compress_file
 from daemon.stages.compress import CODEC_ATTEMPTS
 from daemon.stages.pool import CodecPool
 from daemon.testing import Origin, jpeg_bytes, photo, pipeline_settings
-from daemon.views.export import FINISHED
 
 PHOTOS = 12
 FILLER = "filler"
@@ -103,14 +102,7 @@ async def progress(client: TestClient[Any, Any], request_id: str) -> dict[str, A
 
 
 async def finished(client: TestClient[Any, Any], request_id: str, helpers: Any) -> dict[str, Any]:
-    """The request's status once the status view has it and it has finished."""
-
-    async def done() -> dict[str, Any] | None:
-        response = await client.get(f"/status/{request_id}")
-        body = await response.json()
-        return body if response.status == 200 and body["status"] in FINISHED else None
-
-    return dict(await helpers.eventually(done, "the request to finish", timeout=30))
+    return dict(await helpers.finished(client, request_id))
 
 
 async def degraded(client: TestClient[Any, Any], reason: str) -> bool:

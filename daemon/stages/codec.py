@@ -1,7 +1,7 @@
 """The CPU side of the compress stage: decode one downloaded body, re-encode it, write it atomically.
 
 Runs inside the pool's worker processes (stages.pool), so everything public is top-level and trades only
-picklable values (str paths, frozen dataclasses). No network, no asyncio.
+picklable values (str paths, frozen dataclasses). No asyncio; the only network is the write to an object store.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from daemon.events import Compressed
-from daemon.files import write_atomic
+from daemon.storage import FolderStore, ImageStore
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,9 @@ def warm_up() -> int:
     return os.getpid()
 
 
-def compress_file(source: str, directory: str, stem: str, settings: EncodeSettings) -> Compressed:
-    """Compress `source` into `directory/stem.<ext>`; raises ImageRejected (writing nothing) for bad input."""
+def compress_file(source: str, images: str | ImageStore, stem: str, settings: EncodeSettings) -> Compressed:
+    """Compress `source` into `stem.<ext>` in `images` (a folder or a store); raises ImageRejected (writing
+    nothing) for bad input, StoreUnavailable when the store did not take it."""
     if stem in ("", ".", "..") or os.path.basename(stem) != stem:
         raise ValueError(f"stem must be a plain file name, got {stem!r}")
     try:
@@ -74,7 +75,7 @@ def compress_file(source: str, directory: str, stem: str, settings: EncodeSettin
         raise BodyGone(source) from None
     payload, fmt, width, height, quality, note = _compress(data, settings)
     name = stem + _extension(fmt)
-    write_atomic(os.path.join(directory, name), payload)
+    (FolderStore(images) if isinstance(images, str) else images).write(name, payload)
     return Compressed(
         name=name,
         format="JPEG" if fmt == "MPO" else fmt,  # an MPO file is a JPEG with extra pictures appended

@@ -24,10 +24,10 @@ from daemon.events import (
     ImageRequeued,
     names,
 )
-from daemon.files import TEMP_FILES, remove_matching
 from daemon.stages.bodies import Bodies
 from daemon.stages.codec import BodyGone, EncodeSettings, ImageRejected, compress_file
 from daemon.stages.pool import CodecPool, JobTimedOut, pool_size
+from daemon.storage import ImageStore
 
 log = structlog.get_logger("compress")
 CODEC_ATTEMPTS = 3
@@ -42,7 +42,7 @@ class CompressStage(Follower):
     name = "stage.compress"
     types = names(ImageDownloaded)
 
-    def __init__(self, eventlog: EventLog, pool: CodecPool, bodies: Bodies, images: Path,
+    def __init__(self, eventlog: EventLog, pool: CodecPool, bodies: Bodies, images: ImageStore,
                  settings: CompressSettings, cancellations: Cancellations) -> None:
         super().__init__(eventlog)
         self.pool, self.bodies, self.images = pool, bodies, images
@@ -59,9 +59,10 @@ class CompressStage(Follower):
         where = {"product": event.product, "index": event.index}
         source = self.bodies.path(record.stream, event.product, event.index)
         try:
-            # A full images folder pauses the image; it is no attempt of CODEC_ATTEMPTS, and never fails it.
-            result = await self.space.retry_while_full("images", lambda: self.pool.run(
-                compress_file, str(source), str(self.images), event.stem, self.encode))
+            # A full images folder or a store that is down pauses the image; it is no attempt of CODEC_ATTEMPTS,
+            # and never fails it.
+            result = await self.space.retry_while_full(self.images.place, lambda: self.pool.run(
+                compress_file, str(source), self.images, event.stem, self.encode))
         except ImageRejected as exc:
             log.info("image_failed", request_id=record.stream, error=str(exc), **where)
             return [ImageFailed(**where, stage="compress", error=str(exc))]
@@ -94,7 +95,7 @@ class CompressStage(Follower):
         """Temp files of encodes that a crash cut short (workers end with the daemon), and bodies whose image was
         settled just before a crash, before they became recycled files: nobody will take them, so they must not fill the
         backlog (were they all of it, downloads would wait for them forever)."""
-        await asyncio.to_thread(remove_matching, self.images, TEMP_FILES)
+        await self.images.recover()
         for request_id, waiting in self.bodies.waiting_by_request().items():
             records = await self.eventlog.read_stream(request_id, IMAGE_TERMINAL | names(ImageRequeued))
             settled: set[tuple[int, int]] = set()

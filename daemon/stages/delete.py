@@ -17,6 +17,7 @@ from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import Event, ImageCompressed, RequestAccepted, RequestDeleted, names
 from daemon.ingest.inbox import ARCHIVE
 from daemon.stages.bodies import Bodies
+from daemon.storage import ImageStore
 from daemon.views.export import outbox_name
 
 log = structlog.get_logger("delete")
@@ -27,7 +28,7 @@ class DeleteStage(Follower):
     types = names(RequestDeleted)
     concurrency = 4
 
-    def __init__(self, eventlog: EventLog, bodies: Bodies, cancellations: Cancellations, images: Path, outbox: Path,
+    def __init__(self, eventlog: EventLog, bodies: Bodies, cancellations: Cancellations, images: ImageStore, outbox: Path,
                  inbox: Path) -> None:
         super().__init__(eventlog)
         self.bodies, self.cancellations = bodies, cancellations
@@ -37,14 +38,18 @@ class DeleteStage(Follower):
         records = await self.eventlog.read_stream(record.stream)
         accepted = records[0].event
         assert isinstance(accepted, RequestAccepted)
-        files = [self.images / r.event.name for r in records if isinstance(r.event, ImageCompressed)]
-        files.append(self.outbox / outbox_name(record.stream, accepted))
+        names = [r.event.name for r in records if isinstance(r.event, ImageCompressed)]
+        if self.images.place == "store":  # a store that is down pauses the deletion, as it pauses compression
+            await self.space.retry_while_full("store", lambda: self.images.remove(names))
+        else:
+            await self.images.remove(names)
+        files = [self.outbox / outbox_name(record.stream, accepted)]
         if accepted.source == "inbox":
             files.append(self.inbox / ARCHIVE / f"{record.stream}--{accepted.source_name}")
         await asyncio.to_thread(_remove, files)
         await self.bodies.remove_request(record.stream)
         self.cancellations.forget(record.stream)
-        log.info("request_deleted", request_id=record.stream, files=len(files))
+        log.info("request_deleted", request_id=record.stream, files=len(files) + len(names))
         return ()
 
 

@@ -41,24 +41,24 @@ class ExportImage(NamedTuple):
 Row = tuple[str, str, str, str]
 
 
-def rows_from_images(images: Iterable[ExportImage], public_url: str) -> list[Row]:
+def rows_from_images(images: Iterable[ExportImage], images_url: str) -> list[Row]:
     """One row per product, output URLs in input order; a failed image keeps its place, empty."""
     rows: list[Row] = []
     for _, group in itertools.groupby(images, key=lambda i: i.product):
         product = list(group)
         rows.append((product[0].serial, product[0].product_name, ",".join(i.input_url for i in product),
-                     ",".join(image_url(public_url, i.output_name) or "" for i in product)))
+                     ",".join(image_url(images_url, i.output_name) or "" for i in product)))
     return rows
 
 
-def export_rows(request_ids: Iterable[str], public_url: str) -> list[Row]:
+def export_rows(request_ids: Iterable[str], images_url: str) -> list[Row]:
     """The rows of finished requests, from the status view (reader thread)."""
     rows: list[Row] = []
     for request_id in request_ids:
         images = StatusImage.select().where(StatusImage.request_id == request_id).order_by(
             StatusImage.product, StatusImage.index)
         rows += rows_from_images((ExportImage(i.product, i.serial, i.product_name, i.input_url, i.output_name)
-                                  for i in images), public_url)
+                                  for i in images), images_url)
     return rows
 
 
@@ -103,9 +103,9 @@ class OutboxWriter(Follower):
     types = names(RequestCompleted)
     concurrency = 4
 
-    def __init__(self, eventlog: EventLog, outbox: Path, public_url: str) -> None:
+    def __init__(self, eventlog: EventLog, outbox: Path, images_url: str) -> None:
         super().__init__(eventlog)
-        self.outbox, self.public_url = outbox, public_url
+        self.outbox, self.images_url = outbox, images_url
 
     async def recover(self) -> None:
         """Temp files of writes that a crash cut short."""
@@ -113,7 +113,7 @@ class OutboxWriter(Follower):
 
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         accepted, images = stream_images(await self.eventlog.read_stream(record.stream))
-        rows = rows_from_images(images, self.public_url)
+        rows = rows_from_images(images, self.images_url)
         path = self.outbox / outbox_name(record.stream, accepted)
         data = to_csv(rows).encode("utf-8")
         await self.space.retry_while_full("outbox", lambda: asyncio.to_thread(write_atomic, path, data))

@@ -238,8 +238,9 @@ def _image_changes(event: ImageEvent) -> dict[str, Any]:
     raise TypeError(event)
 
 
-def image_url(public_url: str, name: str | None) -> str | None:
-    return f"{public_url}/images/{name}" if name else None
+def image_url(images_url: str, name: str | None) -> str | None:
+    """An output image's URL; `images_url` is Settings.images_url (the store's public URL or the daemon's)."""
+    return f"{images_url}/{name}" if name else None
 
 
 @dataclass(frozen=True)
@@ -251,14 +252,15 @@ class Page:
 
 
 def request_status(request_id: str, public_url: str, with_products: bool = True,
-                   page: Page | None = None) -> dict[str, Any] | None:
+                   page: Page | None = None, images_url: str | None = None) -> dict[str, Any] | None:
     """The GET /status body for one request, or None; without `products` when not asked for, or with one page of
-    them. Run it through EventLog.query, whose read transaction makes its queries see one moment."""
-    return _request_status(request_id, public_url, with_products, page)
+    them (image URLs under `images_url`, by default the daemon's /images). Run it through EventLog.query, whose
+    read transaction makes its queries see one moment."""
+    return _request_status(request_id, public_url, with_products, page, images_url or f"{public_url}/images")
 
 
 def _request_status(request_id: str, public_url: str, with_products: bool,
-                    page: Page | None) -> dict[str, Any] | None:
+                    page: Page | None, images_url: str) -> dict[str, Any] | None:
     request = StatusRequest.get_or_none(StatusRequest.request_id == request_id)
     if request is None:
         return None
@@ -273,7 +275,7 @@ def _request_status(request_id: str, public_url: str, with_products: bool,
         "status_url": f"{public_url}/status/{request.request_id}",
     }
     if with_products:
-        body["products"] = products(request_id, public_url, page or Page())
+        body["products"] = products(request_id, images_url, page or Page())
         if page is not None:
             body["page"] = page_links(request_id, public_url, page)
     body["webhooks"] = webhooks(request_id)
@@ -297,7 +299,7 @@ def page_links(request_id: str, public_url: str, page: Page) -> dict[str, Any]:
     }
 
 
-def products(request_id: str, public_url: str, page: Page = Page()) -> list[dict[str, Any]]:
+def products(request_id: str, images_url: str, page: Page = Page()) -> list[dict[str, Any]]:
     """A request's products (all, or one page of them) with their images, in input order."""
     found: list[dict[str, Any]] = []
     # Plain rows, not model instances: this runs for every poll and the ORM objects cost most of it.
@@ -314,7 +316,7 @@ def products(request_id: str, public_url: str, page: Page = Page()) -> list[dict
         if not found or found[-1]["_product"] != product:
             found.append({"_product": product, "serial": serial, "product_name": name, "images": []})
         found[-1]["images"].append({
-            "input_url": input_url, "status": state, "output_url": image_url(public_url, output_name),
+            "input_url": input_url, "status": state, "output_url": image_url(images_url, output_name),
             "bytes_in": bytes_in, "bytes_out": bytes_out, "width": width, "height": height, "format": fmt,
             "attempts": attempts, "note": note, "error": error,
         })

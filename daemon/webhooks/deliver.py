@@ -61,7 +61,7 @@ def message_id(request_id: str, completed_version: int) -> str:
 
 
 def completion_payload(records: Sequence[RecordedEvent], public_url: str,
-                       with_products: bool = True) -> dict[str, Any]:
+                       with_products: bool = True, images_url: str | None = None) -> dict[str, Any]:
     """The request.completed message body, a pure function of the request's events."""
     accepted, images = stream_images(records)
     completed = [r for r in records if isinstance(r.event, RequestCompleted)][-1]
@@ -85,16 +85,18 @@ def completion_payload(records: Sequence[RecordedEvent], public_url: str,
             mine = by_product.get(p, [])
             products.append({"serial": product.serial, "product_name": product.product_name,
                              "input_urls": [i.input_url for i in mine],
-                             "output_urls": [image_url(public_url, i.output_name) for i in mine]})
+                             "output_urls": [image_url(images_url or f"{public_url}/images", i.output_name)
+                                             for i in mine]})
         data["products"] = products
     return {"type": "request.completed", "timestamp": completed.recorded_at, "data": data}
 
 
-def completion_body(records: Sequence[RecordedEvent], public_url: str, max_bytes: int) -> str:
+def completion_body(records: Sequence[RecordedEvent], public_url: str, max_bytes: int,
+                    images_url: str | None = None) -> str:
     """The message as signed and sent: with its products if that stays within `max_bytes` of UTF-8, else
     without them (a listener's body limit, often 1 MB, would refuse it on every retry). The same events and
     settings give the same bytes, so a redelivery under the same webhook-id repeats the message exactly."""
-    body = encode(completion_payload(records, public_url))
+    body = encode(completion_payload(records, public_url, images_url=images_url))
     if len(body.encode("utf-8")) > max_bytes:
         body = encode(completion_payload(records, public_url, with_products=False))
     return body
@@ -171,7 +173,7 @@ class WebhookDelivery(Follower):
         # The message is of one completion (a retried request completes again, with a message of its own).
         completed = next(i for i, r in enumerate(records) if message_id(r.stream, r.version) == queued.message_id)
         body = completion_body(records[: completed + 1], self.settings.public_url,
-                               self.settings.webhooks.max_payload_bytes)
+                               self.settings.webhooks.max_payload_bytes, self.settings.images_url)
         answer = await self._post(queued, body)
 
         def attempted(outcome: str, retry_in: float | None = None) -> WebhookAttempted:

@@ -122,7 +122,7 @@ async def test_export_keeps_input_order_and_blank_for_failures(app: web.Applicat
     u = origin.url
     accepted = await submit(app, [[f"{u}/img/photo.jpg", f"{u}/code/404", f"{u}/img/photo2.jpg"]])
     await drain(app)
-    rows = await app[EVENTLOG].query(export_rows, [accepted.request_id], settings.public_url)
+    rows = await app[EVENTLOG].query(export_rows, [accepted.request_id], settings.images_url)
     text = to_csv(rows)
     parsed = list(csv.reader(io.StringIO(text)))
     assert parsed[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls"]
