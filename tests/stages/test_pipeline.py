@@ -236,10 +236,11 @@ async def test_a_certificate_the_client_cannot_trust_fails_the_image_at_once(app
 
 
 async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Callable[..., Settings],
-                                                             origin: Origin) -> None:
+                                                             origin: Origin, tmp_path: Path) -> None:
     """After a crash between stages, finished images are not redone, the rest are, and completion happens once."""
     settings = make_settings()
-    work, kept = settings.path("work"), settings.path("work").with_name("kept-by-the-crash")
+    # In tmp_path: beside the working folder is ~/.cache/imgpipe on PostgreSQL, where an earlier run left it.
+    work, kept = settings.path("work"), tmp_path / "kept-by-the-crash"
     urls = [f"{origin.url}/img/photo.jpg", f"{origin.url}/img/photo2.jpg", f"{origin.url}/img/rotated.jpg"]
     async with daemon_app(settings) as app:
         accepted = await submit(app, [urls[:2], urls[2:]])
