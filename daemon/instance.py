@@ -12,13 +12,20 @@ sent twice, views rebuilt under a running daemon.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import signal
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import structlog
+
+log = structlog.get_logger("daemon")
 
 APPLICATION_NAME = "imgpipe pid {pid}"
 # Keyed by what the log lives in, so daemons on other databases or schemas of one server do not exclude each other.
@@ -47,13 +54,30 @@ class DatabaseUnreachable(Exception):
 
 
 def without_password(url: str) -> str:
-    """`url` with any password replaced by ***, fit for logs and messages."""
+    """`url` with any password (in its user part or its query) replaced by ***, fit for logs and messages."""
     parsed = urllib.parse.urlsplit(url)
-    if parsed.password is None:
-        return url
-    netloc = parsed.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urllib.parse.urlunsplit(parsed._replace(netloc=f"{user}:***@{netloc[2]}"))
+    if parsed.password is None and "password" not in urllib.parse.parse_qs(parsed.query):
+        return url  # untouched: a round trip would drop the slashes of sqlite:////abs/path
+    if parsed.password is not None:
+        user, _, host = parsed.netloc.rpartition("@")
+        parsed = parsed._replace(netloc=f"{user.partition(':')[0]}:***@{host}")
+    if "password" in urllib.parse.parse_qs(parsed.query):
+        query = [(k, "***" if k == "password" else v) for k, v in urllib.parse.parse_qsl(parsed.query)]
+        parsed = parsed._replace(query=urllib.parse.urlencode(query, safe="*"))
+    return urllib.parse.urlunsplit(parsed)
+
+
+def postgresql_parameters(database_url: str) -> dict[str, Any]:
+    """The connection parameters of a postgresql:// URL, user and password percent-decoded (peewee's parser keeps
+    them as written, so a password holding @, : or / could not be given)."""
+    from playhouse.db_url import parse
+
+    params: dict[str, Any] = parse(database_url)
+    params["dbname"] = params.pop("database")
+    for key in ("user", "password"):
+        if isinstance(params.get(key), str):
+            params[key] = urllib.parse.unquote(params[key])
+    return params
 
 
 def is_postgresql(url: str) -> bool:
@@ -109,10 +133,8 @@ def _holder(fd: int) -> int | None:
 def connect_postgresql(database_url: str, **extra: Any) -> Any:
     """A plain psycopg connection to `database_url` (autocommit); DatabaseUnreachable when that fails."""
     import psycopg
-    from playhouse.db_url import parse
 
-    params = parse(database_url)
-    params["dbname"] = params.pop("database")
+    params = postgresql_parameters(database_url)
     try:
         return psycopg.connect(autocommit=True, connect_timeout=10, **{**params, **extra})
     except psycopg.Error as exc:
@@ -122,18 +144,76 @@ def connect_postgresql(database_url: str, **extra: Any) -> Any:
 
 @contextmanager
 def _advisory_lock(database_url: str) -> Iterator[str]:
-    connection = connect_postgresql(database_url, application_name=APPLICATION_NAME.format(pid=os.getpid()))
+    connection = _lock_connection(database_url)
     try:
         key, taken = connection.execute(f"SELECT {LOCK_KEY}, pg_try_advisory_lock({LOCK_KEY})").fetchone()
         lock = f"advisory lock {key}"
         if not taken:
-            holder = connection.execute(
-                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-                "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s", (key,)).fetchone()
-            name = holder[0] if holder else ""
-            pid = int(name.rsplit(" ", 1)[1]) if name.startswith("imgpipe pid ") else None
-            raise DatabaseInUse(database_url, lock, pid)
-        yield lock
+            raise DatabaseInUse(database_url, lock, _holder_pid(connection, key))
+        keeper = _LockKeeper(database_url, connection)
+        keeper.start()
+        try:
+            yield lock
+        finally:
+            keeper.stop()
+            connection = keeper.connection
     finally:
         connection.close()  # the server releases the lock with the session
+
+
+def _lock_connection(database_url: str) -> Any:
+    # Keepalives: a connection dropped by a firewall or a failover is noticed, not held open as a ghost.
+    return connect_postgresql(database_url, application_name=APPLICATION_NAME.format(pid=os.getpid()),
+                              keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+
+
+def _holder_pid(connection: Any, key: int) -> int | None:
+    """The pid the lock's holder named itself with, if it is an imgpipe."""
+    holder = connection.execute(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s", (key,)).fetchone()
+    name = holder[0] if holder else ""
+    return int(name.rsplit(" ", 1)[1]) if name.startswith("imgpipe pid ") else None
+
+
+LOCK_CHECK_SECONDS = 5.0
+
+
+class _LockKeeper(threading.Thread):
+    """Looks at the lock's connection now and then: the server releases the lock if that connection is lost (a
+    restart, a failover, an idle timeout), so it is taken again at once; if another process took it meanwhile,
+    this one stops (SIGTERM, a clean stop) rather than share the log with it."""
+
+    def __init__(self, database_url: str, connection: Any) -> None:
+        super().__init__(name="database-lock", daemon=True)
+        self.database_url, self.connection = database_url, connection
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(timeout=2 * LOCK_CHECK_SECONDS)
+
+    def run(self) -> None:
+        while not self._stopped.wait(LOCK_CHECK_SECONDS):
+            try:
+                self.connection.execute("SELECT 1")
+                continue
+            except Exception:  # psycopg.OperationalError: the session, and with it the lock, is gone
+                pass
+            with contextlib.suppress(Exception):
+                self.connection.close()
+            try:
+                connection = _lock_connection(self.database_url)
+            except DatabaseUnreachable:
+                continue  # the store pauses meanwhile; try again at the next look
+            key, taken = connection.execute(f"SELECT {LOCK_KEY}, pg_try_advisory_lock({LOCK_KEY})").fetchone()
+            self.connection = connection
+            if taken:
+                log.warning("database_lock_retaken", database=without_password(self.database_url))
+                continue
+            log.error("database_in_use", database=without_password(self.database_url),
+                      message="another imgpipe process took the database while this one had lost its lock; stopping",
+                      pid=_holder_pid(connection, key))
+            os.kill(os.getpid(), signal.SIGTERM)
+            return

@@ -5,13 +5,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
-from daemon.instance import DatabaseInUse, exclusive, lock_file, without_password
+from daemon import instance
+from daemon.instance import (
+    DatabaseInUse,
+    connect_postgresql,
+    exclusive,
+    lock_file,
+    postgresql_parameters,
+    without_password,
+)
 
 
 def test_the_lock_file_sits_next_to_a_sqlite_database(tmp_path: Path) -> None:
@@ -27,6 +36,15 @@ def test_a_url_shown_in_logs_and_messages_has_no_password() -> None:
         "postgresql://imgpipe:***@db.example:5432/imgpipe?sslmode=require"
     assert without_password("postgresql://imgpipe@db.example/imgpipe") == "postgresql://imgpipe@db.example/imgpipe"
     assert without_password("sqlite:////data/imgpipe.db") == "sqlite:////data/imgpipe.db"
+    assert without_password("postgresql://imgpipe@db/imgpipe?password=s3cret&sslmode=require") == \
+        "postgresql://imgpipe@db/imgpipe?password=***&sslmode=require"
+
+
+def test_a_password_with_reserved_characters_is_given_percent_encoded() -> None:
+    """A password holding @, : or / is written percent-encoded in the URL and reaches the driver decoded."""
+    params = postgresql_parameters("postgresql://image%40pipe:p%40ss%3Aw%2Fd@db.example:5432/imgpipe")
+    assert (params["user"], params["password"], params["host"], params["dbname"]) == (
+        "image@pipe", "p@ss:w/d", "db.example", "imgpipe")
 
 
 def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path: Path) -> None:
@@ -72,4 +90,24 @@ def test_a_postgresql_database_is_held_by_one_process_at_a_time(
                 pass
             assert refused.value.details == {"database": url, "lock": lock, "pid": os.getpid()}
         with exclusive(url):  # the server released it with its connection
+            pass
+
+
+def test_a_postgresql_lock_whose_connection_is_lost_is_taken_again(
+        tmp_path: Path, both_backends: Callable[[str, Path], AbstractContextManager[str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the server ends the lock's session (a restart, an idle timeout), the holder takes the lock again, so a
+    second process is still refused."""
+    monkeypatch.setattr(instance, "LOCK_CHECK_SECONDS", 0.05)
+    with both_backends("postgresql", tmp_path) as url, exclusive(url):
+        with connect_postgresql(url) as admin:
+            ended = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                  "WHERE application_name = %s", (f"imgpipe pid {os.getpid()}",)).fetchall()
+            assert ended == [(True,)]
+            deadline = time.monotonic() + 10
+            while not admin.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s",
+                                    (f"imgpipe pid {os.getpid()}",)).fetchall():
+                assert time.monotonic() < deadline, "the lock was not taken again"
+                time.sleep(0.02)
+        with pytest.raises(DatabaseInUse), exclusive(url):
             pass

@@ -28,7 +28,7 @@ class Cancellations:
         self._changed = asyncio.Event()
 
     def forget(self, request_id: str) -> None:
-        """The request is gone (deleted): nothing of it runs any more, and nothing needs to know."""
+        """The request runs again (a retry after a cancellation that lost the race to its completion)."""
         self._cancelled.discard(request_id)
 
     def is_cancelled(self, request_id: str) -> bool:

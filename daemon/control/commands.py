@@ -128,8 +128,8 @@ async def delete(eventlog: EventLog, request_id: str) -> int:
 
 
 async def cancelled_request_ids(eventlog: EventLog) -> list[str]:
-    """The requests whose cancellation stands: asked, and neither retried nor deleted since."""
-    cancelled: set[str] = set()
+    """The requests whose images must not run: cancelled (and not retried since) or deleted."""
+    stopped: set[str] = set()
     for record in await eventlog.read_after(0, names(RequestCancelRequested, RequestRetried, RequestDeleted), limit=2**62):
-        (cancelled.add if isinstance(record.event, RequestCancelRequested) else cancelled.discard)(record.stream)
-    return sorted(cancelled)
+        (stopped.discard if isinstance(record.event, RequestRetried) else stopped.add)(record.stream)
+    return sorted(stopped)

@@ -20,11 +20,10 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import peewee
-from playhouse.db_url import parse
 
 from daemon.eventlog.models import ROWS_PER_INSERT, execute, placeholders
 from daemon.eventlog.store import Backend
-from daemon.instance import DatabaseUnreachable, connect_postgresql
+from daemon.instance import DatabaseUnreachable, connect_postgresql, postgresql_parameters
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS events (position BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
@@ -52,8 +51,8 @@ class PostgresBackend(Backend):
         self._watcher: threading.Thread | None = None
 
     def connect(self) -> peewee.Database:
-        params: dict[str, Any] = parse(self.url)
-        name = params.pop("database")
+        params = postgresql_parameters(self.url)
+        name = params.pop("dbname")
         return peewee.PostgresqlDatabase(name, prefer_psycopg3=True, connect_timeout=10, **params)
 
     def create_schema(self) -> None:

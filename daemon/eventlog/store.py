@@ -369,8 +369,9 @@ class EventLog:
         at the version read; decided again if the stream moved meanwhile. The last position (the head when nothing
         was appended) and what `decide` returned."""
         for _ in range(DECIDE_ATTEMPTS):
-            version = await self._on(self._readers, self._stream_version_sync, stream)
-            events, result = decide(await self.read_stream(stream, types))
+            # The version and the events from one snapshot of the database (memory may lag a commit).
+            version, records = await self.query(self._stream_at_version_sync, stream, types)
+            events, result = decide(records)
             if not events:
                 return self.head, result
             try:
@@ -385,7 +386,8 @@ class EventLog:
         all in one transaction. With `verify` (the last try's outcome is unknown: its connection was lost), a commit
         whose tracking record is already there is not made again. False when it was not made for that reason."""
         def body() -> bool:
-            if verify and tracking is not None and tracking.handled and self._tracked_sync(tracking):
+            if verify and (self._tracked_sync(tracking) if tracking is not None and tracking.handled
+                           else self._appended_already_sync(results)):
                 return False
             for stream, events in results:
                 self._append_sync(stream, events)
@@ -428,6 +430,9 @@ class EventLog:
         rows = execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE stream = ?{only} ORDER BY version",
                        (stream, *wanted))
         return [_recorded(*row) for row in rows]
+
+    def _stream_at_version_sync(self, stream: str, types: frozenset[str] | None) -> tuple[int, list[RecordedEvent]]:
+        return self._stream_version_sync(stream), self.read_stream_sync(stream, types)
 
     @staticmethod
     def _stream_version_sync(stream: str) -> int:
@@ -494,6 +499,19 @@ class EventLog:
         last = max(tracking.handled)
         return execute("SELECT 1 FROM tracking WHERE consumer = ? AND position = ?",
                        (tracking.consumer, last)).fetchone() is not None
+
+    @staticmethod
+    def _appended_already_sync(results: Sequence[tuple[str, Sequence[Event]]]) -> bool:
+        """Whether each stream already ends with the events about to be appended to it: a commit with no tracking
+        record (interim attempts, which carry their attempt numbers, so never repeat by right) that landed (writer)."""
+        for stream, events in results:
+            if not events:
+                continue
+            rows = execute("SELECT type, data FROM events WHERE stream = ? ORDER BY version DESC LIMIT ?",
+                           (stream, len(events))).fetchall()
+            if [(e.type, e.to_json()) for e in reversed(events)] != [tuple(row) for row in rows]:
+                return False
+        return any(events for _, events in results)
 
     @staticmethod
     def _save_tracking_sync(tracking: Tracking) -> None:

@@ -153,12 +153,13 @@ async def _idempotent_upload(request: web.Request, key: str, body: bytes, batch:
         return await _accepted_response(request, accepted)
     except StreamConflict:
         records = await eventlog.read_stream(request_id)
-    first = records[0].event
-    assert isinstance(first, RequestAccepted)
+    # Checked first: once a deleted request's events are purged, its deletion is all that is left.
     if any(isinstance(r.event, RequestDeleted) for r in records):
         raise json_error(web.HTTPConflict, "request_deleted",
                          f"Idempotency-Key {key!r} belongs to request {request_id}, which was deleted; use a new key",
                          request_id=request_id)
+    first = records[0].event
+    assert isinstance(first, RequestAccepted)
     if first.body_sha256 != digest:
         raise json_error(web.HTTPUnprocessableEntity, "idempotency_key_reused",
                          f"Idempotency-Key {key!r} was already used with a different body (request {request_id})",

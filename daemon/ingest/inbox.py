@@ -36,7 +36,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from daemon.config import LimitSettings
-from daemon.eventlog.store import EventLog, StreamConflict
+from daemon.eventlog.store import DatabaseAway, EventLog, StreamConflict
 from daemon.events import RequestAccepted, names
 from daemon.files import TEMP_FILES, remove_matching, write_atomic
 from daemon.ingest.accept import accept, new_request_id
@@ -292,12 +292,16 @@ class Inbox:
 
     async def _retrying(self, claimed: Path) -> None:
         """Ingest a claimed file, again after a pause if it failed (e.g. the database was locked)."""
-        for attempt in range(1, INGEST_ATTEMPTS + 1):
+        attempt = 0
+        while True:
             try:
                 # A full disk (the database, or the inbox's own folders) pauses it without spending attempts.
                 await self._eventlog.space.retry_while_full("inbox", lambda: self._ingest_claimed(claimed))
                 return
+            except DatabaseAway:  # not the file's fault: wait for the server, spending no attempt
+                await self._eventlog.reachable()
             except (OSError, peewee.DatabaseError):
+                attempt += 1
                 if attempt == INGEST_ATTEMPTS:
                     raise  # logged by the caller; the claim is retried at the next start
                 log.warning("inbox_retrying", file=claimed.name, attempt=attempt, exc_info=True)

@@ -115,6 +115,7 @@ class CompleteStage(Follower):
             completion = tally.count(record.event)
             if tally.completed and completion is None:
                 self._tallies.pop(record.stream, None)  # an image that finished after a cancellation
+                self._locks.pop(record.stream, None)
             return [completion] if completion else ()
 
     async def _first_tally(self, record: RecordedEvent) -> RequestTally:

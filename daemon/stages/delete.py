@@ -48,7 +48,7 @@ class DeleteStage(Follower):
             files.append(self.inbox / ARCHIVE / f"{record.stream}--{accepted.source_name}")
         await asyncio.to_thread(_remove, files)
         await self.bodies.remove_request(record.stream)
-        self.cancellations.forget(record.stream)
+        self.cancellations.cancel(record.stream)  # its images not yet started must never start
         log.info("request_deleted", request_id=record.stream, files=len(files) + len(names))
         return ()
 

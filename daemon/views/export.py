@@ -14,7 +14,7 @@ import structlog
 
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, RecordedEvent
-from daemon.events import Event, ImageCompressed, RequestAccepted, RequestCompleted, names
+from daemon.events import Event, ImageCompressed, RequestAccepted, RequestCompleted, RequestDeleted, names
 from daemon.files import TEMP_FILES, remove_matching, write_atomic
 from daemon.views.status import StatusImage, StatusRequest, image_url
 
@@ -112,7 +112,10 @@ class OutboxWriter(Follower):
         await asyncio.to_thread(remove_matching, self.outbox, TEMP_FILES)
 
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
-        accepted, images = stream_images(await self.eventlog.read_stream(record.stream))
+        records = await self.eventlog.read_stream(record.stream)
+        if any(isinstance(r.event, RequestDeleted) for r in records):
+            return ()  # deleted meanwhile: its outbox file must not come back
+        accepted, images = stream_images(records)
         rows = rows_from_images(images, self.images_url)
         path = self.outbox / outbox_name(record.stream, accepted)
         data = to_csv(rows).encode("utf-8")

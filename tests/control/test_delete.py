@@ -12,7 +12,9 @@ from daemon.config import Settings
 from daemon.control.retention import DAY, Retention
 from daemon.http_api import EVENTLOG
 from daemon.ingest.inbox import ARCHIVE, REJECTED
-from daemon.testing import Origin
+from daemon.stages.compress import CompressStage
+from daemon.stages.download import DownloadStage
+from daemon.testing import Origin, eventually
 
 
 async def test_delete_removes_the_requests_files_and_the_views_forget_it(
@@ -81,3 +83,47 @@ async def test_retention_deletes_old_requests_and_old_inbox_files(
     assert not old.exists() and young.exists()
     assert not (settings.path("outbox") / f"{request_id}.csv").exists()
 
+
+
+async def test_a_deleted_request_queued_behind_another_never_runs(
+        make_settings: Callable[..., Settings], serve_daemon: Any, origin: Origin) -> None:
+    """A request cancelled and deleted while its downloads waited behind another batch's is never downloaded."""
+    settings = make_settings(download={"total_timeout": 60.0, "concurrency": 2, "backlog": 4})
+    async with serve_daemon(settings) as daemon:
+        busy = await daemon.upload([f"{origin.url}/stall?n=1"], [f"{origin.url}/stall?n=2"])
+
+        async def both_stalled() -> bool:
+            return origin.hits["/stall"] == 2
+
+        await eventually(both_stalled, "the first batch to take every download slot")
+        queued = await daemon.upload([f"{origin.url}/img/photo.jpg"], [f"{origin.url}/img/other.jpg"])
+        assert (await daemon.client.post(f"/cancel/{queued}")).status == 200
+        assert (await daemon.client.delete(f"/requests/{queued}")).status == 200
+        assert (await daemon.client.post(f"/cancel/{busy}")).status == 200  # the slots free up
+        await daemon.idle(DownloadStage)
+        await daemon.idle(CompressStage)
+    assert origin.hits["/img/photo.jpg"] == origin.hits["/img/other.jpg"] == 0
+    assert not list(settings.path("images").glob(f"{queued}_*"))
+
+
+async def test_an_idempotency_key_of_a_deleted_request_is_refused_also_after_its_events_are_purged(
+        make_settings: Callable[..., Settings], serve_daemon: Any, origin: Origin) -> None:
+    """Re-uploading with the key of a deleted request answers 409 request_deleted, before and after the purge."""
+    settings = make_settings()
+    body = f"S. No.,Product Name,Input Image Urls\n1,Shoe,{origin.url}/img/photo.jpg\n".encode()
+    headers = {"Content-Type": "text/csv", "Idempotency-Key": "batch-42"}
+    async with serve_daemon(settings) as daemon:
+        request_id = (await (await daemon.client.post("/upload", data=body, headers=headers)).json())["request_id"]
+        await daemon.finished(request_id)
+        assert (await daemon.client.delete(f"/requests/{request_id}")).status == 200
+        answers = []
+        for follower in daemon.app[FOLLOWERS]:
+            await daemon.idle(type(follower))
+        for purge in (False, True):
+            if purge:
+                retention = Retention(daemon.app[EVENTLOG], settings.retention, settings.path("inbox"),
+                                      daemon.app[FOLLOWERS])
+                assert (await retention.sweep(time.time())).events > 0
+            again = await daemon.client.post("/upload", data=body, headers=headers)
+            answers.append((again.status, (await again.json())["error"]))
+    assert answers == [(409, "request_deleted"), (409, "request_deleted")]

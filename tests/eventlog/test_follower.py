@@ -498,3 +498,43 @@ async def test_a_commit_that_landed_though_it_reported_a_failure_is_not_made_aga
         await asyncio.gather(task, return_exceptions=True)
         await eventlog.close()
     assert pongs(helpers, settings) == {1: 1, 2: 1}
+
+
+class Interim(Recorder):
+    """Answers ping 1 first with an interim pong (an attempt, as a Retry records it), then with the final one."""
+
+    name = "test.interim"
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        if attempt == 1:
+            raise Retry(defer=0.01, events=(SpinePonged(n=record.event.n, note="attempt 1"),))  # type: ignore[attr-defined]
+        return (SpinePonged(n=record.event.n, note="final"),)  # type: ignore[attr-defined]
+
+
+async def test_an_interim_commit_that_landed_though_it_reported_a_failure_is_not_made_again(
+        settings: Settings, helpers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interim events (an attempt) whose commit landed but reported a lost connection are found in the log and not
+    appended twice."""
+    eventlog = await open_log(settings)
+    follower = Interim(eventlog)
+    landed: list[bool] = []
+    commit = eventlog.commit
+
+    async def lands_then_reports_a_lost_connection(*args: Any, **kwargs: Any) -> bool:
+        result = await commit(*args, **kwargs)
+        if not landed:
+            landed.append(True)
+            raise peewee.OperationalError("server closed the connection unexpectedly")
+        return result
+
+    monkeypatch.setattr(eventlog, "commit", lands_then_reports_a_lost_connection)
+    task = asyncio.create_task(follower.run())
+    try:
+        (position,) = await ping(eventlog, 1)
+        assert await follower.wait_for(position, timeout=10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await eventlog.close()
+    notes = [data["note"] for _, _, _, kind, data in helpers.stored_events(settings) if kind == "SpinePonged"]
+    assert notes == ["attempt 1", "final"]
