@@ -234,18 +234,18 @@ async def test_decide_appends_at_the_version_it_read_and_decides_again_when_the_
         seen.append(len(records))
         return [failed(len(records))], len(records)
 
-    original = eventlog.read_stream
+    original = eventlog.query
 
-    async def read_then_someone_appends(stream: str, types: frozenset[str] | None = None) -> list[RecordedEvent]:
-        records = await original(stream, types)
+    async def read_then_someone_appends(fn: Any, *args: Any) -> Any:
+        result = await original(fn, *args)
         if len(seen) == 0:
             await eventlog.append("r", [failed(1)])  # lands between the read and the decided append
-        return records
+        return result
 
-    eventlog.read_stream = read_then_someone_appends  # type: ignore[method-assign]
+    eventlog.query = read_then_someone_appends  # type: ignore[method-assign]
     position, decided_on = await eventlog.decide("r", None, decide)
     assert seen == [1, 2] and decided_on == 2
-    assert [r.event for r in await original("r")] == [failed(0), failed(1), failed(2)]
+    assert [r.event for r in await eventlog.read_stream("r")] == [failed(0), failed(1), failed(2)]
     assert position == 3
 
 
