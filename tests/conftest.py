@@ -271,6 +271,13 @@ def database_url(tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(params=BACKENDS)
+def either_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """For a folder's conftest whose tests run on both backends: `database_url` returns this."""
+    with backend_database(request.param, tmp_path) as url:
+        yield url
+
+
 @pytest.fixture
 def both_backends() -> Callable[[str, Path], AbstractContextManager[str]]:
     """For a folder's conftest: `database_url` on the backend its parameter names."""

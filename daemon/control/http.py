@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
 import structlog
 from aiohttp import web
 
@@ -20,12 +23,21 @@ from daemon.http_api import (
 from daemon.views.status import request_status
 
 log = structlog.get_logger("control")
+T = TypeVar("T")
 
 REFUSALS: dict[int, type[web.HTTPException]] = {404: web.HTTPNotFound, 409: web.HTTPConflict}
 
 
 def refusal(exc: Refused) -> web.HTTPException:
     return json_error(REFUSALS[exc.status], exc.error, str(exc))
+
+
+async def carried_out(command: Awaitable[T]) -> T:
+    """The command's result; its refusal as the HTTP error it names."""
+    try:
+        return await command
+    except Refused as exc:
+        raise refusal(exc) from None
 
 
 def request_id_of(request: web.Request) -> str:
@@ -36,10 +48,7 @@ def request_id_of(request: web.Request) -> str:
 
 async def retry(request: web.Request) -> web.Response:
     request_id, eventlog = request_id_of(request), request.app[EVENTLOG]
-    try:
-        position, retried = await commands.retry(eventlog, request_id)
-    except Refused as exc:
-        raise refusal(exc) from None
+    position, retried = await carried_out(commands.retry(eventlog, request_id))
     request.app[CANCELLATIONS].forget(request_id)  # a cancellation that lost the race to the completion
     log.info("request_retried", round=retried.round, images=len(retried.images))
     await request.app[STATUS_VIEW].caught_up(position)
@@ -51,10 +60,7 @@ async def retry(request: web.Request) -> web.Response:
 
 async def cancel(request: web.Request) -> web.Response:
     request_id, eventlog = request_id_of(request), request.app[EVENTLOG]
-    try:
-        position = await commands.cancel(eventlog, request_id)
-    except Refused as exc:
-        raise refusal(exc) from None
+    position = await carried_out(commands.cancel(eventlog, request_id))
     request.app[CANCELLATIONS].cancel(request_id)
     log.info("request_cancel_requested")
     # The complete stage records the outcome; the status view then shows it.
@@ -70,10 +76,7 @@ async def cancel(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     request_id, eventlog = request_id_of(request), request.app[EVENTLOG]
-    try:
-        position = await commands.delete(eventlog, request_id)
-    except Refused as exc:
-        raise refusal(exc) from None
+    position = await carried_out(commands.delete(eventlog, request_id))
     await request.app[STATUS_VIEW].caught_up(position)
     await request.app[DELETE_STAGE].caught_up(position)  # its files are gone too when the answer comes
     return json_response({"request_id": request_id, "deleted": True})

@@ -467,13 +467,9 @@ async def test_a_follower_that_fails_outside_handle_logs_it_and_carries_on(setti
         await eventlog.close()
 
 
-async def test_a_commit_that_landed_though_it_reported_a_failure_is_not_made_again(
-        settings: Settings, helpers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A commit whose connection dropped after it landed is tried again alone, found in the tracking record and not
-    repeated, also when another event finished meanwhile: one pong per ping."""
-    eventlog = await open_log(settings)
-    gates = {1: asyncio.Event(), 2: asyncio.Event()}
-    follower = Recorder(eventlog, gates=gates, concurrency=8)
+def first_commit_lands_then_reports_a_lost_connection(eventlog: EventLog,
+                                                     monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Make the follower's first commit land, then raise as a lost connection would; the list fills when it did."""
     landed: list[bool] = []
     commit = eventlog.commit
 
@@ -485,6 +481,17 @@ async def test_a_commit_that_landed_though_it_reported_a_failure_is_not_made_aga
         return result
 
     monkeypatch.setattr(eventlog, "commit", lands_then_reports_a_lost_connection)
+    return landed
+
+
+async def test_a_commit_that_landed_though_it_reported_a_failure_is_not_made_again(
+        settings: Settings, helpers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit whose connection dropped after it landed is tried again alone, found in the tracking record and not
+    repeated, also when another event finished meanwhile: one pong per ping."""
+    eventlog = await open_log(settings)
+    gates = {1: asyncio.Event(), 2: asyncio.Event()}
+    follower = Recorder(eventlog, gates=gates, concurrency=8)
+    landed = first_commit_lands_then_reports_a_lost_connection(eventlog, monkeypatch)
     task = asyncio.create_task(follower.run())
     try:
         _, second = await ping(eventlog, 1, 2)
@@ -517,17 +524,7 @@ async def test_an_interim_commit_that_landed_though_it_reported_a_failure_is_not
     appended twice."""
     eventlog = await open_log(settings)
     follower = Interim(eventlog)
-    landed: list[bool] = []
-    commit = eventlog.commit
-
-    async def lands_then_reports_a_lost_connection(*args: Any, **kwargs: Any) -> bool:
-        result = await commit(*args, **kwargs)
-        if not landed:
-            landed.append(True)
-            raise peewee.OperationalError("server closed the connection unexpectedly")
-        return result
-
-    monkeypatch.setattr(eventlog, "commit", lands_then_reports_a_lost_connection)
+    landed = first_commit_lands_then_reports_a_lost_connection(eventlog, monkeypatch)
     task = asyncio.create_task(follower.run())
     try:
         (position,) = await ping(eventlog, 1)
@@ -537,4 +534,5 @@ async def test_an_interim_commit_that_landed_though_it_reported_a_failure_is_not
         await asyncio.gather(task, return_exceptions=True)
         await eventlog.close()
     notes = [data["note"] for _, _, _, kind, data in helpers.stored_events(settings) if kind == "SpinePonged"]
+    assert landed == [True]  # the interim commit did land and report a failure
     assert notes == ["attempt 1", "final"]

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -56,12 +55,10 @@ async def origin(image_files: dict[str, bytes]) -> AsyncIterator[Origin]:
         yield server
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path,
-                 both_backends: Callable[[str, Path], AbstractContextManager[str]]) -> Iterator[str]:
+@pytest.fixture
+def database_url(either_database_url: str) -> str:
     """Every test here runs on both backends."""
-    with both_backends(request.param, tmp_path) as url:
-        yield url
+    return either_database_url
 
 
 @pytest.fixture
