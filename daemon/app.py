@@ -15,12 +15,14 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from daemon.cluster import Leadership, adopt_checkpoint, node_of, per_node
 from daemon.config import Settings
 from daemon.control import commands
 from daemon.control import http as control_http
-from daemon.control.cancellations import Cancellations
+from daemon.control.cancellations import Cancellations, CancellationsFollower
 from daemon.control.retention import Retention
 from daemon.diskspace import DiskSpace, settings_places
+from daemon.eventlog.claims import Claims
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import EventLog, open_store
 from daemon.http_api import (
@@ -64,7 +66,10 @@ WEBHOOK_CLIENT = web.AppKey("webhook_client", aiohttp.ClientSession)
 WEBHOOK_CONNECTIONS = 64
 BODIES = web.AppKey("bodies", Bodies)
 DAEMON_CPU: web.AppKey[int | None] = web.AppKey("daemon_cpu")
+CLAIMS = web.AppKey("claims", Claims)  # only with a database other daemons may share (daemon.cluster)
 VIEW_TABLES = (*STATUS_TABLES,)
+# Run once per database, by the leader, when several daemons share it (daemon.cluster); the rest run in each.
+LEADER_ROLES = (StatusView, CompleteStage, WebhookDelivery)
 
 
 async def open_eventlog(settings: Settings, space: DiskSpace | None = None) -> EventLog:
@@ -88,18 +93,25 @@ def build_followers(app: web.Application) -> list[Follower]:
     assert isinstance(status_view, StatusView)
     app[STATUS_VIEW] = status_view
     bodies, cancellations = app[BODIES], app[CANCELLATIONS]
+    claims, node = app.get(CLAIMS), node_of(settings)
     complete = app[COMPLETE_STAGE] = CompleteStage(eventlog, bodies)
     delete = app[DELETE_STAGE] = DeleteStage(eventlog, bodies, cancellations, app[IMAGE_STORE],
                                              settings.path("outbox"), settings.path("inbox"))
-    return [
+    followers = [
         *views,
-        DownloadStage(eventlog, app[CLIENT], bodies, settings.download, cancellations),
-        CompressStage(eventlog, app[POOL], bodies, app[IMAGE_STORE], settings.compress, cancellations),
+        DownloadStage(eventlog, app[CLIENT], bodies, settings.download, cancellations, claims),
+        CompressStage(eventlog, app[POOL], bodies, app[IMAGE_STORE], settings.compress, cancellations, claims),
         complete,
-        OutboxWriter(eventlog, settings.path("outbox"), settings.images_url),
+        OutboxWriter(eventlog, settings.path("outbox"), settings.images_url, node),
         WebhookDelivery(eventlog, app[WEBHOOK_CLIENT], settings, status_view),
         delete,
     ]
+    if node is not None:
+        followers.append(CancellationsFollower(eventlog, cancellations))
+        for follower in followers:
+            if not isinstance(follower, LEADER_ROLES):
+                per_node(follower, node)
+    return followers
 
 
 async def diskspace_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -113,6 +125,21 @@ async def eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CANCELLATIONS] = Cancellations(await commands.cancelled_request_ids(eventlog))
     yield
     await app[EVENTLOG].close()
+
+
+async def claims_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With a database other daemons may share: this daemon's claims on images (daemon.eventlog.claims)."""
+    settings = app[SETTINGS]
+    node = node_of(settings)
+    if node is None:
+        yield
+        return
+    claims = app[CLAIMS] = Claims(app[EVENTLOG], node, settings.cluster.lease_seconds)
+    await claims.open()
+    yield
+    if latencies := sorted(claims.latencies):
+        log.info("claim_latency", node=node, claims=len(latencies), p50_ms=latencies[len(latencies) // 2],
+                 p99_ms=latencies[min(len(latencies) - 1, len(latencies) * 99 // 100)], samples_ms=list(claims.latencies))
 
 
 async def bodies_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -161,7 +188,20 @@ async def client_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def followers_ctx(app: web.Application) -> AsyncIterator[None]:
     followers = app[FOLLOWERS] = build_followers(app)
-    tasks = [asyncio.create_task(f.run(), name=f"follower:{f.name}") for f in followers if app[FOLLOW]]
+    settings, claims = app[SETTINGS], app.get(CLAIMS)
+    node = node_of(settings)
+    tasks: list[asyncio.Task[None]] = []
+    if app[FOLLOW] and (node is None or claims is None):
+        tasks = [asyncio.create_task(f.run(), name=f"follower:{f.name}") for f in followers]
+    elif app[FOLLOW] and node is not None and claims is not None:
+        leaders = [f for f in followers if isinstance(f, LEADER_ROLES)]
+        leadership = Leadership(settings.database_url, node, leaders)
+        for follower in followers:
+            if follower not in leaders:
+                await adopt_checkpoint(app[EVENTLOG], follower)
+                tasks.append(asyncio.create_task(follower.run(), name=f"follower:{follower.name}"))
+        tasks += [asyncio.create_task(leadership.run(), name="leadership"),
+                  asyncio.create_task(claims.run(), name="claims")]
     yield
     for task in tasks:
         task.cancel()
@@ -173,7 +213,8 @@ async def inbox_ctx(app: web.Application) -> AsyncIterator[None]:
     if not settings.inbox.enabled:
         yield
         return
-    inbox = app[INBOX] = Inbox(settings.path("inbox"), app[EVENTLOG], settings.limits, settings.inbox.settle_seconds)
+    inbox = app[INBOX] = Inbox(settings.path("inbox"), app[EVENTLOG], settings.limits, settings.inbox.settle_seconds,
+                               node_of(settings) or "")
     await inbox.start()
     yield
     await inbox.stop()
@@ -205,7 +246,7 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
     app[SETTINGS] = settings
     app[IMAGE_STORE] = image_store(settings)  # a plain value: the clients it opens live as long as the process
     app[FOLLOW] = follow
-    app.cleanup_ctx.extend([diskspace_ctx, eventlog_ctx, bodies_ctx, pool_ctx, tuning_ctx, client_ctx, followers_ctx,
+    app.cleanup_ctx.extend([diskspace_ctx, eventlog_ctx, claims_ctx, bodies_ctx, pool_ctx, tuning_ctx, client_ctx, followers_ctx,
                             inbox_ctx, retention_ctx, announce_ctx])
     add_routes(app)
     ingest_http.add_routes(app)

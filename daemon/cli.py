@@ -16,7 +16,7 @@ import structlog
 
 from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.instance import DatabaseInUse, DatabaseUnreachable, exclusive
+from daemon.instance import DatabaseInUse, DatabaseUnreachable, Sharing, exclusive, is_postgresql
 from daemon.listen import CannotListen, listening_sockets
 
 log = structlog.get_logger("daemon")
@@ -39,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logs.configure()
     try:
-        with exclusive(settings.database_url):
+        with exclusive(settings.database_url, daemon_sharing(settings)):
             sockets = listening_sockets(settings.server.host, settings.server.port)
             web.run_app(build_app(settings), sock=sockets, print=None, access_log=None, handle_signals=True)
     except (DatabaseInUse, DatabaseUnreachable, CannotListen) as exc:
@@ -56,7 +56,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logs.configure()
     try:
-        with exclusive(settings.database_url):
+        with exclusive(settings.database_url, Sharing(hint="stop every daemon on this database first")):
             count = asyncio.run(replay(settings))
     except (DatabaseInUse, DatabaseUnreachable) as exc:
         return _refused(exc)
@@ -64,6 +64,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return _refused(DatabaseUnreachable(settings.database_url, str(exc)))
     print(json.dumps({"event": "replayed", "events": count}))
     return 0
+
+
+def daemon_sharing(settings: Settings) -> Sharing:
+    """Daemons that keep their images in an object store may share a PostgreSQL database; one that keeps them on
+    its own disk may not (the others could neither serve nor delete them)."""
+    if not is_postgresql(settings.database_url):
+        return Sharing()
+    if settings.storage.url:
+        return Sharing(shared=True, node=settings.node,
+                       hint="a daemon without [storage], or imgpipe replay, holds it alone")
+    return Sharing(hint="more than one daemon on a database needs the object store: set storage.url on every daemon "
+                        "(docs/deploy.md)")
 
 
 def _refused(exc: DatabaseInUse | DatabaseUnreachable | CannotListen) -> int:

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import math
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -118,6 +119,12 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    node: str = ""  # empty: <host name>:<server.port>; unique among the daemons sharing one database
+    lease_seconds: float = 15.0  # a claimed image passes to another daemon this long after its daemon stopped
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     paths: PathSettings = field(default_factory=PathSettings)
@@ -129,6 +136,7 @@ class Settings:
     network: NetworkSettings = field(default_factory=NetworkSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     base_dir: Path = field(default_factory=Path.cwd)
 
     @property
@@ -154,7 +162,14 @@ class Settings:
         if url.startswith(prefix) and url != prefix + ":memory:":
             return Path(url[len(prefix):]).with_name(WORK_FOLDER)
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        return (cache / "imgpipe" / f"work-{hashlib.sha256(url.encode('utf-8')).hexdigest()[:16]}").resolve()
+        # And after the node: two daemons of one database on one machine must not share one either.
+        digest = hashlib.sha256(f"{url}|{self.node}".encode()).hexdigest()[:16]
+        return (cache / "imgpipe" / f"work-{digest}").resolve()
+
+    @property
+    def node(self) -> str:
+        """This daemon's name among those sharing its database (claims, the outbox of what it took in)."""
+        return self.cluster.node or f"{socket.gethostname()}:{self.server.port}"
 
     @property
     def database_url(self) -> str:
@@ -244,7 +259,7 @@ def _section(name: str, cls: type, table: Mapping[str, Any], env: Mapping[str, s
 
 # A timeout of 0 means none at all to aiohttp: a stalled origin or listener would hold its slot for ever.
 ABOVE_ZERO = frozenset({("download", "connect_timeout"), ("download", "total_timeout"), ("webhooks", "timeout"),
-                        ("compress", "job_timeout")})
+                        ("compress", "job_timeout"), ("cluster", "lease_seconds")})
 
 
 def _check(name: str, section: Any) -> None:

@@ -71,6 +71,7 @@ class RequestAccepted(Event):
     webhook_url: str = ""
     idempotency_key: str = ""
     body_sha256: str = ""
+    node: str = ""  # the daemon that took it in (daemon.cluster), which writes its outbox file; "": the only one
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Self:
@@ -111,6 +112,8 @@ class ImageDownloaded(ImageEvent):
     stem: str
     bytes: int
     attempts: int
+    node: str = ""  # the daemon whose working folder holds the body (daemon.cluster); "": the only one
+    item: int = 0  # the position of the ImageRequested/ImageRequeued its claim is for (daemon.eventlog.claims)
 
 
 @dataclass(frozen=True)

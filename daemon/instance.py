@@ -7,6 +7,9 @@ sent twice, views rebuilt under a running daemon.
   The holder writes its pid into the file so that whoever is refused can say who holds it.
 - PostgreSQL: a session advisory lock keyed by the database and schema, held on a connection of its own for the
   process's life; the server drops it when that connection ends. The holder names itself in `application_name`.
+  Daemons that keep their images in an object store may share a database (daemon.cluster): they take the lock
+  shared, each also holding a lock on its node name; `imgpipe replay` and a daemon without a store take it
+  exclusive, so either is refused while any daemon runs there, and refuses any daemon while it does.
 - An in-memory database belongs to its process and needs no lock.
 """
 
@@ -20,6 +23,7 @@ import threading
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ log = structlog.get_logger("daemon")
 APPLICATION_NAME = "imgpipe pid {pid}"
 # Keyed by what the log lives in, so daemons on other databases or schemas of one server do not exclude each other.
 LOCK_KEY = "hashtextextended('imgpipe/' || current_database() || '/' || current_schema(), 0)"
+NODE_KEY = "hashtextextended('imgpipe-node/' || current_database() || '/' || current_schema() || '/' || %s, 0)"
 
 
 class DatabaseInUse(Exception):
@@ -37,9 +42,10 @@ class DatabaseInUse(Exception):
 
     event = "database_in_use"
 
-    def __init__(self, database: str, lock: str, pid: int | None) -> None:
+    def __init__(self, database: str, lock: str, pid: int | None, hint: str = "") -> None:
         holder = f"pid {pid}" if pid is not None else "pid unknown"
-        super().__init__(f"the database is in use by another imgpipe process ({holder}): {lock} is locked")
+        super().__init__(f"the database is in use by another imgpipe process ({holder}): {lock} is locked"
+                         + (f"; {hint}" if hint else ""))
         self.details: dict[str, object] = {"database": without_password(database), "lock": lock, "pid": pid}
 
 
@@ -93,12 +99,23 @@ def lock_file(database_url: str) -> Path | None:
     return Path(database).with_name(Path(database).name + ".lock")
 
 
+@dataclass(frozen=True)
+class Sharing:
+    """How a PostgreSQL database's lock is held: shared by daemons each on its own `node` (with an object store),
+    else exclusive; `hint` says in a refusal what to do about it."""
+
+    shared: bool = False
+    node: str = ""
+    hint: str = ""
+
+
 @contextmanager
-def exclusive(database_url: str) -> Iterator[str | None]:
+def exclusive(database_url: str, sharing: Sharing = Sharing()) -> Iterator[str | None]:
     """Hold the database's lock for the block (yields what is locked); DatabaseInUse at once (never waiting) if
-    another process has it, DatabaseUnreachable if a database server cannot be reached."""
+    another process has it, DatabaseUnreachable if a database server cannot be reached. On PostgreSQL, `sharing`
+    may let other daemons hold it too."""
     if is_postgresql(database_url):
-        with _advisory_lock(database_url) as held:
+        with _advisory_lock(database_url, sharing) as held:
             yield held
         return
     path = lock_file(database_url)
@@ -142,15 +159,28 @@ def connect_postgresql(database_url: str, **extra: Any) -> Any:
                                   type(exc).__name__) from None
 
 
+def _take(connection: Any, sharing: Sharing) -> tuple[int, bool]:
+    """The lock's key, and whether it (and the node's lock, when shared) was taken."""
+    how = "pg_try_advisory_lock_shared" if sharing.shared else "pg_try_advisory_lock"
+    key, taken = connection.execute(f"SELECT {LOCK_KEY}, {how}({LOCK_KEY})").fetchone()
+    if taken and sharing.shared:
+        return int(key), bool(connection.execute(f"SELECT pg_try_advisory_lock({NODE_KEY})",
+                                                 (sharing.node,)).fetchone()[0])
+    return int(key), bool(taken)
+
+
 @contextmanager
-def _advisory_lock(database_url: str) -> Iterator[str]:
+def _advisory_lock(database_url: str, sharing: Sharing) -> Iterator[str]:
     connection = _lock_connection(database_url)
     try:
-        key, taken = connection.execute(f"SELECT {LOCK_KEY}, pg_try_advisory_lock({LOCK_KEY})").fetchone()
+        key, taken = _take(connection, sharing)
         lock = f"advisory lock {key}"
+        if not taken and sharing.shared and _holds_shared(connection, key):
+            raise DatabaseInUse(database_url, f"node {sharing.node!r}", None,
+                                "another daemon runs under this node name: give each its own cluster.node")
         if not taken:
-            raise DatabaseInUse(database_url, lock, _holder_pid(connection, key))
-        keeper = _LockKeeper(database_url, connection)
+            raise DatabaseInUse(database_url, lock, _holder_pid(connection, key), sharing.hint)
+        keeper = _LockKeeper(database_url, connection, sharing)
         keeper.start()
         try:
             yield lock
@@ -165,6 +195,14 @@ def _lock_connection(database_url: str) -> Any:
     # Keepalives: a connection dropped by a firewall or a failover is noticed, not held open as a ghost.
     return connect_postgresql(database_url, application_name=APPLICATION_NAME.format(pid=os.getpid()),
                               keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+
+
+def _holds_shared(connection: Any, key: int) -> bool:
+    """Whether this session holds the database's lock shared (so what was refused is its node's lock)."""
+    return connection.execute(
+        "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid() "
+        "AND mode = 'ShareLock' AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = %s",
+        (key,)).fetchone() is not None
 
 
 def _holder_pid(connection: Any, key: int) -> int | None:
@@ -185,9 +223,9 @@ class _LockKeeper(threading.Thread):
     restart, a failover, an idle timeout), so it is taken again at once; if another process took it meanwhile,
     this one stops (SIGTERM, a clean stop) rather than share the log with it."""
 
-    def __init__(self, database_url: str, connection: Any) -> None:
+    def __init__(self, database_url: str, connection: Any, sharing: Sharing) -> None:
         super().__init__(name="database-lock", daemon=True)
-        self.database_url, self.connection = database_url, connection
+        self.database_url, self.connection, self.sharing = database_url, connection, sharing
         self._stopped = threading.Event()
 
     def stop(self) -> None:
@@ -207,7 +245,7 @@ class _LockKeeper(threading.Thread):
                 connection = _lock_connection(self.database_url)
             except DatabaseUnreachable:
                 continue  # the store pauses meanwhile; try again at the next look
-            key, taken = connection.execute(f"SELECT {LOCK_KEY}, pg_try_advisory_lock({LOCK_KEY})").fetchone()
+            key, taken = _take(connection, self.sharing)
             self.connection = connection
             if taken:
                 log.warning("database_lock_retaken", database=without_password(self.database_url))

@@ -36,6 +36,7 @@ from daemon.http_api import STATUS_VIEW
 from daemon.ingest.csvfile import COLUMNS
 from daemon.ingest.inbox import Inbox
 from daemon.instance import DatabaseUnreachable, connect_postgresql, is_postgresql
+from daemon.s3server import SeaweedFS, Unavailable
 from daemon.testing import clean_environment, free_port, imgpipe_command
 from daemon.views.export import FINISHED
 
@@ -344,3 +345,41 @@ POSTGRES_LEFT_OUT = pytest.StashKey[int]()
 def _on_postgresql(item: pytest.Item) -> bool:
     callspec = getattr(item, "callspec", None)
     return callspec is not None and "postgresql" in callspec.params.values()
+
+
+REQUIRE_S3 = os.environ.get("IMGPIPE_TEST_REQUIRE_S3") == "1"
+# SeaweedFS without an S3 identity file accepts any key; set before the codec's forkserver starts, whose workers
+# keep the environment it had (the daemon reads its credentials from these variables only).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "imgpipe-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "imgpipe-test")
+
+
+def s3_unavailable(reason: str) -> None:
+    if REQUIRE_S3:
+        pytest.fail(f"SeaweedFS is required here (IMGPIPE_TEST_REQUIRE_S3=1): {reason}")
+    pytest.skip(reason)
+
+
+def started(server: SeaweedFS) -> SeaweedFS:
+    """`server` started, or the test skipped (failed under IMGPIPE_TEST_REQUIRE_S3=1)."""
+    try:
+        server.start()
+    except Unavailable as exc:
+        s3_unavailable(str(exc))
+    return server
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One SeaweedFS server for the run's tests; each test writes under a prefix of its own."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield started(server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def start_s3() -> Callable[[SeaweedFS], SeaweedFS]:
+    """`start_s3(SeaweedFS(folder))`: started (blocking), or the test skipped as the `seaweed` fixture would be."""
+    return started

@@ -7,8 +7,12 @@ behind it: stages ask here instead, and a download in flight is dropped the mome
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import TypeVar
+
+from daemon.eventlog.follower import Follower
+from daemon.eventlog.store import EventLog, RecordedEvent
+from daemon.events import Event, RequestCancelRequested, RequestRetried, names
 
 T = TypeVar("T")
 
@@ -52,3 +56,23 @@ class Cancellations:
     async def _until_cancelled(self, request_id: str) -> None:
         while request_id not in self._cancelled:
             await self._changed.wait()
+
+
+class CancellationsFollower(Follower):
+    """With other daemons on the database: cancellations and retries asked of any of them, told to this one's
+    stages (the daemon that took the command told its own at once)."""
+
+    name = "control.cancellations"
+    types = names(RequestCancelRequested, RequestRetried)
+    ordered = True  # a retry after a cancellation runs the request again
+
+    def __init__(self, eventlog: EventLog, cancellations: Cancellations) -> None:
+        super().__init__(eventlog)
+        self.cancellations = cancellations
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        if isinstance(record.event, RequestCancelRequested):
+            self.cancellations.cancel(record.stream)
+        else:
+            self.cancellations.forget(record.stream)
+        return ()

@@ -17,12 +17,23 @@ from typing import ClassVar
 import structlog
 
 from daemon.diskspace import is_disk_full
+from daemon.eventlog.models import execute, placeholders
 from daemon.eventlog.store import DatabaseAway, EventLog, RecordedEvent, Tracking
 from daemon.events import Event
 
 log = structlog.get_logger("follower")
 FAILURES_FORGOTTEN_AFTER = 60.0  # seconds without a failure after which the pause starts short again
 LAG_WARNING = 5.0  # seconds a writer waits for a follower before the wait is logged as lag
+ELSEWHERE_POLL = 0.05  # seconds between looks at the stored tracking of a consumer running in another daemon
+
+
+class LeaseLost(Exception):
+    """Raised by `guard` in the commit's transaction: the work of these positions passed to another daemon, so
+    their results must not be committed (the commit is made again without them)."""
+
+    def __init__(self, positions: set[int]) -> None:
+        super().__init__(f"claims lost for positions {sorted(positions)}")
+        self.positions = positions
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,7 @@ class _State:
 class Follower:
     """Base for stages (side effects, concurrent) and views (pure folds, ordered)."""
 
-    name: ClassVar[str]
+    name: str  # the consumer's tracking name; a per-daemon consumer adds its node (daemon.cluster)
     types: ClassVar[frozenset[str]]
     concurrency: int = 1
     ordered: ClassVar[bool] = False  # views: commit strictly in log order
@@ -79,6 +90,9 @@ class Follower:
         self._waiters = 0
         self._bursts = False  # driven by run_until_idle (tests, replay), not by run
         self._waited_on = asyncio.Event()
+        # True while this consumer runs in another daemon on the same database (daemon.cluster): `caught_up`
+        # then waits on its stored tracking instead of this idle copy.
+        self.elsewhere = False
 
     # what subclasses write ---------------------------------------------------------------------
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
@@ -87,6 +101,14 @@ class Follower:
 
     def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         """Synchronous writes to the follower's own tables, inside the commit transaction (views)."""
+
+    def guard(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
+        """In the commit's transaction, before the tables (writer thread): raise LeaseLost for results that must
+        not be committed."""
+
+    @property
+    def guarded(self) -> bool:
+        return type(self).guard is not Follower.guard
 
     @property
     def has_tables(self) -> bool:
@@ -172,12 +194,38 @@ class Follower:
         """Wait, however long it takes, until everything up to `position` is committed: a write endpoint answers
         only once its effect shows. Each LAG_WARNING seconds of waiting is logged as lag."""
         waited = 0.0
-        while not await self.wait_for(position, timeout=LAG_WARNING):
+        while not await self._reached(position, LAG_WARNING):
             if self._bursts:
                 return  # driven by a test in bursts: nothing moves it while we wait
             waited += LAG_WARNING
             log.warning("consumer_lagging", consumer=self.name, position=position, checkpoint=self._checkpoint,
                         waited_s=waited)
+
+    async def _reached(self, position: int, timeout: float) -> bool:
+        """Whether everything up to `position` is committed within `timeout`, here or by the daemon running this
+        consumer (which may change hands meanwhile)."""
+        if self._bursts:
+            return await self.wait_for(position)
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.elsewhere:
+                if await self.wait_for(position, timeout=min(ELSEWHERE_POLL * 10, timeout)):
+                    return True
+            elif await self.eventlog.query(_passed_sync, self.name, self.types, position):
+                return True
+            else:
+                await asyncio.sleep(ELSEWHERE_POLL)
+            if time.monotonic() >= deadline:
+                return False
+
+    def reset(self) -> None:
+        """Forget the in-memory progress, so `run` starts again from the stored tracking (a consumer that runs
+        again after it ran in another daemon)."""
+        self._state = _State()
+        self._wake = self.eventlog.subscribe(self.types)
+        self._loaded = False
+        self._cursor = self._checkpoint = 0
+        self._skip, self._tracked = set(), set()
 
     async def _load(self) -> None:
         if self._loaded:
@@ -306,14 +354,25 @@ class Follower:
         tracking = Tracking(self.name, checkpoint, tuple(finished), prune)
 
         def apply() -> None:
+            if self.guarded:
+                self.guard([(done.record, done.results) for done in ready if done.final])
             for done in ready:
                 if done.final:
                     self.update_tables(done.record, done.results)
 
         try:
             # After a failed try its outcome may be unknown (a lost connection): the store checks the tracking record.
-            await self.eventlog.commit(results, tracking, apply if self.has_tables else None,
+            await self.eventlog.commit(results, tracking, apply if self.has_tables or self.guarded else None,
                                        verify=state.failed_commits > 0)
+        except LeaseLost as lost:  # nothing was written: commit again without the results of the lost work
+            for done in ready:
+                if done.record.position in lost.positions:
+                    log.warning("claim_lost", consumer=self.name, request_id=done.record.stream,
+                                position=done.record.position, dropped=[e.type for e in done.results])
+                    done.results = ()
+            state.done = ready + state.done
+            self._wake.set()
+            return
         except Exception as exc:
             # Nothing of it was written: keep the results and try the commit again later.
             state.done = ready + state.done
@@ -362,6 +421,18 @@ class Follower:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._state.in_flight.clear()
         self.eventlog.unsubscribe(self._wake)
+
+
+def _passed_sync(consumer: str, types: frozenset[str], position: int) -> bool:
+    """(reader thread) Whether `consumer`'s stored tracking covers every event of `types` up to `position`."""
+    wanted = sorted(types)
+    row = execute(
+        "SELECT NOT EXISTS (SELECT 1 FROM events e WHERE e.position <= ? AND e.position > "
+        "COALESCE((SELECT c.position FROM checkpoints c WHERE c.consumer = ?), 0) "
+        f"AND e.type IN ({placeholders(len(wanted))}) "
+        "AND NOT EXISTS (SELECT 1 FROM tracking t WHERE t.consumer = ? AND t.position = e.position))",
+        (position, consumer, *wanted, consumer)).fetchone()
+    return bool(row[0])
 
 
 async def run_until_idle(followers: Sequence[Follower]) -> int:

@@ -286,6 +286,15 @@ class EventLog:
         with self.backend.snapshot():
             return fn(*args)
 
+    async def write_beside(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` in a transaction of its own on a reader thread: writes outside the log that need no place in
+        its order and must not queue behind its commits (claims on images and their leases)."""
+        return await self._on(self._readers, self._in_transaction, fn, args)
+
+    def _in_transaction(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self.db.atomic():
+            return fn(*args)
+
     # subscribers -------------------------------------------------------------------------------
     def subscribe(self, types: frozenset[str] | None = None) -> asyncio.Event:
         """An event set whenever events of `types` (None: any) are appended."""

@@ -38,10 +38,10 @@ def image_stem(request_id: str, product: Product, index: int) -> str:
 
 
 def opening_events(request_id: str, batch: Batch, source: str, source_name: str, webhook_url: str = "",
-                   idempotency_key: str = "", body_sha256: str = "") -> list[Event]:
+                   idempotency_key: str = "", body_sha256: str = "", node: str = "") -> list[Event]:
     accepted = RequestAccepted(
         source=source, source_name=source_name, products=batch.products, webhook_url=webhook_url,
-        idempotency_key=idempotency_key, body_sha256=body_sha256,
+        idempotency_key=idempotency_key, body_sha256=body_sha256, node=node,
     )
     images: list[Event] = [
         ImageRequested(product=p, index=i, url=url, stem=image_stem(request_id, product, i))
@@ -53,10 +53,11 @@ def opening_events(request_id: str, batch: Batch, source: str, source_name: str,
 
 async def accept(eventlog: EventLog, batch: Batch, source: str, source_name: str, *,
                  request_id: str | None = None, webhook_url: str = "", idempotency_key: str = "",
-                 body_sha256: str = "") -> Accepted:
-    """Open a new stream; raises StreamConflict if `request_id` was accepted already."""
+                 body_sha256: str = "", node: str = "") -> Accepted:
+    """Open a new stream; raises StreamConflict if `request_id` was accepted already. `node`: the daemon taking it
+    in, when several share the database (its outbox gets the result)."""
     request_id = request_id or new_request_id()
-    events = opening_events(request_id, batch, source, source_name, webhook_url, idempotency_key, body_sha256)
+    events = opening_events(request_id, batch, source, source_name, webhook_url, idempotency_key, body_sha256, node)
     position = await eventlog.append(request_id, events, expected_version=0)
     accepted = Accepted(request_id, len(batch.products), batch.image_count, position)
     log.info("csv_accepted", request_id=request_id, source=source, source_name=source_name,

@@ -9,6 +9,7 @@ import structlog
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
+from daemon.cluster import node_of
 from daemon.config import Settings
 from daemon.eventlog.store import StreamConflict
 from daemon.events import RequestAccepted, RequestDeleted
@@ -119,7 +120,8 @@ async def upload(request: web.Request) -> web.Response:
     key = request.headers.get(IDEMPOTENCY_HEADER, "")
     if key:
         return await _idempotent_upload(request, key, body, parsed, filename, webhook_url)
-    accepted = await accept(eventlog, parsed, "upload", filename, webhook_url=webhook_url)
+    accepted = await accept(eventlog, parsed, "upload", filename, webhook_url=webhook_url,
+                            node=node_of(request.app[SETTINGS]) or "")
     return await _accepted_response(request, accepted)
 
 
@@ -149,7 +151,7 @@ async def _idempotent_upload(request: web.Request, key: str, body: bytes, batch:
     request_id = idempotent_request_id(key)
     try:
         accepted = await accept(eventlog, batch, "upload", filename, request_id=request_id, webhook_url=webhook_url,
-                                idempotency_key=key, body_sha256=digest)
+                                idempotency_key=key, body_sha256=digest, node=node_of(request.app[SETTINGS]) or "")
         return await _accepted_response(request, accepted)
     except StreamConflict:
         records = await eventlog.read_stream(request_id)

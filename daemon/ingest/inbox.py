@@ -210,8 +210,9 @@ class _Handler(FileSystemEventHandler):
 
 
 class Inbox:
-    def __init__(self, folder: Path, eventlog: EventLog, limits: LimitSettings, settle_seconds: float) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, eventlog: EventLog, limits: LimitSettings, settle_seconds: float,
+                 node: str = "") -> None:
+        self.folder, self.node = folder, node  # node: this daemon's, when several share the database
         self._eventlog, self._limits, self._settle = eventlog, limits, settle_seconds
         self._pending: dict[Path, asyncio.Task[None]] = {}  # seen, not yet claimed
         self._prompts: dict[Path, asyncio.Event] = {}  # set when a pending file may have been closed
@@ -393,7 +394,7 @@ class Inbox:
                      first_problem=str(parsed[0]), moved_to=str(target))
             return
         try:
-            await accept(self._eventlog, parsed, "inbox", name, request_id=request_id)
+            await accept(self._eventlog, parsed, "inbox", name, request_id=request_id, node=self.node)
         except StreamConflict:
             log.info("inbox_claim_recovered", source_name=name, note="accepted before a restart")
         os.replace(claimed, self.folder / ARCHIVE / claimed.name)

@@ -11,6 +11,7 @@ import structlog
 
 from daemon.config import CompressSettings
 from daemon.control.cancellations import Cancellations
+from daemon.eventlog.claims import Claims, downloaded_work
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import (
@@ -43,8 +44,9 @@ class CompressStage(Follower):
     types = names(ImageDownloaded)
 
     def __init__(self, eventlog: EventLog, pool: CodecPool, bodies: Bodies, images: ImageStore,
-                 settings: CompressSettings, cancellations: Cancellations) -> None:
+                 settings: CompressSettings, cancellations: Cancellations, claims: Claims | None = None) -> None:
         super().__init__(eventlog)
+        self.claims = claims  # with other daemons on the database: only the bodies this one downloaded
         self.pool, self.bodies, self.images = pool, bodies, images
         self.cancellations = cancellations
         self.encode = encode_settings(settings)
@@ -54,6 +56,10 @@ class CompressStage(Follower):
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         event = record.event
         assert isinstance(event, ImageDownloaded)
+        if not self._mine(event):
+            return ()  # its body is on another daemon's disk
+        if self.claims is not None and event.item:
+            self.claims.hold(downloaded_work(record))  # renewed while it waits here, after a restart too
         if self.cancellations.is_cancelled(record.stream):
             return ()  # its body is recycled on commit, like any other
         where = {"product": event.product, "index": event.index}
@@ -114,10 +120,26 @@ class CompressStage(Follower):
             with contextlib.suppress(FileNotFoundError):
                 self.bodies.recycle(path, path.stat().st_size)
 
+    def _mine(self, event: ImageDownloaded) -> bool:
+        return self.claims is None or event.node in ("", self.claims.node)
+
+    def guard(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
+        """The image's outcome settles its claim, and is refused if another daemon took the image over."""
+        if self.claims is None:
+            return
+        settling = [(record.position, downloaded_work(record), results) for record, results in finished
+                    if isinstance(record.event, ImageDownloaded) and record.event.item and self._mine(record.event)]
+        if settling:
+            self.claims.guard_sync(settling)
+
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         """The body's image is settled in the log: it becomes a recycled file, and makes room for a download."""
         event = record.event
         assert isinstance(event, ImageDownloaded)
+        if not self._mine(event):
+            return
+        if self.claims is not None:
+            self.claims.settled([event.item])
         path = self.bodies.path(record.stream, event.product, event.index)
         await asyncio.to_thread(self.bodies.recycle, path, event.bytes)
         self.bodies.released(path)

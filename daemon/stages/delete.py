@@ -37,7 +37,10 @@ class DeleteStage(Follower):
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         records = await self.eventlog.read_stream(record.stream)
         accepted = records[0].event
-        assert isinstance(accepted, RequestAccepted)
+        if not isinstance(accepted, RequestAccepted):
+            # Purged after every consumer had passed it, while this daemon was away: nothing left to remove here.
+            await self.bodies.remove_request(record.stream)
+            return ()
         names = [r.event.name for r in records if isinstance(r.event, ImageCompressed)]
         if self.images.place == "store":  # a store that is down pauses the deletion, as it pauses compression
             await self.space.retry_while_full("store", lambda: self.images.remove(names))

@@ -16,6 +16,7 @@ import structlog
 
 from daemon.config import DownloadSettings
 from daemon.control.cancellations import Cancellations, RequestCancelled
+from daemon.eventlog.claims import Claims, work_of
 from daemon.eventlog.follower import Follower, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import (
@@ -122,10 +123,11 @@ class DownloadStage(Follower):
     types = names(ImageRequested, ImageRequeued)
 
     def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, bodies: Bodies,
-                 settings: DownloadSettings, cancellations: Cancellations) -> None:
+                 settings: DownloadSettings, cancellations: Cancellations, claims: Claims | None = None) -> None:
         super().__init__(eventlog)
         self.client, self.bodies, self.settings = client, bodies, settings
         self.cancellations = cancellations
+        self.claims = claims  # with other daemons on the database: only the images this one claims
         self.concurrency = settings.concurrency
         self._earlier: dict[int, int] = {}  # position -> attempts made before a restart
         bodies.listen(self.wake)
@@ -151,6 +153,8 @@ class DownloadStage(Follower):
         assert isinstance(event, ImageRequested)
         if self.cancellations.is_cancelled(record.stream):
             return ()
+        if self.claims is not None and not await self.claims.claim(record):
+            return ()  # another daemon does it
         where = {"product": event.product, "index": event.index}
         target = self.bodies.path(record.stream, event.product, event.index)
         if attempt == 1 and record.position <= self.head_at_start:
@@ -173,7 +177,19 @@ class DownloadStage(Follower):
             log.info("image_failed", request_id=record.stream, url=event.url, error=str(exc), **where)
             return [ImageFailed(**where, stage="download", error=f"download failed: {exc}{suffix}", attempts=attempt)]
         self.bodies.arrived(target, size)
-        return [ImageDownloaded(**where, stem=event.stem, bytes=size, attempts=attempt)]
+        # With claims, its node's compress stage takes it: the body is on this daemon's disk.
+        node, item = (self.claims.node, record.position) if self.claims is not None else ("", 0)
+        return [ImageDownloaded(product=event.product, index=event.index, stem=event.stem, bytes=size,
+                                attempts=attempt, node=node, item=item)]
+
+    def guard(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
+        """An image that ends here (failed, or its request cancelled) settles its claim, if this daemon still has it."""
+        if self.claims is None:
+            return
+        settling = [(record.position, work_of(record), results) for record, results in finished
+                    if self.claims.holds(record.position) and not _downloaded(results)]
+        if settling:
+            self.claims.guard_sync(settling)
 
     async def _attempts_before_restart(self, stream: str, event: ImageRequested) -> int:
         """Attempts already made in this round for an image this daemon took over mid-retry (counted from the log)."""
@@ -183,3 +199,9 @@ class DownloadStage(Follower):
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         self._earlier.pop(record.position, None)
+        if self.claims is not None and not _downloaded(results):
+            self.claims.settled([record.position])
+
+
+def _downloaded(results: Sequence[Event]) -> bool:
+    return any(isinstance(event, ImageDownloaded) for event in results)

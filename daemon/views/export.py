@@ -103,9 +103,10 @@ class OutboxWriter(Follower):
     types = names(RequestCompleted)
     concurrency = 4
 
-    def __init__(self, eventlog: EventLog, outbox: Path, images_url: str) -> None:
+    def __init__(self, eventlog: EventLog, outbox: Path, images_url: str, node: str | None = None) -> None:
         super().__init__(eventlog)
         self.outbox, self.images_url = outbox, images_url
+        self.node = node  # with other daemons on the database: only the requests this one took in
 
     async def recover(self) -> None:
         """Temp files of writes that a crash cut short."""
@@ -116,6 +117,8 @@ class OutboxWriter(Follower):
         if any(isinstance(r.event, RequestDeleted) for r in records):
             return ()  # deleted meanwhile: its outbox file must not come back
         accepted, images = stream_images(records)
+        if self.node is not None and accepted.node not in ("", self.node):
+            return ()  # another daemon took it in, and writes it to its own outbox
         rows = rows_from_images(images, self.images_url)
         path = self.outbox / outbox_name(record.stream, accepted)
         data = to_csv(rows).encode("utf-8")

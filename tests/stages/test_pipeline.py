@@ -244,7 +244,7 @@ async def test_restart_mid_batch_resumes_without_redoing_work(make_settings: Cal
     urls = [f"{origin.url}/img/photo.jpg", f"{origin.url}/img/photo2.jpg", f"{origin.url}/img/rotated.jpg"]
     async with daemon_app(settings) as app:
         accepted = await submit(app, [urls[:2], urls[2:]])
-        followers = {f.name: f for f in app[FOLLOWERS]}
+        followers = {f.name.partition("@")[0]: f for f in app[FOLLOWERS]}
         await followers["view.status"].run_until_idle()
         await followers["stage.download"].run_until_idle()
         # Work done but never committed, as if killed between writing the output and recording it.
@@ -347,7 +347,7 @@ async def test_downloads_wait_while_the_backlog_is_full(make_settings: Callable[
     """With backlog 2, the download stage stops at two bodies on disk and goes on as compression takes them."""
     async with daemon_app(make_settings(download={"backlog": 2})) as app:
         accepted = await submit(app, [[f"{origin.url}/img/photo.jpg"] * 5])
-        followers = {f.name: f for f in app[FOLLOWERS]}
+        followers = {f.name.partition("@")[0]: f for f in app[FOLLOWERS]}
         await followers["stage.download"].run_until_idle()
         assert len(bodies_on_disk(app)) == 2
         assert event_types(app[EVENTLOG], accepted.request_id)["ImageDownloaded"] == 2
@@ -366,7 +366,7 @@ async def test_downloads_waiting_to_try_again_keep_their_place_in_the_backlog(
     waiting to try again keep the others from starting: two bodies on disk at most, not ten."""
     async with daemon_app(make_settings(download={"backlog": 2})) as app:
         accepted = await submit(app, [[f"{origin.url}/flaky/{name}" for name in ("photo.jpg", "photo2.jpg") * 5]])
-        followers = {f.name: f for f in app[FOLLOWERS]}
+        followers = {f.name.partition("@")[0]: f for f in app[FOLLOWERS]}
         await followers["stage.download"].run_until_idle()
         assert len(bodies_on_disk(app)) == 2
         types = event_types(app[EVENTLOG], accepted.request_id)
@@ -383,7 +383,7 @@ async def test_bodies_left_by_a_crash_after_their_compression_do_not_block_the_b
     settings = make_settings(download={"backlog": 2})
     async with daemon_app(settings) as app:
         accepted = await submit(app, [[f"{origin.url}/img/photo.jpg"] * 3])
-        followers = {f.name: f for f in app[FOLLOWERS]}
+        followers = {f.name.partition("@")[0]: f for f in app[FOLLOWERS]}
         await followers["stage.download"].run_until_idle()
         await followers["stage.compress"].run_until_idle()
         spent = [app[BODIES].path(accepted.request_id, 0, index) for index in (0, 1)]
@@ -429,7 +429,7 @@ async def test_a_clean_stop_empties_the_working_folder_and_a_restart_downloads_t
     async with daemon_app(settings) as app:
         assert not (settings.path("images") / ".incoming").exists()
         accepted = await submit(app, [urls])
-        followers = {f.name: f for f in app[FOLLOWERS]}
+        followers = {f.name.partition("@")[0]: f for f in app[FOLLOWERS]}
         await followers["stage.download"].run_until_idle()
         assert len(bodies_on_disk(app)) == 2
         assert app[BODIES].incoming.is_relative_to(settings.path("work"))

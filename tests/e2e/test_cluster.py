@@ -1,0 +1,266 @@
+"""Three real daemons on one PostgreSQL database and one SeaweedFS bucket, each with its own folders: a batch
+uploaded to one of them, another killed with kill -9 mid-batch; and the start-up refusals of a shared database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+import xml.etree.ElementTree as ElementTree
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from daemon.s3server import BUCKET, SeaweedFS
+from daemon.testing import (
+    Listener,
+    Origin,
+    clean_environment,
+    eventually,
+    free_port,
+    imgpipe_command,
+    jpeg_bytes,
+    photo,
+)
+
+pytestmark = pytest.mark.slow  # three daemons started, one killed and its leases run out: about 40 s
+
+ROWS, URLS_PER_ROW = 16, 3  # 48 images
+LEASE_SECONDS = 3.0
+ORIGIN_DELAY = 0.1  # seconds before each image is answered: the batch is still running when a daemon is killed
+START_DEADLINE = 45.0
+BALANCER = "http://imgpipe.example"
+FINISH_DEADLINE = 120.0
+
+
+class SlowOrigin(Origin):
+    async def _image(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(ORIGIN_DELAY)
+        return await super()._image(request)
+
+
+@dataclass
+class Node:
+    """One `imgpipe run` process and its own folders."""
+
+    name: str
+    root: Path
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> list[dict[str, Any]]:
+        text = (self.root / "stdout").read_text(encoding="utf-8")
+        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+    def stderr(self) -> str:
+        return (self.root / "stderr").read_text(encoding="utf-8", errors="replace")
+
+
+def node_env(root: Path, name: str, port: int, database_url: str, storage: dict[str, str],
+             listener_url: str) -> dict[str, str]:
+    return {
+        "IMGPIPE_SERVER_PORT": str(port),
+        "IMGPIPE_SERVER_PUBLIC_URL": BALANCER,  # every daemon behind one load balancer
+        "IMGPIPE_PATHS_DATABASE": database_url,
+        **{f"IMGPIPE_PATHS_{folder.upper()}": str(root / folder) for folder in ("inbox", "outbox", "images", "work")},
+        **{f"IMGPIPE_STORAGE_{key.upper()}": value for key, value in storage.items()},
+        "IMGPIPE_CLUSTER_NODE": name,
+        "IMGPIPE_CLUSTER_LEASE_SECONDS": str(LEASE_SECONDS),
+        "IMGPIPE_COMPRESS_WORKERS": "1",
+        "IMGPIPE_DOWNLOAD_CONCURRENCY": "4",
+        "IMGPIPE_NETWORK_ALLOW_PRIVATE": "true",
+        "IMGPIPE_WEBHOOKS_URLS": listener_url,
+    }
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def start(root: Path, name: str, env: dict[str, str]) -> Node:
+    """(blocking) `imgpipe run` in `root`, once it answers /healthz."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
+        process = subprocess.Popen([*imgpipe_command(), "run"], cwd=root, env=clean_environment(**env),
+                                   stdout=out, stderr=err)
+    node = Node(name, root, int(env["IMGPIPE_SERVER_PORT"]), process)
+    deadline = time.monotonic() + START_DEADLINE
+    while not healthy(node.url):
+        if process.poll() is not None:
+            pytest.fail(f"daemon {name} exited with {process.returncode} before answering:\n{node.stderr()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"daemon {name} did not answer within {START_DEADLINE:g} s:\n{node.stderr()}")
+        time.sleep(0.05)
+    return node
+
+
+def stop(node: Node) -> None:
+    if node.process.poll() is None:
+        node.process.send_signal(signal.SIGTERM)
+        try:
+            node.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            node.process.kill()
+            node.process.wait()
+
+
+@contextmanager
+def cluster(tmp_path: Path, names: list[str], env: Callable[[Path, str, int], dict[str, str]]) -> Iterator[list[Node]]:
+    """Daemons started one after the other (so the first is the leader), stopped with SIGTERM afterwards."""
+    nodes: list[Node] = []
+    try:
+        for name in names:
+            root = tmp_path / name
+            nodes.append(start(root, name, env(root, name, free_port())))
+        yield nodes
+    finally:
+        for node in nodes:
+            stop(node)
+
+
+def stored_objects(endpoint: str, prefix: str) -> list[str]:
+    """The keys under `prefix/` in the bucket (ListObjectsV2)."""
+    with urllib.request.urlopen(f"{endpoint}/{BUCKET}?list-type=2&prefix={prefix}/", timeout=10) as response:
+        tree = ElementTree.fromstring(response.read())
+    return sorted(element.text or "" for element in tree.iter() if element.tag.endswith("}Key"))
+
+
+def csv_of(origin_url: str) -> bytes:
+    lines = ["S. No.,Product Name,Input Image Urls"]
+    for row in range(ROWS):
+        urls = ",".join(f"{origin_url}/img/p{row}_{i}.jpg" for i in range(URLS_PER_ROW))
+        lines.append(f'{row + 1},Product {row + 1},"{urls}"')
+    return ("\n".join(lines) + "\n").encode()
+
+
+def rows(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    from daemon.instance import connect_postgresql
+
+    with connect_postgresql(database_url) as connection:
+        return [tuple(row) for row in connection.execute(sql.replace("?", "%s"), params).fetchall()]
+
+
+@pytest.fixture
+def postgres_url(tmp_path: Path, both_backends: Callable[[str, Path], AbstractContextManager[str]]) -> Iterator[str]:
+    with both_backends("postgresql", tmp_path) as url:
+        yield url
+
+
+async def test_three_daemons_share_a_batch_and_a_killed_one_loses_nothing(
+        tmp_path: Path, postgres_url: str, seaweed: SeaweedFS) -> None:
+    """A batch uploaded to b, with a (the leader, also working on images) killed with kill -9 mid-batch: every
+    image is compressed once and stored once, the request completes once with one webhook per listener, b and c
+    answer the same status, and the outbox file is b's alone."""
+    prefix = f"cluster-{uuid.uuid4().hex[:8]}"
+    storage = {"url": f"s3://{BUCKET}/{prefix}", "endpoint": seaweed.endpoint,
+               "public_url": f"{seaweed.endpoint}/{BUCKET}/{prefix}"}
+    files = {f"p{row}_{i}.jpg": jpeg_bytes(photo(480, 360, seed=row * 10 + i))
+             for row in range(ROWS) for i in range(URLS_PER_ROW)}
+    images = ROWS * URLS_PER_ROW
+    async with SlowOrigin(files) as origin, Listener([200]) as listener, aiohttp.ClientSession() as http:
+        def env(root: Path, name: str, port: int) -> dict[str, str]:
+            return node_env(root, name, port, postgres_url, storage, listener.url)
+
+        with cluster(tmp_path, ["a", "b", "c"], env) as nodes:
+            a, b, c = nodes
+            async def a_leads() -> bool:
+                return any(e["event"] == "leadership_taken" for e in a.log())
+
+            await eventually(a_leads, "a to lead", 30)
+            form = aiohttp.FormData()
+            form.add_field("file", csv_of(origin.url), filename="batch.csv", content_type="text/csv")
+            async with http.post(f"{b.url}/upload", data=form) as response:
+                assert response.status == 202, await response.text()
+                request_id = (await response.json())["request_id"]
+
+            def a_holds_claims() -> bool:
+                held = rows(postgres_url, "SELECT COUNT(*) FROM claims WHERE owner = 'a' AND NOT settled")[0][0]
+                done = rows(postgres_url, "SELECT COUNT(*) FROM events WHERE type = 'ImageCompressed'")[0][0]
+                return bool(held > 0 and done < images - 10)
+
+            await eventually(lambda: asyncio.to_thread(a_holds_claims), "a to hold claims mid-batch", 60)
+            os.kill(a.process.pid, signal.SIGKILL)
+            a.process.wait()
+
+            async def completed() -> bool:
+                async with http.get(f"{b.url}/status/{request_id}") as answer:
+                    return bool((await answer.json())["status"] == "completed")
+
+            await eventually(completed, "the request to complete without a", FINISH_DEADLINE)
+            await listener.wait_for(1)
+            await eventually(lambda: asyncio.to_thread(
+                rows, postgres_url, "SELECT 1 FROM events WHERE type = 'WebhookAttempted'"), "the delivery recorded", 30)
+
+            statuses = []
+            for node in (b, c):
+                async with http.get(f"{node.url}/status/{request_id}") as answer:
+                    statuses.append(await answer.json())
+            assert statuses[0] == statuses[1]
+            status = statuses[0]
+            assert status["progress"]["done"] == images
+
+            compressed = rows(postgres_url, "SELECT data FROM events WHERE type = 'ImageCompressed' AND stream = ?",
+                              request_id)
+            per_image = Counter((json.loads(d)["product"], json.loads(d)["index"]) for d, in compressed)
+            assert len(per_image) == images and set(per_image.values()) == {1}
+            assert rows(postgres_url, "SELECT COUNT(*) FROM events WHERE type = 'RequestCompleted'")[0][0] == 1
+            requeued = rows(postgres_url, "SELECT data FROM events WHERE type = 'ImageRequeued'")
+            assert requeued and all("(a) stopped" in json.loads(d)["reason"] for d, in requeued)
+
+            names = sorted(json.loads(d)["name"] for d, in compressed)
+            assert stored_objects(seaweed.endpoint, prefix) == [f"{prefix}/{name}" for name in names]
+
+            completions = [r for r in listener.received if json.loads(r.body)["type"] == "request.completed"]
+            assert len(completions) == 1
+
+            assert [p.name for p in (b.root / "outbox").iterdir()] == [f"{request_id}.csv"]
+            assert not list((c.root / "outbox").iterdir())
+            assert any(e["event"] == "leadership_taken" for e in b.log() + c.log())
+
+
+async def test_a_shared_database_refuses_a_daemon_without_the_store_and_replay(
+        tmp_path: Path, postgres_url: str, seaweed: SeaweedFS) -> None:
+    """While a daemon with the object store runs, a second one without it, one under the same node name, and
+    `imgpipe replay` are each refused with a message saying why."""
+    storage = {"url": f"s3://{BUCKET}/refusals", "endpoint": seaweed.endpoint}
+    first_port = free_port()
+    first = node_env(tmp_path / "a", "a", first_port, postgres_url, storage, "")
+    del first["IMGPIPE_WEBHOOKS_URLS"]
+
+    def refused(root: Path, env: dict[str, str], *args: str) -> str:
+        root.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run([*imgpipe_command(), *args], cwd=root, env=clean_environment(**env),
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 1, result.stderr
+        return result.stderr
+
+    with cluster(tmp_path, ["a"], lambda root, name, port: first):
+        local = {**first, "IMGPIPE_SERVER_PORT": str(free_port()), "IMGPIPE_CLUSTER_NODE": "b"}
+        for key in ("URL", "ENDPOINT"):
+            local.pop(f"IMGPIPE_STORAGE_{key}")
+        assert "more than one daemon on a database needs the object store" in refused(tmp_path / "b", local, "run")
+        same = {**first, "IMGPIPE_SERVER_PORT": str(free_port())}
+        assert "another daemon runs under this node name" in refused(tmp_path / "c", same, "run")
+        assert "stop every daemon on this database first" in refused(tmp_path / "d", first, "replay")
