@@ -137,6 +137,10 @@ async def claims_ctx(app: web.Application) -> AsyncIterator[None]:
     claims = app[CLAIMS] = Claims(app[EVENTLOG], node, settings.cluster.lease_seconds)
     await claims.open()
     yield
+    try:
+        await claims.release()
+    except Exception:  # the database gone as the daemon stops: the leases run out by themselves
+        log.warning("claims_not_released", node=node)
     if latencies := sorted(claims.latencies):
         log.info("claim_latency", node=node, claims=len(latencies), p50_ms=latencies[len(latencies) // 2],
                  p99_ms=latencies[min(len(latencies) - 1, len(latencies) * 99 // 100)], samples_ms=list(claims.latencies))

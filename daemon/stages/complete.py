@@ -103,6 +103,11 @@ class CompleteStage(Follower):
         self._tallies: dict[str, RequestTally] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def reset(self) -> None:
+        super().reset()
+        self._tallies.clear()  # another daemon completed requests meanwhile: tallies come from the log again
+        self._locks.clear()
+
     def in_a_hurry(self) -> bool:
         # A request's completion, and with it the webhook and outbox, would otherwise wait for the batch_window
         # twice: before its last image event is read, and again before the RequestCompleted is committed.
