@@ -16,9 +16,11 @@ with no recent deletions, and it deletes no daemon's files before the end (see h
 
 appends (bench/backends.py): appends per second through `EventLog.append` on each backend, in this process.
 load (bench/load.py): concurrent uploads while clients poll /status at a fixed rate; see there.
+scale (bench/scale.py): one daemon with every codec worker against two daemons with half each, sharing PostgreSQL
+and a SeaweedFS bucket; coordination efficiency and claim latency; see there.
 
 Prints the results and writes them to bench/results/latest.json as
-{"filesystem": {...}, "throughput": {...}, "appends": {...}, "load": {...}}.
+{"filesystem": {...}, "throughput": {...}, "appends": {...}, "load": {...}, "scale": {...}}.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from bench.harness import (
     upload,
 )
 from bench.load import add_load_arguments, run_load
+from bench.scale import add_scale_arguments, run_scale
 from daemon.testing import Listener, Origin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,19 +186,21 @@ async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Pat
 
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench")
-    parser.add_argument("--scenario", choices=("all", "throughput", "appends", "load"), default="all")
+    parser.add_argument("--scenario", choices=("all", "throughput", "appends", "load", "scale"), default="all")
     parser.add_argument("--images", type=int, default=int(os.environ.get("BENCH_IMAGES", 200)))
     parser.add_argument("--size", type=int, default=2000)
     parser.add_argument("--distinct", type=int, default=24, help="distinct generated photos, served round-robin")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quality", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=7,
-                        help="throughput: the ceiling and the pipeline on each backend, alternated")
+                        help="throughput: the ceiling and the pipeline on each backend, alternated; scale: rounds of "
+                             "one daemon and two, alternated")
     parser.add_argument("--settle-max", type=float, default=420.0,
                         help="seconds to wait at most for file creation to cost what it does with no recent deletions")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     add_backend_arguments(parser)
     add_load_arguments(parser)
+    add_scale_arguments(parser)
     args = parser.parse_args()
 
     photos: dict[tuple[int, int], list[bytes]] = {}  # both scenarios share them when their sizes agree
@@ -220,6 +225,10 @@ async def main() -> None:
             load_photos = photos_of(args.load_size, args.load_requests * args.load_images)
             results["load"] = await run_load(load_photos, args, folder)
             print(json.dumps({"load": results["load"]}, indent=2), flush=True)
+        if args.scenario in ("all", "scale"):
+            results["scale"] = await run_scale(photos_of(args.size, args.scale_images or args.images), args, folder,
+                                               where)
+            print(json.dumps({"scale": results["scale"]}, indent=2), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if results.get("load", {}).get("errors"):
