@@ -99,8 +99,9 @@ class Follower:
         """Do the work for one event; return events to append to its stream. May raise Retry."""
         return ()
 
-    def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
-        """Synchronous writes to the follower's own tables, inside the commit transaction (views)."""
+    def update_tables(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
+        """Synchronous writes to the follower's own tables for `finished` (events and their results, in log order),
+        inside the commit transaction (views)."""
 
     def guard(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
         """In the commit's transaction, before the tables (writer thread): raise LeaseLost for results that must
@@ -354,11 +355,10 @@ class Follower:
         tracking = Tracking(self.name, checkpoint, tuple(finished), prune)
 
         def apply() -> None:
+            finished_now = [(done.record, done.results) for done in ready if done.final]
             if self.guarded:
-                self.guard([(done.record, done.results) for done in ready if done.final])
-            for done in ready:
-                if done.final:
-                    self.update_tables(done.record, done.results)
+                self.guard(finished_now)
+            self.update_tables(finished_now)
 
         try:
             # After a failed try its outcome may be unknown (a lost connection): the store checks the tracking record.
