@@ -203,6 +203,7 @@ async def test_three_daemons_share_a_batch_and_a_killed_one_loses_nothing(
             await eventually(lambda: asyncio.to_thread(a_holds_claims), "a to hold claims mid-batch", 60)
             os.kill(a.process.pid, signal.SIGKILL)
             a.process.wait()
+            orphaned = rows(postgres_url, "SELECT product, idx FROM claims WHERE owner = 'a' AND NOT settled")
 
             async def completed() -> bool:
                 async with http.get(f"{b.url}/status/{request_id}") as answer:
@@ -226,8 +227,12 @@ async def test_three_daemons_share_a_batch_and_a_killed_one_loses_nothing(
             per_image = Counter((json.loads(d)["product"], json.loads(d)["index"]) for d, in compressed)
             assert len(per_image) == images and set(per_image.values()) == {1}
             assert rows(postgres_url, "SELECT COUNT(*) FROM events WHERE type = 'RequestCompleted'")[0][0] == 1
+            # a's images passed to the others: re-offered once its leases ran out (or taken by one reading late).
+            owners = dict(((p, i), (o, settled)) for p, i, o, settled in rows(
+                postgres_url, "SELECT product, idx, owner, settled FROM claims"))
+            assert orphaned and all(owners[image] in (("b", True), ("c", True)) for image in orphaned)
             requeued = rows(postgres_url, "SELECT data FROM events WHERE type = 'ImageRequeued'")
-            assert requeued and all("(a) stopped" in json.loads(d)["reason"] for d, in requeued)
+            assert all("(a) stopped" in json.loads(d)["reason"] for d, in requeued)
 
             names = sorted(json.loads(d)["name"] for d, in compressed)
             assert stored_objects(seaweed.endpoint, prefix) == [f"{prefix}/{name}" for name in names]
