@@ -29,6 +29,9 @@ from daemon.instance import DatabaseUnreachable, connect_postgresql, is_postgres
 log = structlog.get_logger("cluster")
 
 LEADER_KEY = "hashtextextended('imgpipe-leader/' || current_database() || '/' || current_schema(), 0)"
+# Taken shared by every commit of the leader's consumers, and exclusive for a moment by a new leader before it
+# starts them: so no commit of a deposed leader can land after the new one has read its tracking.
+FENCE_KEY = "hashtextextended('imgpipe-leader-fence/' || current_database() || '/' || current_schema(), 0)"
 CHECK_SECONDS = 1.0
 
 
@@ -62,16 +65,33 @@ async def adopt_checkpoint(eventlog: EventLog, follower: Follower) -> None:
     await eventlog.write_beside(adopt)
 
 
+class NotLeader(Exception):
+    """A commit of the leader's consumers by a daemon that no longer holds the leader lock: refused."""
+
+
 class Leadership:
-    """Runs `followers` while this daemon holds the leader lock, and only then."""
+    """Runs `followers` while this daemon holds the leader lock, and only then; their commits are fenced (`fence`)."""
 
     def __init__(self, database_url: str, node: str, followers: Sequence[Follower]) -> None:
         self.database_url, self.node, self.followers = database_url, node, followers
         self.leading = False
         self._tasks: list[asyncio.Task[None]] = []
         self._ran = False
+        self._holder: tuple[int, int] | None = None  # (the lock connection's server pid, the lock's key)
         for follower in followers:
             follower.elsewhere = True
+            follower.fence = self.fence
+
+    def fence(self) -> None:
+        """(writer thread, in the commit's transaction) NotLeader unless the lock is still this daemon's. The shared
+        fence lock makes a new leader wait for this transaction before it reads the tracking."""
+        execute(f"SELECT pg_advisory_xact_lock_shared({FENCE_KEY})")
+        row = execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock' "
+            "AND objsubid = 1 AND pid = ? AND ((classid::bigint << 32) | objid::bigint) = ?)",
+            self._holder or (0, 0)).fetchone()
+        if not row[0]:
+            raise NotLeader(f"{self.node} no longer holds the leader lock")
 
     async def run(self) -> None:
         """Try for the lock, then watch its connection, every CHECK_SECONDS until cancelled."""
@@ -83,7 +103,7 @@ class Leadership:
                         connection = await asyncio.to_thread(self._connect)
                     if self.leading:
                         await asyncio.to_thread(connection.execute, "SELECT 1")
-                    elif await asyncio.to_thread(self._try_lock, connection):
+                    elif await asyncio.to_thread(self.try_lock, connection):
                         self._elected()
                 except Exception as exc:  # DatabaseUnreachable, psycopg.OperationalError: the lock is gone with it
                     if connection is not None:
@@ -102,9 +122,14 @@ class Leadership:
         return connect_postgresql(self.database_url, application_name=f"imgpipe leader {self.node}"[:63],
                                   keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
 
-    @staticmethod
-    def _try_lock(connection: Any) -> bool:
-        return bool(connection.execute(f"SELECT pg_try_advisory_lock({LEADER_KEY})").fetchone()[0])
+    def try_lock(self, connection: Any) -> bool:
+        """(thread) Take the leader lock if it is free; then wait for the commits of a deposed leader in flight."""
+        taken, pid, key = connection.execute(
+            f"SELECT pg_try_advisory_lock({LEADER_KEY}), pg_backend_pid(), {LEADER_KEY}").fetchone()
+        if taken:
+            connection.execute(f"SELECT pg_advisory_lock({FENCE_KEY}), pg_advisory_unlock({FENCE_KEY})")
+            self._holder = (int(pid), int(key))
+        return bool(taken)
 
     def _elected(self) -> None:
         self.leading = True

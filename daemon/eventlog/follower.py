@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -93,6 +93,8 @@ class Follower:
         # True while this consumer runs in another daemon on the same database (daemon.cluster): `caught_up`
         # then waits on its stored tracking instead of this idle copy.
         self.elsewhere = False
+        # Run in every commit's transaction, raising to refuse it (daemon.cluster: the leader's consumers).
+        self.fence: Callable[[], None] | None = None
 
     # what subclasses write ---------------------------------------------------------------------
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
@@ -109,7 +111,7 @@ class Follower:
 
     @property
     def guarded(self) -> bool:
-        return type(self).guard is not Follower.guard
+        return type(self).guard is not Follower.guard or self.fence is not None
 
     @property
     def has_tables(self) -> bool:
@@ -356,6 +358,8 @@ class Follower:
 
         def apply() -> None:
             finished_now = [(done.record, done.results) for done in ready if done.final]
+            if self.fence is not None:
+                self.fence()
             if self.guarded:
                 self.guard(finished_now)
             self.update_tables(finished_now)

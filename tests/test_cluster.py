@@ -1,0 +1,72 @@
+"""The leader lock's fence against the real PostgreSQL: a commit of the leader's consumers lands only while the
+daemon making it holds the lock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.cluster import LEADER_KEY, Leadership, NotLeader
+from daemon.eventlog.store import EventLog, open_store
+from daemon.events import RequestDeleted
+from daemon.instance import connect_postgresql
+from daemon.testing import eventually
+
+
+@pytest.fixture
+def postgres_url(tmp_path: Path, both_backends: Callable[[str, Path], AbstractContextManager[str]]) -> Iterator[str]:
+    with both_backends("postgresql", tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+async def eventlog(postgres_url: str) -> AsyncIterator[EventLog]:
+    log = open_store(postgres_url)
+    await log.open()
+    yield log
+    await log.close()
+
+
+async def fenced_commit(eventlog: EventLog, leadership: Leadership, stream: str) -> None:
+    await eventlog.commit([(stream, [RequestDeleted()])], apply=leadership.fence)
+
+
+def leader_lock_holders(url: str) -> int:
+    """How many sessions hold this database and schema's leader lock."""
+    with connect_postgresql(url) as admin:
+        return int(admin.execute(f"SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+                                 f"((classid::bigint << 32) | objid::bigint) = {LEADER_KEY}").fetchone()[0])
+
+
+async def test_a_deposed_leaders_commit_is_refused_and_the_new_leaders_lands(
+        eventlog: EventLog, postgres_url: str) -> None:
+    """While a holds the lock its fenced commits land; once its lock connection ends they are refused, and b,
+    which took the lock, commits."""
+    a, b = Leadership(postgres_url, "a", []), Leadership(postgres_url, "b", [])
+    a_connection: Any = await asyncio.to_thread(connect_postgresql, postgres_url)
+    b_connection: Any = await asyncio.to_thread(connect_postgresql, postgres_url)
+    try:
+        assert await asyncio.to_thread(a.try_lock, a_connection)
+        assert not await asyncio.to_thread(b.try_lock, b_connection)
+        await fenced_commit(eventlog, a, "r1")
+        with pytest.raises(NotLeader):
+            await fenced_commit(eventlog, b, "r2")
+
+        await asyncio.to_thread(a_connection.close)  # the server drops a's lock with its session
+
+        async def released() -> bool:
+            return await asyncio.to_thread(leader_lock_holders, postgres_url) == 0
+
+        await eventually(released, "a's lock to be released")
+        with pytest.raises(NotLeader):
+            await fenced_commit(eventlog, a, "r3")
+        assert await asyncio.to_thread(b.try_lock, b_connection)
+        await fenced_commit(eventlog, b, "r4")
+    finally:
+        await asyncio.to_thread(b_connection.close)
+    assert [s for s in ("r1", "r2", "r3", "r4") if await eventlog.read_stream(s)] == ["r1", "r4"]
