@@ -1,8 +1,9 @@
 """The aiohttp application: routes, and the daemon's resources in dependency order.
 
 cleanup_ctx runs set-up top to bottom and teardown bottom to top:
-disk space -> event log -> downloaded bodies (the working folder) -> process pool -> the process's tuning
-(daemon.tuning) -> HTTP clients (downloads, webhooks) -> consumers -> inbox -> retention.
+disk space -> event log -> claims (with other daemons on the database) -> downloaded bodies (the working folder)
+-> process pool -> the process's tuning (daemon.tuning) -> HTTP clients (downloads, webhooks) -> consumers -> inbox
+-> retention.
 """
 
 from __future__ import annotations
@@ -192,14 +193,13 @@ async def client_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def followers_ctx(app: web.Application) -> AsyncIterator[None]:
     followers = app[FOLLOWERS] = build_followers(app)
-    settings, claims = app[SETTINGS], app.get(CLAIMS)
-    node = node_of(settings)
+    settings, claims = app[SETTINGS], app.get(CLAIMS)  # claims: with a database other daemons may share
     tasks: list[asyncio.Task[None]] = []
-    if app[FOLLOW] and (node is None or claims is None):
+    if app[FOLLOW] and claims is None:
         tasks = [asyncio.create_task(f.run(), name=f"follower:{f.name}") for f in followers]
-    elif app[FOLLOW] and node is not None and claims is not None:
+    elif app[FOLLOW] and claims is not None:
         leaders = [f for f in followers if isinstance(f, LEADER_ROLES)]
-        leadership = Leadership(settings.database_url, node, leaders)
+        leadership = Leadership(settings.database_url, claims.node, leaders)
         for follower in followers:
             if follower not in leaders:
                 await adopt_checkpoint(app[EVENTLOG], follower)
@@ -250,8 +250,8 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
     app[SETTINGS] = settings
     app[IMAGE_STORE] = image_store(settings)  # a plain value: the clients it opens live as long as the process
     app[FOLLOW] = follow
-    app.cleanup_ctx.extend([diskspace_ctx, eventlog_ctx, claims_ctx, bodies_ctx, pool_ctx, tuning_ctx, client_ctx, followers_ctx,
-                            inbox_ctx, retention_ctx, announce_ctx])
+    app.cleanup_ctx.extend([diskspace_ctx, eventlog_ctx, claims_ctx, bodies_ctx, pool_ctx, tuning_ctx, client_ctx,
+                            followers_ctx, inbox_ctx, retention_ctx, announce_ctx])
     add_routes(app)
     ingest_http.add_routes(app)
     control_http.add_routes(app)

@@ -360,8 +360,7 @@ class Follower:
             finished_now = [(done.record, done.results) for done in ready if done.final]
             if self.fence is not None:
                 self.fence()
-            if self.guarded:
-                self.guard(finished_now)
+            self.guard(finished_now)
             self.update_tables(finished_now)
 
         try:
