@@ -1,5 +1,5 @@
-"""The leader lock's fence against the real PostgreSQL: a commit of the leader's consumers lands only while the
-daemon making it holds the lock."""
+"""daemon.cluster against the real PostgreSQL: the leader lock's fence (a commit of the leader's consumers lands
+only while the daemon making it holds the lock), and where a new daemon's consumers start."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from daemon.cluster import LEADER_KEY, Leadership, NotLeader
-from daemon.eventlog.store import EventLog, open_store
+from daemon.cluster import LEADER_KEY, Leadership, NotLeader, adopt_checkpoint, per_node
+from daemon.eventlog.follower import Follower
+from daemon.eventlog.store import EventLog, Tracking, open_store
 from daemon.events import RequestDeleted
 from daemon.instance import connect_postgresql
 from daemon.testing import eventually
@@ -70,3 +71,20 @@ async def test_a_deposed_leaders_commit_is_refused_and_the_new_leaders_lands(
     finally:
         await asyncio.to_thread(b_connection.close)
     assert [s for s in ("r1", "r2", "r3", "r4") if await eventlog.read_stream(s)] == ["r1", "r4"]
+
+
+class Downloads(Follower):
+    name = "stage.download"
+    types = frozenset({"ImageRequested"})
+
+
+async def test_a_new_daemons_consumer_starts_where_the_furthest_of_its_kind_is(eventlog: EventLog) -> None:
+    """A consumer seen for the first time takes the furthest checkpoint of its kind; one with a checkpoint keeps it."""
+    await eventlog.commit([], Tracking("stage.download@a", 40, ()))
+    await eventlog.commit([], Tracking("stage.download@b", 70, ()))
+    await eventlog.commit([], Tracking("stage.compress@c", 90, ()))
+    await eventlog.commit([], Tracking("stage.download@d", 10, ()))
+    for node in ("c", "d"):
+        await adopt_checkpoint(eventlog, per_node(Downloads(eventlog), node))
+    assert (await eventlog.load_tracking("stage.download@c"))[0] == 70
+    assert (await eventlog.load_tracking("stage.download@d"))[0] == 10
