@@ -528,8 +528,9 @@ class EventLog:
             streams = [stream for stream, in execute(
                 "SELECT stream FROM events WHERE stream IN (SELECT stream FROM events WHERE type = 'RequestDeleted') "
                 "GROUP BY stream HAVING COUNT(*) > 1 AND MAX(position) <= ?", (low_water,)).fetchall()]
-            return sum(execute("DELETE FROM events WHERE stream = ? AND type != 'RequestDeleted'", (stream,)).rowcount
-                       for stream in streams)
+            # Counted from RETURNING: a cursor's rowcount is not known yet in psycopg's pipeline mode.
+            return sum(len(execute("DELETE FROM events WHERE stream = ? AND type != 'RequestDeleted' RETURNING 1",
+                                   (stream,)).fetchall()) for stream in streams)
 
         return await self._write(purge, ())
 
