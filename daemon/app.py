@@ -42,6 +42,7 @@ from daemon.instance import without_password
 from daemon.metrics import METRICS, Metrics, counting
 from daemon.metrics import add_routes as metrics_routes
 from daemon.network import AddressPolicy, GuardedConnector
+from daemon.openapi import add_routes as openapi_routes
 from daemon.stages.bodies import Bodies
 from daemon.stages.complete import CompleteStage
 from daemon.stages.compress import CompressStage
@@ -218,4 +219,5 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
     receive.add_routes(app)
     deliver.add_routes(app)
     metrics_routes(app)
+    openapi_routes(app)
     return app
