@@ -40,7 +40,8 @@ SCHEMAS: dict[str, Schema] = {
                                                        "request_id": STRING}),
     "InvalidCsv": {"allOf": [ref("Error"), obj({"problems": {"type": "array", "items": obj(
         {"line": INTEGER, "column": STRING, "reason": STRING})}})]},
-    "NotFinished": {"allOf": [ref("Error"), obj({}, {"status": {"enum": REQUEST_STATES}, "progress": ref("Progress")})]},
+    "NotFinished": {"allOf": [ref("Error"), obj({}, {"status": {"enum": REQUEST_STATES},
+                                                     "progress": ref("Progress")})]},
     "Progress": obj({"images": INTEGER, "done": INTEGER, "failed": INTEGER, "pending": INTEGER},
                     {"cancelled": INTEGER}),
     "Accepted": obj({"request_id": STRING, "status": {"const": "queued"}, "products": INTEGER, "images": INTEGER,
@@ -98,12 +99,12 @@ REQUEST_ID = {"name": "request_id", "in": "path", "required": True, "schema": ST
               "description": "a request id as `POST /upload` answered it"}
 
 
-def operation(summary: str, responses: dict[int, Schema], parameters: list[Schema] | None = None,
+def operation(operation_id: str, summary: str, responses: dict[int, Schema], parameters: list[Schema] | None = None,
               body: Schema | None = None, token: bool = True, database: bool = True) -> Schema:
     """One operation, with the answers every operation shares added: 401 (with tokens), 503 (the database)."""
     shared = {**({401: UNAUTHORIZED} if token else {}), **({503: UNAVAILABLE} if database else {}),
               **({400: BAD_BODY} if body is not None else {})}
-    op: Schema = {"summary": summary, "responses": {str(code): value for code, value in
+    op: Schema = {"operationId": operation_id, "summary": summary, "responses": {str(code): value for code, value in
                                                     sorted({**shared, **responses}.items())}}
     if parameters:
         op["parameters"] = parameters
@@ -118,15 +119,28 @@ def query(name: str, schema: Schema, description: str) -> Schema:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
+# Where a new request's id leads: what a client (and schemathesis' stateful tests) can do with it next.
+REQUEST_LINKS = {operation_id: {"operationId": operation_id, "parameters": {"request_id": "$response.body#/request_id"}}
+                 for operation_id in ("getStatus", "exportRequest", "retryRequest", "cancelRequest", "deleteRequest",
+                                      "redeliverWebhook")}
+EXAMPLE_CSV = ("S. No.,Product Name,Input Image Urls\n"
+               "1,Shoe,\"https://images.example.com/shoe-1.jpg,https://images.example.com/shoe-2.jpg\"\n")
 NOT_FOUND = error("`unknown_request`: no request with this id (or it was deleted)")
+FILLED = {"type": "string", "minLength": 1}
+NOTIFICATION = {"anyOf": [
+    {**obj({"type": {"const": "request.completed"}, "data": obj({"request_id": FILLED, "status": FILLED})}),
+     "title": "imgpipe's own request.completed message"},
+    {**obj({"image_id": FILLED, "status": FILLED, "output_images": {"type": "array"}}),
+     "not": obj({"type": {"const": "request.completed"}}), "title": "the classic notification"},
+]}
 FLAG = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}
 
 PATHS: dict[str, dict[str, Schema]] = {
     "/upload": {"post": operation(
-        "Upload a CSV of products and their image URLs; answered once the request shows in GET /status",
+        "upload", "Upload a CSV of products and their image URLs; answered once the request shows in GET /status",
         {200: answer("the same `Idempotency-Key` and body as an earlier upload: that request again, nothing new",
                      ref("Accepted"), headers={"Idempotent-Replayed": {"const": "true"}}),
-         202: answer("accepted: the request is queued", ref("Accepted")),
+         202: {**answer("accepted: the request is queued", ref("Accepted")), "links": REQUEST_LINKS},
          400: answer("`invalid_csv` (with `problems`: every line, column and reason), `missing_file`, "
                      "`invalid_multipart`, `invalid_webhook_url`, `invalid_idempotency_key`, `invalid_body`",
                      {"anyOf": [ref("InvalidCsv"), ref("Error")]}),
@@ -142,10 +156,10 @@ PATHS: dict[str, dict[str, Schema]] = {
         body={"required": True, "content": {
             "multipart/form-data": {"schema": obj({"file": {"type": "string", "contentMediaType": CSV}},
                                                   {"webhook_url": STRING})},
-            CSV: {"schema": STRING},
+            CSV: {"schema": STRING, "example": EXAMPLE_CSV},
         }})},
     "/status/{request_id}": {"get": operation(
-        "A request's status, progress, images and webhook deliveries",
+        "getStatus", "A request's status, progress, images and webhook deliveries",
         {200: answer("the request", ref("Status")),
          400: error("`invalid_parameter`: `products`, `offset` or `limit` is not a valid value (named in `field`)"),
          404: NOT_FOUND},
@@ -155,15 +169,15 @@ PATHS: dict[str, dict[str, Schema]] = {
                           "the first product of a page (0-based, in input order)"),
                     query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}, "products in a page")])},
     "/export": {"get": operation(
-        "The output CSV of every finished request",
+        "exportAll", "The output CSV of every finished request",
         {200: answer("the CSV, as an attachment", STRING, CSV)})},
     "/export/{request_id}": {"get": operation(
-        "The output CSV of one finished request",
+        "exportRequest", "The output CSV of one finished request",
         {200: answer("the CSV, as an attachment", STRING, CSV), 404: NOT_FOUND,
          409: error("`not_finished`: the request still runs (with `status` and `progress`)", "NotFinished")},
         parameters=[REQUEST_ID])},
     "/images/{name}": {"get": operation(
-        "A compressed image",
+        "getImage", "A compressed image",
         {200: answer("the image", {"type": "string", "contentMediaType": "image/*"}, "image/*"),
          302: answer("with `storage.public_url`: the image's URL there", headers={"Location": STRING}),
          404: error("`unknown_image`"),
@@ -171,29 +185,29 @@ PATHS: dict[str, dict[str, Schema]] = {
                      headers={"Retry-After": INTEGER})},
         parameters=[{"name": "name", "in": "path", "required": True, "schema": STRING}])},
     "/retry/{request_id}": {"post": operation(
-        "Try a finished request's failed images again, as a new round",
+        "retryRequest", "Try a finished request's failed images again, as a new round",
         {202: answer("the new round has started", obj({"request_id": STRING, "status": {"const": "processing"},
                                                        "round": INTEGER, "images": INTEGER, "status_url": STRING})),
          404: NOT_FOUND, 409: error("`not_finished`, `nothing_failed` or `cancelled`")},
         parameters=[REQUEST_ID])},
     "/cancel/{request_id}": {"post": operation(
-        "Stop a running request; what is compressed stays",
+        "cancelRequest", "Stop a running request; what is compressed stays",
         {200: answer("the request is cancelled", obj({"request_id": STRING, "status": {"const": "cancelled"},
                                                       "progress": ref("Progress"), "status_url": STRING})),
          404: NOT_FOUND, 409: error("`already_finished`")},
         parameters=[REQUEST_ID])},
     "/requests/{request_id}": {"delete": operation(
-        "Remove a finished request: its images, outbox file, archived CSV and status",
+        "deleteRequest", "Remove a finished request: its images, outbox file, archived CSV and status",
         {200: answer("removed", obj({"request_id": STRING, "deleted": {"const": True}})),
          404: NOT_FOUND, 409: error("`not_finished`")},
         parameters=[REQUEST_ID])},
     "/redeliver/{request_id}": {"post": operation(
-        "Send a completed request's webhook again, under the same webhook-id",
+        "redeliverWebhook", "Send a completed request's webhook again, under the same webhook-id",
         {202: answer("queued", obj({"request_id": STRING, "message_id": STRING, "status": {"const": "queued"}})),
          404: NOT_FOUND, 409: error("`not_finished`, or `no_listener`: nobody to send it to")},
         parameters=[REQUEST_ID])},
     "/webhook": {"post": operation(
-        "Record an inbound completion notification on its request",
+        "receiveNotification", "Record an inbound completion notification on its request",
         {202: answer("recorded (or a duplicate `webhook-id`, acknowledged)", obj(
             {"request_id": STRING, "recorded": BOOLEAN, "duplicate": BOOLEAN, "verified": BOOLEAN})),
          400: error("`invalid_notification` (naming the `field`), `invalid_body`"),
@@ -202,15 +216,15 @@ PATHS: dict[str, dict[str, Schema]] = {
          415: error("`unsupported_media_type`: not application/json")},
         parameters=[{"name": header, "in": "header", "required": False, "schema": STRING}
                     for header in ("webhook-id", "webhook-timestamp", "webhook-signature")],
-        body={"required": True, "content": {JSON: {"schema": {"type": "object"}}}})},
+        body={"required": True, "content": {JSON: {"schema": NOTIFICATION}}})},
     "/healthz": {"get": operation(
-        "Whether the daemon runs, and what its work waits for",
+        "health", "Whether the daemon runs, and what its work waits for",
         {200: answer("`ok`, or `degraded` with reasons", ref("Health"))}, token=False, database=False)},
     "/metrics": {"get": operation(
-        "Prometheus metrics (text format 0.0.4); names in docs/operations.md",
+        "metrics", "Prometheus metrics (text format 0.0.4); names in docs/operations.md",
         {200: answer("the metrics", STRING, "text/plain")})},
     "/openapi.json": {"get": operation(
-        "This description", {200: answer("OpenAPI 3.1", {"type": "object"})}, database=False)},
+        "openapi", "This description", {200: answer("OpenAPI 3.1", {"type": "object"})}, database=False)},
 }
 
 DESCRIPTION: Schema = {
