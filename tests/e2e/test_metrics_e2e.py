@@ -87,6 +87,8 @@ async def test_metrics_count_a_batch(launch_daemon: Any, tmp_path: Path, databas
     assert value(text, "imgpipe_http_requests_total", method="POST", route="/upload", status="202") == 1
     assert value(text, "imgpipe_http_requests_total", method="GET", route="/metrics", status="401") == 1
     assert value(text, "imgpipe_http_requests_total", method="GET", route="/status/{request_id}", status="200") >= 1
+    assert value(text, "imgpipe_process_start_time_seconds") > 0
+    assert not [s.name for s in samples(text) if s.name.endswith("_created")]  # no series per counter's birth
     routes = {s.labels["route"] for s in samples(text) if s.name == "imgpipe_http_requests_total"}
     assert not any(request_id in route for route in routes)  # patterns, never raw paths
 
