@@ -118,12 +118,13 @@ class Metrics:
             self.backlog.set(bodies.waiting)
             self.backlog_bytes.set(bodies.waiting_bytes)
             marks = [(f.name, f.checkpoint, f.types) for f in followers]
-            for name, lag in (await eventlog.query(unfinished_events, marks)).items():
-                self.consumer_lag.labels(name).set(lag)
+            done = {f.name: f.done_above_checkpoint for f in followers}
+            for name, after in (await eventlog.query(events_after, marks)).items():
+                self.consumer_lag.labels(name).set(max(0, after - done[name]))
         return generate_latest(self.registry)
 
 
-def unfinished_events(marks: Sequence[tuple[str, int, frozenset[str]]]) -> dict[str, int]:
+def events_after(marks: Sequence[tuple[str, int, frozenset[str]]]) -> dict[str, int]:
     """(reader thread) For each consumer, the events of its types after its checkpoint. Not head minus checkpoint:
     a consumer is woken only by its own types, so its checkpoint stands still while others' events pass it."""
     lags = {}

@@ -44,6 +44,8 @@ async def test_metrics_count_a_batch(launch_daemon: Any, tmp_path: Path, databas
         with launch_daemon(tmp_path, database_url, IMGPIPE_SERVER_TOKENS=TOKEN) as daemon:
             async with session.get(f"{daemon.base_url}/metrics") as refused:
                 assert refused.status == 401  # as protected as the rest of the API
+            async with session.get(f"{daemon.base_url}/no/such/path", headers=AUTH) as unknown:
+                assert unknown.status == 404
             csv_text = ("S. No.,Product Name,Input Image Urls\n"
                         f'1,Lamp,"{origin.url}/img/photo.jpg,{origin.url}/img/low.jpg"\n'
                         f"2,Desk,{origin.url}/code/404\n")
@@ -89,6 +91,7 @@ async def test_metrics_count_a_batch(launch_daemon: Any, tmp_path: Path, databas
     assert value(text, "imgpipe_http_requests_total", method="GET", route="/status/{request_id}", status="200") >= 1
     assert value(text, "imgpipe_process_start_time_seconds") > 0
     assert not [s.name for s in samples(text) if s.name.endswith("_created")]  # no series per counter's birth
+    assert value(text, "imgpipe_http_requests_total", method="GET", route="unmatched", status="404") == 1
     routes = {s.labels["route"] for s in samples(text) if s.name == "imgpipe_http_requests_total"}
     assert not any(request_id in route for route in routes)  # patterns, never raw paths
 
