@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import termios
@@ -177,3 +178,28 @@ async def test_export_writes_the_csv_to_a_file_or_stdout(daemon: Any, tmp_path: 
     assert every.returncode == 0 and request_id in every.stdout
     assert too_early.returncode == 1 and too_early.stdout == ""
     assert json.loads(too_early.stderr)["error"] == "not_finished"
+
+
+async def test_ctrl_c_stops_waiting_but_not_the_request(daemon: Any, tmp_path: Path) -> None:
+    """Ctrl-C during `submit --wait` exits 130 saying how to follow the request, which goes on running."""
+    async with Origin(FILES) as origin:
+        stalled = write_csv(tmp_path, [f"1,Lamp,{origin.url}/stall"])
+        waiting = subprocess.Popen([*imgpipe_command(), "--config", str(daemon.client_config), "submit", str(stalled),
+                                    "--wait", "--interval", "0.05"], env=clean_environment(), text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert waiting.stdout is not None and waiting.stderr is not None
+            request_id = (await asyncio.to_thread(waiting.stdout.readline)).strip()
+            first_line = await asyncio.to_thread(waiting.stderr.readline)  # it is following the request now
+            assert first_line.startswith(f"{request_id} ")
+            waiting.send_signal(signal.SIGINT)
+            _, err = await asyncio.to_thread(waiting.communicate, timeout=30)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+                waiting.wait()
+        status = json.loads((await run(daemon, "status", request_id, "--json")).stdout)
+        await run(daemon, "cancel", request_id)
+    assert waiting.returncode == 130
+    assert err.endswith(f"imgpipe: stopped waiting; request {request_id} goes on (imgpipe status {request_id})\n")
+    assert status["status"] in ("queued", "processing")
