@@ -82,6 +82,11 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def parse_iso(at: str) -> float:
+    """A time now_iso wrote (an event's recorded_at), as a Unix timestamp."""
+    return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+
+
 class Backend(ABC):
     """What one kind of database does differently. Methods run on the store's threads unless said otherwise."""
 
