@@ -151,14 +151,13 @@ class Claims:
     def settle_sync(self, works: Sequence[Work]) -> set[int]:
         """(writer thread, in the commit's transaction) Settle this node's claims on `works`; the items whose
         claim it no longer holds (another daemon took them over)."""
-        lost: set[int] = set()
-        for work in works:
-            cursor = execute("UPDATE claims SET settled = TRUE WHERE stream = ? AND product = ? AND idx = ? "
-                             "AND item = ? AND owner = ? AND NOT settled",
-                             (work.stream, work.product, work.index, work.item, self.node))
-            if cursor.rowcount != 1:
-                lost.add(work.item)
-        return lost
+        # One statement, its rows from RETURNING: the commit may run in a pipeline, where rowcount is unknown.
+        keys = ", ".join(["(?, ?::integer, ?::integer, ?::bigint)"] * len(works))
+        settled = {int(item) for item, in execute(
+            f"UPDATE claims SET settled = TRUE WHERE owner = ? AND NOT settled AND (stream, product, idx, item) IN "
+            f"(VALUES {keys}) RETURNING item",
+            (self.node, *(v for w in works for v in (w.stream, w.product, w.index, w.item)))).fetchall()}
+        return {work.item for work in works} - settled
 
     def guard_sync(self, settling: Sequence[tuple[int, Work, Sequence[Event]]]) -> None:
         """(writer thread, in the commit's transaction) Settle the claims of (position, work, results); LeaseLost
@@ -222,10 +221,10 @@ class Claims:
                                                                  "downloading it again")]
 
             def take_over(work: Work = work) -> None:
-                cursor = execute("UPDATE claims SET settled = TRUE WHERE stream = ? AND product = ? AND idx = ? "
-                                 "AND item = ? AND NOT settled AND lease_until < now()",
-                                 (work.stream, work.product, work.index, work.item))
-                if cursor.rowcount != 1:  # renewed, settled or swept by another daemon meanwhile
+                row = execute("UPDATE claims SET settled = TRUE WHERE stream = ? AND product = ? AND idx = ? "
+                              "AND item = ? AND NOT settled AND lease_until < now() RETURNING item",
+                              (work.stream, work.product, work.index, work.item)).fetchone()
+                if row is None:  # renewed, settled or swept by another daemon meanwhile
                     raise LeaseLost({work.item})
 
             try:
