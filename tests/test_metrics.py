@@ -14,7 +14,8 @@ from daemon.testing import Origin, daemon_app, drain, jpeg_bytes, photo, pipelin
 
 
 def lags(text: str) -> dict[str, float]:
-    return {sample.labels["consumer"]: sample.value for family in text_string_to_metric_families(text)
+    """Each consumer's lag by its kind (on PostgreSQL a daemon's own consumers carry its node: `stage.download@n`)."""
+    return {sample.labels["consumer"].partition("@")[0]: sample.value for family in text_string_to_metric_families(text)
             for sample in family.samples if sample.name == "imgpipe_consumer_lag_events"}
 
 
