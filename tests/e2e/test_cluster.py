@@ -269,3 +269,47 @@ async def test_a_shared_database_refuses_a_daemon_without_the_store_and_replay(
         same = {**first, "IMGPIPE_SERVER_PORT": str(free_port())}
         assert "another daemon runs under this node name" in refused(tmp_path / "c", same, "run")
         assert "stop every daemon on this database first" in refused(tmp_path / "d", first, "replay")
+
+
+async def test_a_webhook_retry_pending_on_a_killed_leader_is_sent_by_the_next_with_the_same_webhook_id(
+        tmp_path: Path, postgres_url: str, seaweed: SeaweedFS) -> None:
+    """The listener refuses the first delivery; the leader is killed with the retry pending: the daemon that
+    takes over delivers it, under the same webhook-id, and the request stays completed once."""
+    prefix = f"failover-{uuid.uuid4().hex[:8]}"
+    storage = {"url": f"s3://{BUCKET}/{prefix}", "endpoint": seaweed.endpoint,
+               "public_url": f"{seaweed.endpoint}/{BUCKET}/{prefix}"}
+    files = {f"p0_{i}.jpg": jpeg_bytes(photo(320, 240, seed=i)) for i in range(URLS_PER_ROW)}
+    async with Origin(files) as origin, Listener([500, 200]) as listener, aiohttp.ClientSession() as http:
+        def env(root: Path, name: str, port: int) -> dict[str, str]:
+            return {**node_env(root, name, port, postgres_url, storage, listener.url),
+                    "IMGPIPE_WEBHOOKS_RETRY_SCHEDULE": "3"}
+
+        with cluster(tmp_path, ["a", "b"], env) as (a, b):
+            async def a_leads() -> bool:
+                return any(e["event"] == "leadership_taken" for e in a.log())
+
+            await eventually(a_leads, "a to lead", 30)
+            urls = ",".join(f"{origin.url}/img/{name}" for name in files)
+            async with http.post(f"{b.url}/upload", data=f'S. No.,Product Name,Input Image Urls\n1,P,"{urls}"\n',
+                                 headers={"Content-Type": "text/csv"}) as response:
+                assert response.status == 202, await response.text()
+            await listener.wait_for(1)
+
+            def retry_pending() -> bool:
+                return bool(rows(postgres_url, "SELECT 1 FROM events WHERE type = 'WebhookAttempted'"))
+
+            await eventually(lambda: asyncio.to_thread(retry_pending), "the refused delivery recorded", 30)
+            os.kill(a.process.pid, signal.SIGKILL)
+            a.process.wait()
+            received = await listener.wait_for(2)
+
+            async def b_leads() -> bool:
+                return any(e["event"] == "leadership_taken" for e in b.log())
+
+            assert await b_leads()
+    assert len(received) == 2
+    assert received[0].headers["webhook-id"] == received[1].headers["webhook-id"]
+    outcomes = [json.loads(d)["outcome"] for d, in rows(
+        postgres_url, "SELECT data FROM events WHERE type = 'WebhookAttempted' ORDER BY position")]
+    assert outcomes == ["retrying", "delivered"]
+    assert rows(postgres_url, "SELECT COUNT(*) FROM events WHERE type = 'RequestCompleted'")[0][0] == 1
