@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from daemon.config import Settings
-from daemon.eventlog.follower import Follower
+from daemon.eventlog.follower import Fenced, Follower
 from daemon.eventlog.models import execute
 from daemon.eventlog.store import EventLog
 from daemon.instance import DatabaseUnreachable, connect_postgresql, is_postgresql, without_password
@@ -65,7 +65,7 @@ async def adopt_checkpoint(eventlog: EventLog, follower: Follower) -> None:
     await eventlog.write_beside(adopt)
 
 
-class NotLeader(Exception):
+class NotLeader(Fenced):
     """A commit of the leader's consumers by a daemon that no longer holds the leader lock: refused."""
 
 

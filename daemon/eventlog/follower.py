@@ -25,6 +25,7 @@ log = structlog.get_logger("follower")
 FAILURES_FORGOTTEN_AFTER = 60.0  # seconds without a failure after which the pause starts short again
 LAG_WARNING = 5.0  # seconds a writer waits for a follower before the wait is logged as lag
 ELSEWHERE_POLL = 0.05  # seconds between looks at the stored tracking of a consumer running in another daemon
+FENCED_PAUSE = 0.5  # seconds a fenced consumer waits before it tries its commit again (if it is not stopped first)
 
 
 class LeaseLost(Exception):
@@ -34,6 +35,11 @@ class LeaseLost(Exception):
     def __init__(self, positions: set[int]) -> None:
         super().__init__(f"claims lost for positions {sorted(positions)}")
         self.positions = positions
+
+
+class Fenced(Exception):
+    """Raised by a follower's `fence` in the commit's transaction: this daemon may not commit for the consumer now
+    (another daemon may be running it); nothing was written, and whoever runs the consumer here stops it soon."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ class Follower:
         # True while this consumer runs in another daemon on the same database (daemon.cluster): `caught_up`
         # then waits on its stored tracking instead of this idle copy.
         self.elsewhere = False
-        # Run in every commit's transaction, raising to refuse it (daemon.cluster: the leader's consumers).
+        # Run in every commit's transaction, raising Fenced to refuse it (daemon.cluster: the leader's consumers).
         self.fence: Callable[[], None] | None = None
 
     # what subclasses write ---------------------------------------------------------------------
@@ -379,6 +385,12 @@ class Follower:
                                 position=done.record.position, dropped=[e.type for e in done.results])
                     done.results = ()
             state.done = ready + state.done
+            self._wake.set()
+            return
+        except Fenced as exc:  # not a failure: the daemon lost the right to run this consumer, and stops it
+            state.done = ready + state.done
+            log.info("consumer_fenced", consumer=self.name, reason=str(exc))
+            await asyncio.sleep(FENCED_PAUSE)
             self._wake.set()
             return
         except Exception as exc:

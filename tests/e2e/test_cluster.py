@@ -307,9 +307,16 @@ async def test_a_webhook_retry_pending_on_a_killed_leader_is_sent_by_the_next_wi
                 return any(e["event"] == "leadership_taken" for e in b.log())
 
             assert await b_leads()
+
+            def outcomes() -> list[str]:
+                return [json.loads(d)["outcome"] for d, in rows(
+                    postgres_url, "SELECT data FROM events WHERE type = 'WebhookAttempted' ORDER BY position")]
+
+            async def recorded() -> bool:
+                return len(await asyncio.to_thread(outcomes)) == 2
+
+            await eventually(recorded, "the second attempt recorded", 30)
     assert len(received) == 2
     assert received[0].headers["webhook-id"] == received[1].headers["webhook-id"]
-    outcomes = [json.loads(d)["outcome"] for d, in rows(
-        postgres_url, "SELECT data FROM events WHERE type = 'WebhookAttempted' ORDER BY position")]
-    assert outcomes == ["retrying", "delivered"]
+    assert outcomes() == ["retrying", "delivered"]
     assert rows(postgres_url, "SELECT COUNT(*) FROM events WHERE type = 'RequestCompleted'")[0][0] == 1
