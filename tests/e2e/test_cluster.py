@@ -320,3 +320,59 @@ async def test_a_webhook_retry_pending_on_a_killed_leader_is_sent_by_the_next_wi
     assert received[0].headers["webhook-id"] == received[1].headers["webhook-id"]
     assert outcomes() == ["retrying", "delivered"]
     assert rows(postgres_url, "SELECT COUNT(*) FROM events WHERE type = 'RequestCompleted'")[0][0] == 1
+
+
+class GatedOrigin(Origin):
+    """Holds every image request until `gate` is set."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        super().__init__(files)
+        self.gate = asyncio.Event()
+
+    async def _image(self, request: web.Request) -> web.Response:
+        await self.gate.wait()
+        return await super()._image(request)
+
+
+async def test_a_cancel_taken_by_one_daemon_drops_the_downloads_another_has_in_flight(
+        tmp_path: Path, postgres_url: str, seaweed: SeaweedFS) -> None:
+    """b holds images whose downloads hang; a cancel sent to a drops them on b at once: every claim is settled
+    while the origin still answers nothing, and both daemons show the request cancelled."""
+    prefix = f"cancel-{uuid.uuid4().hex[:8]}"
+    storage = {"url": f"s3://{BUCKET}/{prefix}", "endpoint": seaweed.endpoint}
+    files = {f"p0_{i}.jpg": jpeg_bytes(photo(64, 48, seed=i)) for i in range(12)}
+    async with GatedOrigin(files) as origin, aiohttp.ClientSession() as http:
+        def env(root: Path, name: str, port: int) -> dict[str, str]:
+            settings = node_env(root, name, port, postgres_url, storage, "")
+            del settings["IMGPIPE_WEBHOOKS_URLS"]
+            return settings
+
+        try:
+            with cluster(tmp_path, ["a", "b"], env) as (a, b):
+                urls = ",".join(f"{origin.url}/img/{name}" for name in files)
+                async with http.post(f"{a.url}/upload", data=f'S. No.,Product Name,Input Image Urls\n1,P,"{urls}"\n',
+                                     headers={"Content-Type": "text/csv"}) as response:
+                    assert response.status == 202, await response.text()
+                    request_id = (await response.json())["request_id"]
+
+                def open_claims(owner: str = "%") -> int:
+                    return int(rows(postgres_url, "SELECT COUNT(*) FROM claims WHERE owner LIKE ? AND NOT settled",
+                                    owner)[0][0])
+
+                async def b_downloads() -> bool:
+                    return await asyncio.to_thread(open_claims, "b") > 0
+
+                await eventually(b_downloads, "b to hold images", 30)
+                async with http.post(f"{a.url}/cancel/{request_id}") as response:
+                    assert response.status == 200, await response.text()
+
+                async def all_settled() -> bool:
+                    return await asyncio.to_thread(open_claims) == 0
+
+                await eventually(all_settled, "every claim settled with the origin still holding", 15)
+                assert not origin.gate.is_set()
+                for node in (a, b):
+                    async with http.get(f"{node.url}/status/{request_id}") as answer:
+                        assert (await answer.json())["status"] == "cancelled"
+        finally:
+            origin.gate.set()
