@@ -52,6 +52,7 @@ CLAIM = (
 )
 SWEEP_BATCH = 200
 LATENCY_SAMPLES = 2000
+FORGET_EVERY = 3600.0  # seconds between looks for claims of purged requests
 
 
 @dataclass(frozen=True)
@@ -174,11 +175,16 @@ class Claims:
 
     # keeping and re-offering -----------------------------------------------------------------------
     async def run(self) -> None:
-        """Renew this daemon's leases every lease/3 seconds and re-offer expired claims, until cancelled."""
+        """Renew this daemon's leases every lease/3 seconds and re-offer expired claims, until cancelled; now and
+        then forget the claims of requests whose events were purged."""
+        forgotten_at = time.monotonic()
         while True:
             try:
                 await self.renew()
                 await self.sweep()
+                if time.monotonic() - forgotten_at > FORGET_EVERY:
+                    forgotten_at = time.monotonic()
+                    await self.forget_purged()
             except DatabaseAway:
                 await self.eventlog.reachable()
                 continue
@@ -193,6 +199,15 @@ class Claims:
             await self.eventlog.write_beside(
                 lambda: execute("UPDATE claims SET lease_until = now() WHERE owner = ? AND NOT settled", (self.node,)))
             self.held.clear()
+
+    async def forget_purged(self) -> None:
+        """Remove the claims of deleted requests whose events are gone (purged by retention): no daemon can read
+        their work items any more. Not before: a daemon reading late would find no claim and do a deleted image
+        again."""
+        await self.eventlog.write_beside(lambda: execute(
+            "DELETE FROM claims WHERE settled AND stream IN (SELECT stream FROM events WHERE type = 'RequestDeleted' "
+            "AND NOT EXISTS (SELECT 1 FROM events other WHERE other.stream = events.stream "
+            "AND other.type <> 'RequestDeleted'))"))
 
     async def renew(self) -> None:
         items = list(self.held)

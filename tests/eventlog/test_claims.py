@@ -13,7 +13,7 @@ from daemon.eventlog.claims import Claims, Work, work_of
 from daemon.eventlog.follower import LeaseLost
 from daemon.eventlog.models import execute
 from daemon.eventlog.store import EventLog, RecordedEvent, open_store
-from daemon.events import Event, ImageFailed, ImageRequested, ImageRequeued, Product, RequestAccepted
+from daemon.events import Event, ImageFailed, ImageRequested, ImageRequeued, Product, RequestAccepted, RequestDeleted
 
 LEASE = 30.0
 
@@ -134,3 +134,21 @@ async def test_claims_asked_together_go_in_one_statement_and_each_gets_its_answe
     answers = await asyncio.gather(*(claims.claim(r) for r in records for claims in (a, b)))
     pairs = list(zip(answers[::2], answers[1::2], strict=True))
     assert all(first != second for first, second in pairs)
+
+
+async def test_the_claims_of_a_deleted_request_go_once_its_events_are_purged(eventlog: EventLog) -> None:
+    """A deleted request's settled claims stay while its work items are in the log, and go once they are purged."""
+    a = await opened(eventlog, "a")
+    record = await requested(eventlog)
+    assert await a.claim(record)
+    await settle(eventlog, a, work_of(record), failed())
+    await eventlog.append("r1", [RequestDeleted()])
+
+    async def claims() -> int:
+        return int(await eventlog.query(lambda: execute("SELECT COUNT(*) FROM claims").fetchone()[0]))
+
+    await a.forget_purged()
+    assert await claims() == 1
+    assert await eventlog.purge_deleted(eventlog.head) > 0
+    await a.forget_purged()
+    assert await claims() == 0
