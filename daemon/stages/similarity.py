@@ -1,0 +1,127 @@
+"""How close a re-encoded image looks to the pixels it was encoded from: SSIM on luma (Wang et al. 2004).
+
+The standard setting, as scikit-image's structural_similarity(gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False, data_range=255): an 11x11 Gaussian window (sigma 1.5, cut at 3.5 sigma), K1 0.01,
+K2 0.03, the mean over every window that lies wholly inside the image. Runs in the codec's pool workers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+SIGMA = 1.5
+RADIUS = int(3.5 * SIGMA + 0.5)  # scipy's gaussian_filter truncation, which scikit-image uses
+WINDOW = 2 * RADIUS + 1
+_C1 = np.float32((0.01 * 255) ** 2)
+_C2 = np.float32((0.03 * 255) ** 2)
+# Rows are scored in strips of about this many pixels: five float32 planes of a strip stay in the CPU's cache, and
+# memory stays bounded whatever the image's size (a 50 MP image would need 1 GB as whole planes).
+_STRIP_PIXELS = 1 << 17
+_WHITE = (255, 255, 255, 255)
+
+Plane = npt.NDArray[np.uint8]
+Floats = npt.NDArray[np.float32]
+
+
+def _kernel() -> Floats:
+    offsets = np.arange(-RADIUS, RADIUS + 1, dtype=np.float64)
+    weights = np.exp(-(offsets**2) / (2 * SIGMA**2))
+    kernel: Floats = (weights / weights.sum()).astype(np.float32)
+    return kernel
+
+
+_KERNEL = _kernel()
+
+
+def luma(im: Image.Image) -> Image.Image:
+    """The L plane people see: ITU-R 601 luma, an image with alpha first composited on white (a product page)."""
+    if im.mode == "L":
+        return im
+    if im.mode == "RGBA":
+        im = Image.alpha_composite(Image.new("RGBA", im.size, _WHITE), im)
+    return im.convert("L")
+
+
+def reduction(size: tuple[int, int], max_side: int) -> int | None:
+    """The whole factor that brings the longer side to at most `max_side` (0: full resolution), never below one
+    window a side; None when even full resolution is smaller than one window."""
+    width, height = size
+    if min(width, height) < WINDOW:
+        return None
+    factor = math.ceil(max(width, height) / max_side) if max_side else 1
+    return max(1, min(factor, min(width, height) // WINDOW))
+
+
+class Reference:
+    """The luma an encode is scored against, made once per image for every encode tried (target_ssim's search)."""
+
+    def __init__(self, im: Image.Image, max_side: int) -> None:
+        self.factor = reduction(im.size, max_side)
+        self.plane: Plane | None = None if self.factor is None else _plane(luma(im), self.factor)
+
+    def score(self, encoded: Image.Image) -> float | None:
+        """The SSIM of the `encoded` image, decoded, against this reference; None for an image too small to score."""
+        if self.plane is None or self.factor is None:
+            return None
+        return ssim(self.plane, _plane(luma(encoded), self.factor))
+
+
+def _plane(im: Image.Image, factor: int) -> Plane:
+    return np.asarray(im.reduce(factor) if factor > 1 else im, dtype=np.uint8)
+
+
+def ssim(reference: Plane, distorted: Plane) -> float:
+    """Mean SSIM of two luma planes of one shape, each side at least WINDOW pixels."""
+    if reference.shape != distorted.shape:
+        raise ValueError(f"planes differ in shape: {reference.shape} and {distorted.shape}")
+    height, width = reference.shape
+    rows, columns = height - 2 * RADIUS, width - 2 * RADIUS
+    if rows < 1 or columns < 1:
+        raise ValueError(f"a plane of {width}x{height} is smaller than one {WINDOW}x{WINDOW} window")
+    per_strip = max(1, _STRIP_PIXELS // width)
+    total = 0.0
+    for top in range(0, rows, per_strip):
+        bottom = min(rows, top + per_strip) + 2 * RADIUS
+        total += _strip_sum(reference[top:bottom], distorted[top:bottom])
+    return float(total / (rows * columns))
+
+
+def _strip_sum(reference: Plane, distorted: Plane) -> float:
+    """The sum of the SSIM map over the windows wholly inside this strip of rows."""
+    planes = np.empty((5, *reference.shape), dtype=np.float32)
+    x, y = planes[0], planes[1]
+    x[...] = reference
+    y[...] = distorted
+    np.multiply(x, x, out=planes[2])
+    np.multiply(y, y, out=planes[3])
+    np.multiply(x, y, out=planes[4])
+    mean_x, mean_y, xx, yy, xy = _blur(_blur(planes, 2), 1)
+    mean_xy = mean_x * mean_y
+    mean_x *= mean_x
+    mean_y *= mean_y
+    numerator = (2 * mean_xy + _C1) * (2 * (xy - mean_xy) + _C2)
+    denominator = (mean_x + mean_y + _C1) * (xx - mean_x + yy - mean_y + _C2)
+    return float((numerator / denominator).sum(dtype=np.float64))
+
+
+def _blur(planes: Floats, axis: int) -> Floats:
+    """The Gaussian-weighted sum along `axis` at every place where the whole window fits (a 'valid' correlation);
+    the kernel is symmetric, so mirrored taps are added before they are weighted."""
+    length = planes.shape[axis] - 2 * RADIUS
+
+    def tap(i: int) -> Floats:
+        index: list[slice] = [slice(None)] * planes.ndim
+        index[axis] = slice(i, i + length)
+        return planes[tuple(index)]
+
+    out: Floats = tap(RADIUS) * _KERNEL[RADIUS]
+    pair = np.empty_like(out)
+    for i in range(RADIUS):
+        np.add(tap(i), tap(2 * RADIUS - i), out=pair)
+        pair *= _KERNEL[i]
+        out += pair
+    return out
