@@ -127,7 +127,7 @@ def _compress(data: bytes, settings: EncodeSettings) -> Outcome:
 
     def encode(quality: int) -> Encoded:
         payload = _encode(im, fmt, quality, settings, icc)
-        return Encoded(quality, payload, reference.score(_decoded_output(payload)) if reference else None)
+        return Encoded(quality, payload, reference.score(_decoded_output(payload, reference)) if reference else None)
 
     note = ""
     if settings.target_ratio > 0:
@@ -177,12 +177,13 @@ def _pixel_limit(pixels: int | None) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _decoded_output(payload: bytes) -> Image.Image:
-    """Our own encode decoded for scoring, JPEG as its luma plane only (no chroma upsampling or colour
-    conversion). No pixel limit: its pixels were decoded within ours already."""
+def _decoded_output(payload: bytes, reference: Reference) -> Image.Image:
+    """Our own encode decoded for scoring, a JPEG as its luma plane only (no chroma upsampling or colour
+    conversion) and reduced by the decoder where the score is. No pixel limit: its pixels were decoded within
+    ours already."""
     with _pixel_limit(None), Image.open(io.BytesIO(payload)) as encoded:
         if encoded.format == "JPEG":
-            encoded.draft("L", encoded.size)
+            encoded.draft("L", reference.draft_size)
         encoded.load()
         return encoded
 

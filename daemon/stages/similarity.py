@@ -60,14 +60,24 @@ class Reference:
     """The luma an encode is scored against, made once per image for every encode tried (target_ssim's search)."""
 
     def __init__(self, im: Image.Image, max_side: int) -> None:
+        self.size = im.size
         self.factor = reduction(im.size, max_side)
         self.plane: Plane | None = None if self.factor is None else _plane(luma(im), self.factor)
+        # A JPEG decoder reduces by 2, 4 or 8 as it decodes, for a fraction of a full decode's cost.
+        self.decoder_factor = math.gcd(self.factor or 1, 8)
+
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        """The size to ask a JPEG decoder for (Image.draft): reduced by `decoder_factor`, the rest is done here."""
+        return self.size[0] // self.decoder_factor, self.size[1] // self.decoder_factor
 
     def score(self, encoded: Image.Image) -> float | None:
-        """The SSIM of the `encoded` image, decoded, against this reference; None for an image too small to score."""
+        """The SSIM of the `encoded` image, decoded in full or to `draft_size`, against this reference; None for an
+        image too small to score."""
         if self.plane is None or self.factor is None:
             return None
-        return ssim(self.plane, _plane(luma(encoded), self.factor))
+        decoded_factor = 1 if encoded.size == self.size else self.decoder_factor
+        return ssim(self.plane, _plane(luma(encoded), self.factor // decoded_factor))
 
 
 def _plane(im: Image.Image, factor: int) -> Plane:
@@ -92,19 +102,21 @@ def ssim(reference: Plane, distorted: Plane) -> float:
 
 def _strip_sum(reference: Plane, distorted: Plane) -> float:
     """The sum of the SSIM map over the windows wholly inside this strip of rows."""
-    planes = np.empty((5, *reference.shape), dtype=np.float32)
-    x, y = planes[0], planes[1]
+    # The two variances only ever appear summed, so x*x + y*y is blurred as one plane: four blurs, not five.
+    planes = np.empty((4, *reference.shape), dtype=np.float32)
+    x, y, squares, products = planes
     x[...] = reference
     y[...] = distorted
-    np.multiply(x, x, out=planes[2])
-    np.multiply(y, y, out=planes[3])
-    np.multiply(x, y, out=planes[4])
-    mean_x, mean_y, xx, yy, xy = _blur(_blur(planes, 2), 1)
-    mean_xy = mean_x * mean_y
+    np.multiply(x, x, out=squares)
+    squares += y * y
+    np.multiply(x, y, out=products)
+    mean_x, mean_y, mean_squares, mean_products = _blur(_blur(planes, 2), 1)
+    means = mean_x * mean_y
     mean_x *= mean_x
     mean_y *= mean_y
-    numerator = (2 * mean_xy + _C1) * (2 * (xy - mean_xy) + _C2)
-    denominator = (mean_x + mean_y + _C1) * (xx - mean_x + yy - mean_y + _C2)
+    mean_x += mean_y  # now the sum of the squared means
+    numerator = (2 * means + _C1) * (2 * (mean_products - means) + _C2)
+    denominator = (mean_x + _C1) * (mean_squares - mean_x + _C2)
     return float((numerator / denominator).sum(dtype=np.float64))
 
 
