@@ -116,6 +116,9 @@ def summary(rounds: list[dict[str, Any]], n: int) -> dict[str, Any]:
         "pool_rss_mb": max(r["pool_rss_mb"] for r in rounds),
         "cpu_cores_while_running": cpu,
         "daemon_main_cpu_ms_per_image": round(statistics.mean(r["daemon_main_cpu_ms_per_image"] for r in rounds), 3),
+        # What the codec workers spend per image: unlike images/s, other users of the machine barely move it.
+        "pool_cpu_ms_per_image": round(statistics.mean(
+            1000 * r["cpu_cores_while_running"]["pool_cpu_cores"] / r["pipeline_images_per_s"] for r in rounds), 2),
     }
 
 
