@@ -125,28 +125,37 @@ def _compress(data: bytes, settings: EncodeSettings) -> Outcome:
     # Scored against the normalised pixels, the ones the encoder was given (already decoded: no second decode).
     reference = Reference(im, settings.ssim_max_side) if settings.ssim or settings.target_ssim else None
 
+    def score(payload: bytes) -> float | None:
+        return reference.score(_decoded_output(payload, reference)) if reference else None
+
     def encode(quality: int) -> Encoded:
+        return Encoded(quality, _encode(im, fmt, quality, settings, icc), None)
+
+    def encode_scored(quality: int) -> Encoded:
         payload = _encode(im, fmt, quality, settings, icc)
-        return Encoded(quality, payload, reference.score(_decoded_output(payload, reference)) if reference else None)
+        return Encoded(quality, payload, score(payload))
 
     note = ""
+    aiming = settings.target_ssim > 0 and reference is not None and reference.factor is not None
     if settings.target_ratio > 0:
         budget = settings.target_ratio * len(data)
         found, met = _search_quality(encode, lambda e: len(e.payload) <= budget, lowest=False,
                                      closeness=lambda e: -len(e.payload))
         if not met:
             note = TARGET_MISSED_NOTE.format(quality=found.quality, ratio=len(found.payload) / len(data))
-    elif settings.target_ssim > 0 and reference is not None and reference.factor is not None:
+    elif aiming:
         target = settings.target_ssim
-        found, met = _search_quality(encode, lambda e: e.score is not None and e.score >= target, lowest=True,
-                                     closeness=lambda e: e.quality)  # none does: quality 95, as documented
+        found, met = _search_quality(encode_scored, lambda e: e.score is not None and e.score >= target,
+                                     lowest=True, closeness=lambda e: e.quality)  # none does: quality 95, as documented
         if not met:
             note = TARGET_SSIM_MISSED_NOTE.format(target=target, quality=found.quality, score=found.score)
     else:
         found = encode(settings.quality)
     if len(found.payload) >= len(data):
         return data, original_format, width, height, None, note + ORIGINAL_KEPT if note else NOT_SMALLER_NOTE, kept
-    return found.payload, fmt, width, height, found.quality, note, found.score if settings.ssim else None
+    # Scored once the output is chosen: an encode that is not kept costs no score (target_ssim's scored them all).
+    final = found.score if aiming else score(found.payload) if settings.ssim else None
+    return found.payload, fmt, width, height, found.quality, note, final
 
 
 def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, bool]:

@@ -156,3 +156,11 @@ def test_an_unreachable_target_keeps_quality_95_or_the_original(tmp_path: Path) 
     assert (kept.kept_original, kept.quality, kept.ssim, kept.bytes_out) == (True, None, 1.0, len(small))
     assert kept.note.startswith("target SSIM 0.9999 not reachable: quality 95 scores ")
     assert kept.note.endswith(ORIGINAL_KEPT)
+
+
+def test_a_target_ratio_output_is_scored_too(tmp_path: Path) -> None:
+    """target_ratio's chosen encode gets the same score scikit-image gives it."""
+    data = encoded(photograph("rocket"), "PNG")
+    result, output = compress(tmp_path, data, EncodeSettings(ssim_max_side=0, target_ratio=0.05))
+    assert result.quality is not None and result.ssim is not None
+    assert abs(result.ssim - independent(seen(data), seen(output))) <= TOLERANCE
