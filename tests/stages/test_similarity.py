@@ -13,7 +13,7 @@ from skimage import data as photographs
 from skimage.metrics import structural_similarity
 
 from daemon.stages.codec import ORIGINAL_KEPT, Compressed, EncodeSettings, compress_file
-from daemon.stages.similarity import reduction
+from daemon.stages.similarity import luma, reduction
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 FULL = EncodeSettings(ssim_max_side=0)
@@ -83,6 +83,8 @@ def test_full_resolution_score_equals_scikit_image_on_other_kinds(tmp_path: Path
     assert result.format == ("WEBP" if mode == "RGBA" else "JPEG")
     assert result.ssim is not None and expected < 0.99
     assert abs(result.ssim - expected) <= TOLERANCE
+    # What is scored is what a viewer sees: the same luma as the independent composite on white, to a level.
+    assert np.abs(np.asarray(luma(Image.open(io.BytesIO(data))), dtype=np.float64) - original).max() <= 1
 
 
 @pytest.mark.parametrize("name", ("coffee", "rocket"))
