@@ -166,3 +166,12 @@ def test_a_target_ratio_output_is_scored_too(tmp_path: Path) -> None:
     result, output = compress(tmp_path, data, EncodeSettings(ssim_max_side=0, target_ratio=0.05))
     assert result.quality is not None and result.ssim is not None
     assert abs(result.ssim - independent(seen(data), seen(output))) <= TOLERANCE
+
+
+def test_an_image_smaller_than_one_window_is_not_scored(tmp_path: Path) -> None:
+    """Under 11 pixels a side there is no window to score: no score, and a target falls back to the quality."""
+    tiny = encoded(photograph("coffee").resize((40, 10)), "PNG")
+    result, _ = compress(tmp_path, tiny)
+    aimed, _ = compress(tmp_path / "aimed", tiny, EncodeSettings(target_ssim=0.95))
+    assert (result.ssim, result.quality) == (None, 50)
+    assert (aimed.ssim, aimed.quality, aimed.note) == (None, 50, "")
