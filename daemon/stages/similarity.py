@@ -18,8 +18,8 @@ RADIUS = int(3.5 * SIGMA + 0.5)  # scipy's gaussian_filter truncation, which sci
 WINDOW = 2 * RADIUS + 1
 _C1 = np.float32((0.01 * 255) ** 2)
 _C2 = np.float32((0.03 * 255) ** 2)
-# Rows are scored in strips of about this many pixels: five float32 planes of a strip stay in the CPU's cache, and
-# memory stays bounded whatever the image's size (a 50 MP image would need 1 GB as whole planes).
+# Rows are scored in strips of about this many pixels: the four float32 planes of a strip stay in the CPU's cache,
+# and memory stays bounded whatever the image's size (a 50 MP image would need 800 MB as whole planes).
 _STRIP_PIXELS = 1 << 17
 
 Plane = npt.NDArray[np.uint8]
