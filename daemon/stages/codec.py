@@ -126,7 +126,7 @@ def _compress(data: bytes, settings: EncodeSettings) -> Outcome:
     reference = Reference(im, settings.ssim_max_side) if settings.ssim or settings.target_ssim else None
 
     def score(payload: bytes) -> float | None:
-        return reference.score(_decoded_output(payload, reference)) if reference else None
+        return reference.score(decoded_output(payload, reference)) if reference else None
 
     def encode(quality: int) -> Encoded:
         return Encoded(quality, _encode(im, fmt, quality, settings, icc), None)
@@ -186,7 +186,7 @@ def _pixel_limit(pixels: int | None) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _decoded_output(payload: bytes, reference: Reference) -> Image.Image:
+def decoded_output(payload: bytes, reference: Reference) -> Image.Image:
     """Our own encode decoded for scoring, a JPEG as its luma plane only (no chroma upsampling or colour
     conversion) and reduced by the decoder where the score is. No pixel limit: its pixels were decoded within
     ours already."""
