@@ -50,6 +50,7 @@ from daemon.storage import image_store
 from daemon.tuning import tuned
 from daemon.views.export import OutboxWriter
 from daemon.views.status import STATUS_TABLES, StatusView
+from daemon.web import before, guard, listing, page
 from daemon.webhooks import deliver, receive
 from daemon.webhooks.deliver import WebhookDelivery
 
@@ -200,7 +201,8 @@ async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings, follow: bool = True) -> web.Application:
     """The daemon; with follow=False the consumers are built but not started (tests drive them in bursts)."""
-    app = web.Application(middlewares=[json_errors, bearer_auth(settings.server.tokens)],
+    app = web.Application(middlewares=[json_errors, bearer_auth(settings.server.tokens),
+                                       guard.request_guard(settings.public_url)],
                           client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
     app[SETTINGS] = settings
     app[IMAGE_STORE] = image_store(settings)  # a plain value: the clients it opens live as long as the process
@@ -212,4 +214,8 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
     control_http.add_routes(app)
     receive.add_routes(app)
     deliver.add_routes(app)
+    page.add_routes(app)
+    listing.add_routes(app)
+    app.router.add_routes([before.original_route(CLIENT)])
+    guard.add_security_headers(app)
     return app
