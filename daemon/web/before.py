@@ -86,15 +86,15 @@ async def _stream(request: web.Request, response: web.StreamResponse, first: byt
                   limit: int) -> web.StreamResponse:
     """The rest of the body under the cap; past it, or when the origin fails, the status line is already sent, so
     all that is left is to cut the body short."""
-    size = len(first)
+    size, chunk = 0, first
     try:
-        await response.write(first)
-        async for chunk in chunks:
+        while chunk:
             size += len(chunk)
             if size > limit:
                 log.warning("original_over_limit", limit=limit)
                 break
             await response.write(chunk)
+            chunk = await anext(chunks, b"")
         else:
             await response.write_eof()
             return response

@@ -68,3 +68,9 @@ def serve(tmp_path: Path) -> Callable[..., Any]:
             await self.client.close()
 
     return Serving
+
+
+@pytest.fixture
+def photos() -> dict[str, bytes]:
+    """The origin's files: name -> JPEG bytes."""
+    return PHOTOS
