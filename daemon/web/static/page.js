@@ -433,7 +433,11 @@ function renderDeliveries(deliveries) {
       el('td', {}, el('span', { className: `badge ${d.state}`, text: d.state })),
       el('td', { className: 'number', text: d.attempts.length }), el('td', { text: answer }));
   });
-  if (!rows.length) rows.push(el('tr', {}, el('td', { text: 'No webhook listeners for this request.' })));
+  if (!rows.length) {
+    const none = el('td', { text: 'No webhook listeners for this request.' });
+    none.colSpan = 5;
+    rows.push(el('tr', {}, none));
+  }
   $('deliveries').tBodies[0].replaceChildren(...rows);
 }
 
@@ -511,7 +515,9 @@ function shown(img, url) {
 
 // The after image lies over the before at the same size; the slider uncovers it from the right.
 function split() {
-  $('c-after').style.clipPath = `inset(0 0 0 ${$('c-slider').value}%)`;
+  const at = $('c-slider').value;
+  $('c-after').style.clipPath = `inset(0 0 0 ${at}%)`;
+  $('c-divider').style.left = `${at}%`;
 }
 
 $('c-slider').addEventListener('input', split);
