@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from daemon.testing import Origin, jpeg_bytes, photo
+from daemon.testing import Origin, eventually, jpeg_bytes, photo
 
 pytestmark = pytest.mark.browser
 
@@ -24,16 +24,18 @@ def csv_text(rows: list[tuple[str, list[str]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def open_page(browser: Any, daemon: Any, requested: list[Any]) -> Any:
-    """A new tab on the daemon's page with the token entered; every request the tab makes from then on goes into
-    `requested`."""
+async def open_page(browser: Any, daemon: Any, requested: list[Any] | None = None, token: bool = True) -> Any:
+    """A new tab on the daemon's page, live, with the token entered (for a daemon with tokens); every request the tab
+    makes from then on goes into `requested`."""
     page = await browser.new_page()
-    page.on("request", lambda request: requested.append(request))
+    seen = requested if requested is not None else []
+    page.on("request", lambda request: seen.append(request))
     page.set_default_timeout(WAIT_MS)
     await page.goto(f"{daemon.base_url}/")
-    requested.clear()  # the first load went without a token: the daemon answered it 401
-    await page.fill("#token", TOKEN)
-    await page.click("#token-form button")
+    if token:
+        seen.clear()  # the first load went without a token: the daemon answered it 401
+        await page.fill("#token", TOKEN)
+        await page.click("#token-form button")
     await page.locator("#live").filter(has_text="live").wait_for()
     return page
 
@@ -98,7 +100,7 @@ async def test_untrusted_names_show_as_text_and_problems_inline(browser: Any, la
 
     async with Origin(PHOTOS) as origin:
         with launch_daemon(tmp_path, database_url, IMGPIPE_SERVER_TOKENS=TOKEN) as daemon:
-            page = await open_page(browser, daemon, [])
+            page = await open_page(browser, daemon)
             bad = csv_text([("Fine", [f"{origin.url}/img/shoe0.jpg"]), (HOSTILE_NAME, ["ftp://nowhere/x.jpg"])])
             await drop_file(page, "bad.csv", bad)
             await page.click("#upload-button")
@@ -155,3 +157,61 @@ async def test_csp_blocks_inline_script_and_the_token_stays_out_of_urls(
             await page.locator("#live").filter(has_text="live").wait_for()
             await expect(page.locator("#request-table tbody tr")).to_have_count(1)
             assert_token_only_in_headers(requested)
+
+
+async def test_a_10000_image_request_is_shown_a_page_at_a_time(browser: Any, launch_daemon: Callable[..., Any],
+                                                                tmp_path: Path, database_url: str) -> None:
+    """A request of 10,000 images shows 20 products at a time (never a row per image) and pages on."""
+    from playwright.async_api import expect
+
+    async with Origin(PHOTOS) as origin:
+        with launch_daemon(tmp_path, database_url) as daemon:
+            page = await open_page(browser, daemon, token=False)
+            big = tmp_path / "big.csv"
+            urls = [f"{origin.url}/code/404?n={n}" for n in range(2)]
+            big.write_text(csv_text([(f"Product {n}", urls) for n in range(5000)]), encoding="utf-8")
+            await page.set_input_files("#file", str(big))
+            await page.click("#upload-button")
+            await expect(page.locator("#upload-result")).to_contain_text("5000 products, 10000 images")
+            await expect(page.locator("#r-page")).to_have_text("products 1–20 of 5000")
+            await expect(page.locator("#images tbody tr")).to_have_count(40)
+            await page.click("#r-next")
+            await expect(page.locator("#r-page")).to_have_text("products 21–40 of 5000")
+            await expect(page.locator("#images tbody tr").first).to_contain_text("Product 20")
+            assert await page.evaluate("document.querySelectorAll('tr').length") < 100
+
+
+async def test_cancel_retry_and_export_from_the_request_view(browser: Any, launch_daemon: Callable[..., Any],
+                                                             tmp_path: Path, database_url: str) -> None:
+    """A request stuck on a stalling origin is cancelled with its button; a finished one with a failed image is
+    retried with its button; the export link downloads the request's CSV."""
+    from playwright.async_api import expect
+
+    async with Origin(PHOTOS) as origin:
+        with launch_daemon(tmp_path, database_url) as daemon:
+            page = await open_page(browser, daemon, token=False)
+            await drop_file(page, "stuck.csv", csv_text([("Stuck", [f"{origin.url}/stall"])]))
+            await page.click("#upload-button")
+            await expect(page.locator("#r-status")).to_have_text("queued")  # no image event while it downloads
+
+            async def stalled() -> bool:
+                return origin.hits["/stall"] == 1
+
+            await eventually(stalled, "the download to reach the stalling origin")
+            await page.click("#r-cancel")
+            await expect(page.locator("#r-status")).to_have_text("cancelled", timeout=WAIT_MS)
+            await expect(page.locator("#r-message")).to_have_text("Cancelled (0 images done).")
+
+            await drop_file(page, "mixed.csv", csv_text([("Mixed", [f"{origin.url}/img/shoe0.jpg",
+                                                                    f"{origin.url}/code/404"])]))
+            await page.click("#upload-button")
+            await expect(page.locator("#r-status")).to_have_text("completed_with_errors", timeout=WAIT_MS)
+            await page.click("#r-retry")
+            await expect(page.locator("#r-message")).to_have_text("Retrying 1 failed images (round 1).")
+            await expect(page.locator("#r-status")).to_have_text("completed_with_errors", timeout=WAIT_MS)
+            async with page.expect_download() as download_info:
+                await page.click("#r-export")
+            download = await download_info.value
+            exported = (await download.path()).read_text(encoding="utf-8")
+            assert exported.splitlines()[0] == "S. No.,Product Name,Input Image Urls,Output Image Urls"
+            assert f"{daemon.base_url}/images/" in exported

@@ -19,7 +19,8 @@ const state = {
   total: 0,
   pageLoading: false,
   pageStale: false,
-  objectUrls: [],               // blob: URLs of the shown thumbnails, released when the page changes
+  thumbnails: new Map(),        // image path -> blob: URL of the shown page's thumbnails, released when it changes
+  thumbnailRound: 0,
   compareUrls: [],
   stream: null,
 };
@@ -319,7 +320,10 @@ function imagePath(outputUrl) {
 function openRequest(id) {
   const changed = state.open !== id;
   state.open = id;
-  if (changed) state.offset = 0;
+  if (changed) {
+    state.offset = 0;
+    releaseThumbnails();
+  }
   $('request').hidden = false;
   $('r-id').textContent = id;
   $('r-message').textContent = '';
@@ -381,8 +385,13 @@ async function loadPage() {
   }
 }
 
+function releaseThumbnails() {
+  for (const url of state.thumbnails.values()) URL.revokeObjectURL(url);
+  state.thumbnails.clear();
+  state.thumbnailRound += 1;  // fetches still under way belong to the page left
+}
+
 function renderImages(id, products) {
-  releaseUrls(state.objectUrls);
   const rows = [];
   const thumbnails = [];
   products.forEach((product, p) => {
@@ -390,7 +399,8 @@ function renderImages(id, products) {
       const thumb = el('img', { className: 'thumb' });
       thumb.alt = '';
       const path = imagePath(image.output_url);
-      if (path) thumbnails.push([thumb, path]);
+      if (path && state.thumbnails.has(path)) thumb.src = state.thumbnails.get(path);
+      else if (path) thumbnails.push([thumb, path]);
       const compare = el('button', { className: 'quiet', text: 'Before / after' });
       compare.disabled = !path;
       const position = state.offset + p;
@@ -410,13 +420,21 @@ function renderImages(id, products) {
   loadThumbnails(thumbnails);
 }
 
+// A page re-rendered by pushed progress reuses the thumbnails it has; only new ones are fetched.
 async function loadThumbnails(queue) {
-  const urls = state.objectUrls;
+  const round = state.thumbnailRound;
   const worker = async () => {
     for (let next = queue.shift(); next; next = queue.shift()) {
       const [img, path] = next;
       try {
-        img.src = (await blobUrl(path, urls)).url;
+        const { url } = await blobUrl(path, []);
+        if (round !== state.thumbnailRound || state.thumbnails.has(path)) {
+          URL.revokeObjectURL(url);
+          if (state.thumbnails.has(path)) img.src = state.thumbnails.get(path);
+          continue;
+        }
+        state.thumbnails.set(path, url);
+        img.src = url;
       } catch (e) {
         img.title = e.message;
       }
@@ -441,12 +459,20 @@ function renderDeliveries(deliveries) {
   $('deliveries').tBodies[0].replaceChildren(...rows);
 }
 
-$('r-prev').addEventListener('click', () => { state.offset = Math.max(0, state.offset - PAGE_PRODUCTS); loadPage(); });
-$('r-next').addEventListener('click', () => { state.offset += PAGE_PRODUCTS; loadPage(); });
+$('r-prev').addEventListener('click', () => {
+  state.offset = Math.max(0, state.offset - PAGE_PRODUCTS);
+  releaseThumbnails();
+  loadPage();
+});
+$('r-next').addEventListener('click', () => {
+  state.offset += PAGE_PRODUCTS;
+  releaseThumbnails();
+  loadPage();
+});
 $('r-close').addEventListener('click', () => {
   state.open = null;
   $('request').hidden = true;
-  releaseUrls(state.objectUrls);
+  releaseThumbnails();
 });
 
 async function command(path, done) {
