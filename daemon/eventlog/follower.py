@@ -85,8 +85,9 @@ class Follower:
         """Do the work for one event; return events to append to its stream. May raise Retry."""
         return ()
 
-    def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
-        """Synchronous writes to the follower's own tables, inside the commit transaction (views)."""
+    def update_tables(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
+        """Synchronous writes to the follower's own tables for `finished` (events and their results, in log order),
+        inside the commit transaction (views)."""
 
     @property
     def has_tables(self) -> bool:
@@ -306,9 +307,7 @@ class Follower:
         tracking = Tracking(self.name, checkpoint, tuple(finished), prune)
 
         def apply() -> None:
-            for done in ready:
-                if done.final:
-                    self.update_tables(done.record, done.results)
+            self.update_tables([(done.record, done.results) for done in ready if done.final])
 
         try:
             # After a failed try its outcome may be unknown (a lost connection): the store checks the tracking record.

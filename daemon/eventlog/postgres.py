@@ -1,12 +1,14 @@
 """The PostgreSQL backend: the log on a server that many machines can share.
 
 - Positions come from an identity column. Two transactions could take positions 7 and 8 and commit 8 first, and a
-  reader that saw 8 would skip 7 for ever: so every appending transaction first takes one transaction-level
-  advisory lock, and appends commit one after the other, in position order. It costs what SQLite's single writer
-  costs anyway: appends do not run in parallel. Readers never wait for it.
-- Wake-ups: each appending transaction sends one NOTIFY with the new head (a position, never rows: payloads are
-  capped near 8 KB). A thread LISTENs on a connection of its own and also polls the head once a second, since a
-  connection pooler in transaction mode drops LISTEN.
+  reader that saw 8 would skip 7 for ever: so a transaction takes one transaction-level advisory lock before its
+  first append, and appends commit one after the other, in position order. It costs what SQLite's single writer
+  costs anyway: appends do not run in parallel. Readers never wait for it, nor do transactions that only write
+  views and checkpoints.
+- Wake-ups: each appending transaction sends one NOTIFY, in the statement that takes the lock; its payload names the
+  sending store, never rows (payloads are capped near 8 KB). A thread LISTENs on a connection of its own, reads the
+  head after another store's NOTIFY and also once a second, since a connection pooler in transaction mode drops
+  LISTEN.
 - A lost connection: the store drops it (the next job connects again) and pauses the work until the server
   answers; the LISTEN thread reconnects every RECONNECT_SECONDS and says when it is back.
 - Connections: one per store thread (a writer and `readers` readers), one for LISTEN, one for the instance lock.
@@ -15,14 +17,15 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import peewee
 
-from daemon.eventlog.models import ROWS_PER_INSERT, execute, placeholders
-from daemon.eventlog.store import Backend
+from daemon.eventlog.models import ROWS_PER_INSERT, execute
+from daemon.eventlog.store import STREAM_VERSION, Backend, conflict
 from daemon.instance import DatabaseUnreachable, connect_postgresql, postgresql_parameters
 
 SCHEMA = (
@@ -49,6 +52,8 @@ class PostgresBackend(Backend):
         self._channel = ""
         self._stopped = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._locked = False  # the appending transaction holds the log's lock (writer thread)
+        self.sender = uuid.uuid4().hex  # the NOTIFY payload of this store's appends
 
     def connect(self) -> peewee.Database:
         params = postgresql_parameters(self.url)
@@ -71,28 +76,42 @@ class PostgresBackend(Backend):
 
     @contextmanager
     def appending(self) -> Iterator[None]:
-        key, _ = self._keys()
+        self._locked = False
         with self.db.atomic():
-            execute("SELECT pg_advisory_xact_lock(?)", (key,))
             yield
 
-    def insert_events(self, rows: Sequence[tuple[str, int, str, str, str]]) -> list[int]:
+    def insert_events(self, stream: str, expected_version: int | None,
+                      rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:
+        if not self._locked:
+            # Before the transaction draws its first position, held until COMMIT (see the module's docstring); the
+            # NOTIFY goes out at COMMIT, with this store's name, so that its own LISTEN can tell it apart.
+            key, channel = self._keys()
+            execute("SELECT pg_advisory_xact_lock(?), pg_notify(?, ?)", (key, channel, self.sender))
+            self._locked = True
+        current: int | None = None
         positions: list[int] = []
         for start in range(0, len(rows), ROWS_PER_INSERT):
             chunk = rows[start:start + ROWS_PER_INSERT]
-            values = ", ".join([f"({placeholders(5)})"] * len(chunk))
-            cursor = execute(f"INSERT INTO events (stream, version, type, data, recorded_at) VALUES {values} "
-                             "RETURNING position", [v for row in chunk for v in row])
-            positions += sorted(int(p) for p, in cursor.fetchall())
-        return positions
+            values = ", ".join(["(?::integer, ?, ?, ?)"] * len(chunk))
+            # The stream's version read and the rows inserted in one statement: one round trip per append.
+            cursor = execute(
+                "INSERT INTO events (stream, version, type, data, recorded_at) "
+                "SELECT ?, newest.version + r.n, r.type, r.data, r.recorded_at FROM (SELECT COALESCE(("
+                f"{STREAM_VERSION}), 0) AS version) AS newest, (VALUES {values}) AS r (n, type, data, recorded_at) "
+                "ORDER BY r.n RETURNING version, position",
+                [stream, stream, *(v for n, row in enumerate(chunk, start=1) for v in (n, *row))])
+            inserted = sorted((int(v), int(p)) for v, p in cursor.fetchall())
+            if current is None:
+                current = inserted[0][0] - 1
+                if expected_version is not None and current != expected_version:
+                    raise conflict(stream, current, expected_version)  # rolls the transaction back
+            positions += [p for _, p in inserted]
+        assert current is not None
+        return current, positions
 
     def snapshot(self) -> AbstractContextManager[Any]:
         # READ COMMITTED, the default, gives each statement its own moment.
         return self.db.atomic(isolation_level="REPEATABLE READ")
-
-    def announce(self, last: int) -> None:
-        _, channel = self._keys()
-        execute("SELECT pg_notify(?, ?)", (channel, str(last)))
 
     def broken(self) -> bool:
         return not self.db.is_closed() and not self.db.is_connection_usable()
@@ -140,7 +159,8 @@ class PostgresBackend(Backend):
                         if head:
                             on_head(int(head))
                         for notify in connection.notifies(timeout=POLL_SECONDS):
-                            on_head(int(notify.payload))
+                            if notify.payload != self.sender:
+                                break  # another process appended: read the head now
             except Exception as exc:  # psycopg.OperationalError and the like: the connection is gone
                 if not self._stopped.is_set():
                     on_connection(str(exc).strip().partition("\n")[0] or type(exc).__name__)

@@ -9,7 +9,7 @@ import peewee
 from playhouse.db_url import connect
 
 from daemon.eventlog.models import execute, insert_rows
-from daemon.eventlog.store import Backend
+from daemon.eventlog.store import Backend, conflict, stream_version
 
 SCHEMA = (
     # AUTOINCREMENT: positions are never reused (also after the newest rows are deleted), so a checkpoint can never
@@ -57,8 +57,13 @@ class SqliteBackend(Backend):
         with self.db.atomic("IMMEDIATE"):
             yield
 
-    def insert_events(self, rows: Sequence[tuple[str, int, str, str, str]]) -> list[int]:
-        cursor = insert_rows("INSERT INTO events (stream, version, type, data, recorded_at)", rows)
+    def insert_events(self, stream: str, expected_version: int | None,
+                      rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:
+        current = stream_version(stream)
+        if expected_version is not None and current != expected_version:
+            raise conflict(stream, current, expected_version)
+        cursor = insert_rows("INSERT INTO events (stream, version, type, data, recorded_at)",
+                             [(stream, current + i, *row) for i, row in enumerate(rows, start=1)])
         # Inside an IMMEDIATE transaction the rows got consecutive rowids ending at the last one.
         last = int(cursor.lastrowid)
-        return list(range(last - len(rows) + 1, last + 1))
+        return current, list(range(last - len(rows) + 1, last + 1))

@@ -106,15 +106,14 @@ class Backend(ABC):
         """A write transaction whose appends commit in the order of their positions (writer)."""
 
     @abstractmethod
-    def insert_events(self, rows: Sequence[tuple[str, int, str, str, str]]) -> list[int]:
-        """Insert (stream, version, type, data, recorded_at) rows; their positions, in order (writer)."""
+    def insert_events(self, stream: str, expected_version: int | None,
+                      rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:
+        """Append (type, data, recorded_at) rows to `stream` after its newest version (StreamConflict if that is not
+        `expected_version`, when given): the version before them and their positions, in order (writer)."""
 
     def snapshot(self) -> AbstractContextManager[Any]:
         """A read transaction that sees one moment of the database, for queries made of several statements."""
         return self.db.atomic()
-
-    def announce(self, last: int) -> None:
-        """In the appending transaction: let other processes know the log grew to `last` (writer)."""
 
     def watch(self, on_head: Callable[[int], None], on_connection: Callable[[str | None], None]) -> None:
         """Start calling `on_head(position)` (from any thread) when another process appends, and
@@ -319,12 +318,9 @@ class EventLog:
         """Append inside the open appending transaction; returns the last position (writer thread)."""
         if not events:
             return self.head
-        current = self._stream_version_sync(stream)
-        if expected_version is not None and current != expected_version:
-            raise StreamConflict(f"stream {stream} is at version {current}, expected {expected_version}")
         at = now_iso()
-        rows = [(stream, current + i, e.type, e.to_json(), at) for i, e in enumerate(events, start=1)]
-        positions = self.backend.insert_events(rows)
+        current, positions = self.backend.insert_events(stream, expected_version,
+                                                        [(e.type, e.to_json(), at) for e in events])
         self._appended_head = max(self._appended_head, positions[-1])
         self._appended.extend(RecordedEvent(position, stream, current + 1 + i, at, event)
                               for i, (position, event) in enumerate(zip(positions, events, strict=True)))
@@ -337,8 +333,6 @@ class EventLog:
         try:
             with self.backend.appending():
                 result = body()
-                if self._appended:
-                    self.backend.announce(self._appended_head)
         except BaseException:
             self._appended = []
             raise
@@ -432,14 +426,7 @@ class EventLog:
         return [_recorded(*row) for row in rows]
 
     def _stream_at_version_sync(self, stream: str, types: frozenset[str] | None) -> tuple[int, list[RecordedEvent]]:
-        return self._stream_version_sync(stream), self.read_stream_sync(stream, types)
-
-    @staticmethod
-    def _stream_version_sync(stream: str) -> int:
-        # The newest row by the (stream, version) index, not MAX(): PostgreSQL, until it has analysed a new table,
-        # would scan every event of the stream for MAX, a cost growing with the square of a request's size.
-        row = execute(STREAM_VERSION, (stream,)).fetchone()
-        return int(row[0]) if row else 0
+        return stream_version(stream), self.read_stream_sync(stream, types)
 
     def _recent_to_head(self) -> list[RecordedEvent] | None:
         """The events in memory, oldest first, once they reach the head; None if they do not (loop thread)."""
@@ -557,7 +544,19 @@ class _Away:
 
 
 EVENT_COLUMNS = "position, stream, version, recorded_at, type, data"
+# The newest row by the (stream, version) index, not MAX(): PostgreSQL, until it has analysed a new table, would scan
+# every event of the stream for MAX, a cost growing with the square of a request's size.
 STREAM_VERSION = "SELECT version FROM events WHERE stream = ? ORDER BY version DESC LIMIT 1"
+
+
+def stream_version(stream: str) -> int:
+    """The newest version of `stream`, 0 if it has no events (this thread's connection)."""
+    row = execute(STREAM_VERSION, (stream,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def conflict(stream: str, current: int, expected: int) -> StreamConflict:
+    return StreamConflict(f"stream {stream} is at version {current}, expected {expected}")
 
 
 def _recorded(position: int, stream: str, version: int, recorded_at: str, type_: str, data: str) -> RecordedEvent:

@@ -133,12 +133,24 @@ class StatusView(Follower):
     concurrency = 500
     batch_window = 0.05  # one image event after another: batch them
 
-    def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
-        apply(record)
+    def update_tables(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
+        apply([record for record, _ in finished])
 
 
-def apply(record: RecordedEvent) -> None:
-    """Fold one event into the status tables (pure: only the event's own data and time)."""
+def apply(records: Iterable[RecordedEvent]) -> None:
+    """Fold events into the status tables, in order (pure: only the events' own data and times). A run of image
+    events updates each request's row once, with their counts summed."""
+    counts: dict[str, _Counts] = {}
+    for record in records:
+        if isinstance(record.event, ImageEvent):
+            _apply_image(record, counts)
+        else:
+            _update_requests(counts)  # before an event that reads or sets the same row
+            _apply_request(record)
+    _update_requests(counts)
+
+
+def _apply_request(record: RecordedEvent) -> None:
     event, rid, at = record.event, record.stream, record.recorded_at
     if isinstance(event, RequestAccepted):
         StatusRequest.insert(
@@ -187,11 +199,33 @@ def apply(record: RecordedEvent) -> None:
         StatusNotification.insert(request_id=rid, webhook_id=event.webhook_id, kind=event.kind, status=event.status,
                                   verified=event.verified, received_at=at).execute()
         return
+    raise TypeError(event)
+
+
+@dataclass
+class _Counts:
+    """What a run of image events adds to a request's row."""
+
+    updated_at: str
+    done: int = 0
+    failed: int = 0
+
+
+def _apply_image(record: RecordedEvent, counts: dict[str, _Counts]) -> None:
+    event = record.event
     assert isinstance(event, ImageEvent)
     changes = _image_changes(event)
-    execute(_image_update(tuple(changes)), (*changes.values(), rid, event.product, event.index))
-    done, failed = int(isinstance(event, ImageCompressed)), int(isinstance(event, ImageFailed))
-    execute(_REQUEST_UPDATE, (at, done, failed, rid))
+    execute(_image_update(tuple(changes)), (*changes.values(), record.stream, event.product, event.index))
+    request = counts.setdefault(record.stream, _Counts(record.recorded_at))
+    request.updated_at = record.recorded_at
+    request.done += isinstance(event, ImageCompressed)
+    request.failed += isinstance(event, ImageFailed)
+
+
+def _update_requests(counts: dict[str, _Counts]) -> None:
+    for rid, request in counts.items():
+        execute(_REQUEST_UPDATE, (request.updated_at, request.done, request.failed, rid))
+    counts.clear()
 
 
 def _queue_redelivery(rid: str, message_id: str, at: str) -> None:

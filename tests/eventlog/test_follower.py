@@ -255,7 +255,7 @@ class FlakyWrite(Recorder):
     name = "test.flaky-write"
     failures: ClassVar[int] = 0
 
-    def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
+    def update_tables(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
         if FlakyWrite.failures == 0:
             FlakyWrite.failures += 1
             raise RuntimeError("database is locked")
@@ -359,8 +359,8 @@ class Batcher(Recorder):
         self.writing: list[int] = []
         self.commits: list[list[int]] = []
 
-    def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
-        self.writing.append(record.position)
+    def update_tables(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
+        self.writing += [record.position for record, _ in finished]
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         if self.writing:

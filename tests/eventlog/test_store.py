@@ -10,7 +10,7 @@ import pytest
 
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.models import execute
+from daemon.eventlog.models import ROWS_PER_INSERT, execute
 from daemon.eventlog.store import (
     SCHEMA_VERSION,
     EventLog,
@@ -81,6 +81,20 @@ async def test_events_round_trip_through_the_log(eventlog: EventLog) -> None:
     assert [r.event for r in await eventlog.read_stream("r")] == events
 
 
+async def test_an_append_of_more_rows_than_one_statement_takes_keeps_log_order_and_stream_order(
+        eventlog: EventLog) -> None:
+    """An append split over several INSERT statements gives positions and versions rising together, as memory has them."""
+    await eventlog.append("a", [failed(0)])
+    events = [failed(i) for i in range(1, 2 * ROWS_PER_INSERT + 2)]
+    last = await eventlog.append("a", events)
+    from_memory = await eventlog.read_stream("a")
+    stored = await eventlog.query(eventlog.read_stream_sync, "a")
+    assert stored == from_memory and stored[-1].position == last
+    assert [r.version for r in stored] == list(range(1, len(events) + 2))
+    assert [r.event for r in stored[1:]] == events
+    assert [r.position for r in stored] == sorted(r.position for r in stored)
+
+
 async def test_expected_version_zero_on_an_existing_stream_conflicts_and_writes_nothing(eventlog: EventLog,
                                                                                         settings: Settings,
                                                                                         helpers: Any) -> None:
@@ -92,7 +106,8 @@ async def test_expected_version_zero_on_an_existing_stream_conflicts_and_writes_
     with pytest.raises(StreamConflict):
         await eventlog.append("r", [failed(1)], expected_version=5)
     assert helpers.stored_events(settings) == before
-    assert await eventlog.append("r", [failed(1)], expected_version=1) == 2
+    await eventlog.append("r", [failed(1)], expected_version=1)
+    assert [r.version for r in await eventlog.read_stream("r")] == [1, 2]
 
 
 async def test_positions_are_never_reused_after_the_last_row_is_deleted(eventlog: EventLog, settings: Settings,
@@ -187,8 +202,8 @@ class _BrokenWrite(Follower):
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         return (RequestCompleted(status="failed", images=1, done=0, failed=1),)
 
-    def update_tables(self, record: RecordedEvent, results: Sequence[Event]) -> None:
-        self.writes.append(record.position)
+    def update_tables(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
+        self.writes += [record.position for record, _ in finished]
         raise RuntimeError("the follower's table write failed")
 
 
@@ -245,8 +260,8 @@ async def test_decide_appends_at_the_version_it_read_and_decides_again_when_the_
     eventlog.query = read_then_someone_appends  # type: ignore[method-assign]
     position, decided_on = await eventlog.decide("r", None, decide)
     assert seen == [1, 2] and decided_on == 2
-    assert [r.event for r in await eventlog.read_stream("r")] == [failed(0), failed(1), failed(2)]
-    assert position == 3
+    stored = await eventlog.read_stream("r")
+    assert [r.event for r in stored] == [failed(0), failed(1), failed(2)] and position == stored[-1].position
 
 
 async def test_a_commit_whose_tracking_record_is_there_is_not_made_again(eventlog: EventLog) -> None:
