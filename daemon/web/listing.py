@@ -50,7 +50,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         await response.write(b": connected\n\n")
         while not closing.is_set():
             if not await _woken(wake, closing):
-                await response.write(b": keepalive\n\n")
+                if not closing.is_set():
+                    await response.write(b": keepalive\n\n")
                 continue
             wake.clear()
             head = eventlog.head

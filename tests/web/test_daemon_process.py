@@ -1,7 +1,8 @@
-"""`imgpipe list` against the daemon as a real process."""
+"""The daemon as a real process: `imgpipe list`, and stopping with an event stream open."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.request
 from collections.abc import Callable
@@ -39,3 +40,17 @@ def test_list_prints_the_newest_requests_a_page_at_a_time(launch_daemon: Callabl
         refused = daemon.cli("list", "--limit", "500", *config)
         assert refused.returncode == 1
         assert json.loads(refused.stderr)["field"] == "limit"
+
+
+def test_an_open_event_stream_does_not_hold_up_a_stop(launch_daemon: Callable[..., Any], tmp_path: Path,
+                                                     database_url: str) -> None:
+    """SIGTERM with a page's event stream still open stops the daemon (exit 0 within the harness's deadline; aiohttp
+    alone would wait a minute for the stream), and the stream ends cleanly."""
+    with launch_daemon(tmp_path, database_url) as daemon:
+        connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+        connection.request("GET", "/events")
+        stream = connection.getresponse()
+        assert stream.status == 200
+        assert stream.readline() == b": connected\n"
+    assert stream.read() == b"\n"  # the rest of the first message, then the end of the body
+    connection.close()
