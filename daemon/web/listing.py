@@ -66,8 +66,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                 summaries = await eventlog.query(request_summaries, list(changed), settings.public_url)
                 await response.write(b"".join(_message(rid, s) for rid, s in summaries.items()))
             await asyncio.sleep(PUSH_INTERVAL)
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass  # the page went away, or the daemon stops
+    except ConnectionResetError:
+        pass  # the page went away
     finally:
         eventlog.unsubscribe(wake)
     return response

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from daemon.testing import Origin, eventually, jpeg_bytes, photo
+from daemon.testing import Listener, Origin, eventually, jpeg_bytes, photo
 
 pytestmark = pytest.mark.browser
 
@@ -50,10 +50,11 @@ def assert_token_only_in_headers(requested: list[Any]) -> None:
 
 async def test_upload_progress_and_before_after(browser: Any, launch_daemon: Callable[..., Any], tmp_path: Path,
                                                 database_url: str) -> None:
-    """A CSV chosen on the page is uploaded, its progress pushed to completed, and one image compared before/after."""
+    """A CSV chosen on the page is uploaded with a webhook URL, its progress pushed to completed, its delivery shown,
+    and one image compared before/after."""
     from playwright.async_api import expect
 
-    async with Origin(PHOTOS) as origin:
+    async with Origin(PHOTOS) as origin, Listener() as listener:
         with launch_daemon(tmp_path, database_url, IMGPIPE_SERVER_TOKENS=TOKEN) as daemon:
             requested: list[Any] = []
             page = await open_page(browser, daemon, requested)
@@ -62,6 +63,7 @@ async def test_upload_progress_and_before_after(browser: Any, launch_daemon: Cal
                                          ("Road shoe", [f"{origin.url}/img/shoe2.jpg"])]), encoding="utf-8")
             await page.set_input_files("#file", str(catalog))
             await expect(page.locator("#chosen")).to_contain_text("catalog.csv")
+            await page.fill("#webhook", listener.url)
             await page.click("#upload-button")
             await expect(page.locator("#upload-result")).to_contain_text("Accepted: 2 products, 3 images")
             row = page.locator("#request-table tbody tr").first
@@ -73,6 +75,12 @@ async def test_upload_progress_and_before_after(browser: Any, launch_daemon: Cal
             assert [r for r in requested if r.url.endswith("/events")]
 
             await expect(page.locator("#r-status")).to_have_text("completed")
+            delivery = page.locator("#deliveries tbody tr")
+            await expect(delivery).to_have_count(1)
+            await expect(delivery.locator("td").first).to_have_text(listener.url)
+            await expect(delivery.locator(".badge")).to_have_text("delivered", timeout=WAIT_MS)
+            await expect(delivery).to_contain_text("HTTP 200")
+            assert len(listener.received) == 1
             images = page.locator("#images tbody tr")
             await expect(images).to_have_count(3)
             await expect(images.first).to_contain_text("Trail shoe")
