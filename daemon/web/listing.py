@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon.eventlog.store import DatabaseAway
 from daemon.http_api import EVENTLOG, SETTINGS, STATUS_VIEW, json_error, json_response, whole_number
 from daemon.views.requests import STATUSES, BadCursor, Cursor, recent_requests, request_summaries
 
@@ -68,6 +69,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             await asyncio.sleep(PUSH_INTERVAL)
     except ConnectionResetError:
         pass  # the page went away
+    except DatabaseAway:  # the headers are sent, so no 503: end the stream; the page reconnects and reads the list
+        pass
     finally:
         eventlog.unsubscribe(wake)
     return response
