@@ -39,7 +39,10 @@ from daemon.http_api import (
 from daemon.ingest import http as ingest_http
 from daemon.ingest.inbox import Inbox
 from daemon.instance import without_password
+from daemon.metrics import METRICS, Metrics, counting
+from daemon.metrics import add_routes as metrics_routes
 from daemon.network import AddressPolicy, GuardedConnector
+from daemon.openapi import add_routes as openapi_routes
 from daemon.stages.bodies import Bodies
 from daemon.stages.complete import CompleteStage
 from daemon.stages.compress import CompressStage
@@ -94,11 +97,11 @@ def build_followers(app: web.Application) -> list[Follower]:
                                              settings.path("outbox"), settings.path("inbox"))
     return [
         *views,
-        DownloadStage(eventlog, app[CLIENT], bodies, settings.download, cancellations),
-        CompressStage(eventlog, app[POOL], bodies, app[IMAGE_STORE], settings.compress, cancellations),
+        DownloadStage(eventlog, app[CLIENT], bodies, settings.download, cancellations, app[METRICS]),
+        CompressStage(eventlog, app[POOL], bodies, app[IMAGE_STORE], settings.compress, cancellations, app[METRICS]),
         complete,
         OutboxWriter(eventlog, settings.path("outbox"), settings.images_url),
-        WebhookDelivery(eventlog, app[WEBHOOK_CLIENT], settings, status_view),
+        WebhookDelivery(eventlog, app[WEBHOOK_CLIENT], settings, app[METRICS], status_view),
         delete,
     ]
 
@@ -162,6 +165,7 @@ async def client_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def followers_ctx(app: web.Application) -> AsyncIterator[None]:
     followers = app[FOLLOWERS] = build_followers(app)
+    app[METRICS].watch(app[EVENTLOG], app[BODIES], followers)
     tasks = [asyncio.create_task(f.run(), name=f"follower:{f.name}") for f in followers if app[FOLLOW]]
     yield
     for task in tasks:
@@ -201,10 +205,12 @@ async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings, follow: bool = True) -> web.Application:
     """The daemon; with follow=False the consumers are built but not started (tests drive them in bursts)."""
-    app = web.Application(middlewares=[json_errors, bearer_auth(settings.server.tokens),
+    metrics = Metrics()
+    app = web.Application(middlewares=[counting(metrics), json_errors, bearer_auth(settings.server.tokens),
                                        guard.request_guard(settings.public_url)],
                           client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
     app[SETTINGS] = settings
+    app[METRICS] = metrics
     app[IMAGE_STORE] = image_store(settings)  # a plain value: the clients it opens live as long as the process
     app[FOLLOW] = follow
     app.cleanup_ctx.extend([diskspace_ctx, eventlog_ctx, bodies_ctx, pool_ctx, tuning_ctx, client_ctx, followers_ctx,
@@ -214,6 +220,8 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
     control_http.add_routes(app)
     receive.add_routes(app)
     deliver.add_routes(app)
+    metrics_routes(app)
+    openapi_routes(app)
     page.add_routes(app)
     listing.add_routes(app)
     app.router.add_routes([before.original_route(CLIENT)])

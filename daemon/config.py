@@ -101,6 +101,7 @@ class WebhookSettings:
 class NetworkSettings:
     allow_private: bool = False
     allow: tuple[str, ...] = ()
+    loopback_only: bool = False  # refuse every target but loopback, before any DNS lookup (see daemon.network)
 
 
 @dataclass(frozen=True)

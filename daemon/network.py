@@ -56,17 +56,34 @@ def _unmapped(address: Address) -> Address:
     return address
 
 
+LOOPBACK_ONLY = "[network] loopback_only = true"
+
+
 class AddressPolicy:
     def __init__(self, settings: NetworkSettings) -> None:
         self.allow_private = settings.allow_private
+        self.loopback_only = settings.loopback_only
         self.allowed_hosts = {h.lower() for h in settings.allow if not _is_network(h)}
         self.allowed_networks = [ipaddress.ip_network(h, strict=False) for h in settings.allow if _is_network(h)]
 
+    def name_refusal(self, host: str) -> str | None:
+        """Why `host` is refused before it is looked up, or None. Only with loopback_only: a lookup of a name
+        would itself leave the machine (a DNS query), so only localhost, literal addresses and names listed in
+        [network] allow (an /etc/hosts entry, say) are looked up."""
+        name = host.lower().rstrip(".")
+        if (not self.loopback_only or name == "localhost" or name.endswith(".localhost")
+                or name in self.allowed_hosts or literal_address(name) is not None):
+            return None
+        return f"refused to connect: {name} is not looked up, only loopback addresses are allowed ({LOOPBACK_ONLY})"
+
     def refusal(self, host: str, address: str) -> str | None:
         """Why connecting to `address` (resolved from `host`) is refused, or None."""
+        ip = _unmapped(ipaddress.ip_address(address.split("%", 1)[0]))
+        where = f"{host} resolves to {ip}" if host != address else f"{ip}"
+        if self.loopback_only:
+            return None if ip.is_loopback else f"refused to connect: {where}, not a loopback address ({LOOPBACK_ONLY})"
         if self.allow_private or host.lower().rstrip(".") in self.allowed_hosts:
             return None
-        ip = _unmapped(ipaddress.ip_address(address.split("%", 1)[0]))
         if any(ip in net for net in self.allowed_networks):
             return None
         kind = next((kind for net, kind in BLOCKED if ip.version == net.version and ip in net), None)
@@ -74,7 +91,6 @@ class AddressPolicy:
             kind = "reserved"  # everything else that is not publicly routable (benchmarking, documentation...)
         if kind is None:
             return None
-        where = f"{host} resolves to {ip}" if host != address else f"{ip}"
         return (f"refused to connect: {where}, a {kind} address "
                 "(set [network] allow_private = true or list it in [network] allow)")
 
@@ -83,6 +99,8 @@ class AddressPolicy:
         localhost name), or None; names that resolve inside are still refused at connect time."""
         host = urlsplit(url).hostname or ""
         name = host.rstrip(".")
+        if reason := self.name_refusal(name):
+            return reason
         if name == "localhost" or name.endswith(".localhost"):  # loopback by definition (RFC 6761)
             return self.refusal(name, "127.0.0.1")
         address = literal_address(name)
@@ -117,6 +135,8 @@ class GuardedConnector(aiohttp.TCPConnector):
         self._policy = policy
 
     async def _resolve_host(self, host: str, port: int, traces: Sequence[Any] | None = None) -> list[ResolveResult]:
+        if reason := self._policy.name_refusal(host):
+            raise AddressNotAllowed(reason)
         results = await super()._resolve_host(host, port, traces=traces)
         for result in results:
             if reason := self._policy.refusal(host.rstrip("."), result["host"]):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from daemon.app import EVENTLOG
-from daemon.config import NetworkSettings
+from daemon.config import ConfigError, NetworkSettings, load_settings
 from daemon.http_api import SETTINGS
 from daemon.ingest.accept import accept
 from daemon.ingest.csvfile import Batch, parse_csv
@@ -124,3 +124,52 @@ def test_policy_classifies_addresses(address: str, refused: str | None) -> None:
     """Every internal range is refused with its kind named; public addresses pass."""
     reason = AddressPolicy(NetworkSettings()).refusal("example.test", address)
     assert (reason is None) if refused is None else (reason is not None and f"a {refused} address" in reason)
+
+
+@pytest.mark.parametrize(("url", "refused"), [
+    ("http://127.0.0.1:8080/x", None), ("http://127.1/x", None), ("http://[::1]/x", None),
+    ("http://[::ffff:127.0.0.1]/x", None), ("http://localhost:8080/x", None), ("http://hooks.localhost/x", None),
+    ("http://img.internal/x", None),  # listed in allow: looked up, and must then resolve to loopback
+    ("http://10.0.0.7/x", "10.0.0.7, not a loopback address"),
+    ("http://93.184.216.34/x", "93.184.216.34, not a loopback address"),
+    ("http://hooks.example.com/x", "hooks.example.com is not looked up"),
+])
+def test_loopback_only_refuses_everything_but_loopback(url: str, refused: str | None) -> None:
+    """With loopback_only, only loopback targets pass, whatever allow_private and allow say, and a name other than
+    localhost (or one listed in allow) is refused before any lookup."""
+    policy = AddressPolicy(NetworkSettings(loopback_only=True, allow_private=True,
+                                           allow=("img.internal", "10.0.0.0/8", "93.184.216.0/24")))
+    reason = policy.url_refusal(url)
+    assert (reason is None) if refused is None else (reason is not None and refused in reason
+                                                     and "[network] loopback_only = true" in reason)
+    assert policy.name_refusal("img.internal") is None
+    assert policy.refusal("img.internal", "10.1.2.3") is not None  # an allowed name resolving elsewhere still fails
+
+
+async def test_loopback_only_daemon_fetches_from_loopback_and_nothing_else(tmp_path: Path, origin: Origin) -> None:
+    """A batch under loopback_only gets its loopback image and fails the others with the reason, without a request
+    reaching anyone: a private address, a public one, a public name, and a redirect from loopback to a public name."""
+    body = await run_batch(tmp_path, [f"{origin.url}/img/a.jpg", "http://10.255.255.1/a.jpg",
+                                      "http://93.184.216.34/a.jpg", "http://images.example.com/a.jpg",
+                                      f"{origin.url}/to?url=http://images.example.com/a.jpg"],
+                           network={"loopback_only": True, "allow_private": True})
+    fetched, private, public, name, redirected = errors(body)
+    assert fetched is None
+    assert private == ("download failed: refused to connect: 10.255.255.1, not a loopback address "
+                       "([network] loopback_only = true)")
+    assert public is not None and "93.184.216.34, not a loopback address" in public
+    for error in (name, redirected):
+        assert error == ("download failed: refused to connect: images.example.com is not looked up, only loopback "
+                         "addresses are allowed ([network] loopback_only = true)")
+    assert origin.hits["/img/a.jpg"] == 1 and origin.hits["/to"] == 1
+
+
+def test_loopback_only_is_a_setting_like_the_others(tmp_path: Path) -> None:
+    """`IMGPIPE_NETWORK_LOOPBACK_ONLY` sets it, and a configured listener it would refuse stops start-up."""
+    assert load_settings(env={"IMGPIPE_NETWORK_LOOPBACK_ONLY": "true"}).network.loopback_only
+    assert not load_settings(env={}).network.loopback_only
+    config = tmp_path / "config.toml"
+    config.write_text('[network]\nloopback_only = true\n[webhooks]\nurls = ["https://hooks.example.com/x"]\n',
+                      encoding="utf-8")
+    with pytest.raises(ConfigError, match="webhooks.urls: refused to connect: hooks.example.com is not looked up"):
+        load_settings(config, env={})

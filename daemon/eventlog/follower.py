@@ -114,6 +114,11 @@ class Follower:
     def checkpoint(self) -> int:
         return self._checkpoint
 
+    @property
+    def done_above_checkpoint(self) -> int:
+        """Events finished after the checkpoint: one before them is still in flight (a webhook waiting to retry)."""
+        return len(self._tracked)
+
     def wake(self) -> None:
         """Look at the log again now: something other than an append may have made room."""
         self._wake.set()

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,8 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import peewee
+import psycopg
+from psycopg.pq import TransactionStatus
 
 from daemon.eventlog.models import ROWS_PER_INSERT, execute
 from daemon.eventlog.store import STREAM_VERSION, Backend, conflict
@@ -40,6 +43,7 @@ SCHEMA = (
 # Per database and schema, like everything of one log.
 LOG_KEY = "'imgpipe-log/' || current_database() || '/' || current_schema()"
 POLL_SECONDS = 1.0
+RAISED_AS_PEEWEE: AbstractContextManager[None] = getattr(peewee, "__exception_wrapper__")  # driver errors as peewee's
 RECONNECT_SECONDS = 1.0
 
 
@@ -76,9 +80,19 @@ class PostgresBackend(Backend):
 
     @contextmanager
     def appending(self) -> Iterator[None]:
+        # In psycopg's pipeline mode, statements whose results nobody reads (BEGIN, the lock, view and checkpoint
+        # writes, COMMIT) go out together: a commit takes two round trips, or one without appends, not one per
+        # statement. Their errors arrive at the next read or at the end, raised as peewee's like all others.
         self._locked = False
-        with self.db.atomic():
-            yield
+        connection: psycopg.Connection[Any] = self.db.connection()  # type: ignore[no-untyped-call]
+        try:
+            with RAISED_AS_PEEWEE, connection.pipeline(), self.db.atomic():
+                yield
+        finally:
+            if not connection.closed and connection.info.transaction_status != TransactionStatus.IDLE:
+                # A failed statement aborts the rest of its pipeline, the ROLLBACK that followed it included.
+                with contextlib.suppress(psycopg.Error):
+                    connection.rollback()
 
     def insert_events(self, stream: str, expected_version: int | None,
                       rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:

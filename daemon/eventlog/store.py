@@ -82,6 +82,11 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def parse_iso(at: str) -> float:
+    """A time now_iso wrote (an event's recorded_at), as a Unix timestamp."""
+    return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+
+
 class Backend(ABC):
     """What one kind of database does differently. Methods run on the store's threads unless said otherwise."""
 
@@ -528,8 +533,9 @@ class EventLog:
             streams = [stream for stream, in execute(
                 "SELECT stream FROM events WHERE stream IN (SELECT stream FROM events WHERE type = 'RequestDeleted') "
                 "GROUP BY stream HAVING COUNT(*) > 1 AND MAX(position) <= ?", (low_water,)).fetchall()]
-            return sum(execute("DELETE FROM events WHERE stream = ? AND type != 'RequestDeleted'", (stream,)).rowcount
-                       for stream in streams)
+            # Counted from RETURNING: a cursor's rowcount is not known yet in psycopg's pipeline mode.
+            return sum(len(execute("DELETE FROM events WHERE stream = ? AND type != 'RequestDeleted' RETURNING 1",
+                                   (stream,)).fetchall()) for stream in streams)
 
         return await self._write(purge, ())
 

@@ -7,6 +7,7 @@ import hashlib
 
 import structlog
 from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 from daemon.config import Settings
@@ -82,7 +83,8 @@ async def read_upload(request: web.Request, settings: Settings) -> tuple[bytes, 
             return await read_limited(request.content.read, limit), filename, fields
     except BodyTooLarge:
         raise too_large(limit) from None
-    except (KeyError, ValueError, AssertionError) as exc:  # what aiohttp raises for a broken multipart body
+    # What aiohttp raises for a broken multipart body; BadHttpMessage: a part's header it cannot parse.
+    except (KeyError, ValueError, AssertionError, BadHttpMessage) as exc:
         raise json_error(web.HTTPBadRequest, "invalid_multipart", f"malformed multipart/form-data body: {exc!r}",
                          field="file") from None
     raise json_error(web.HTTPUnsupportedMediaType, "unsupported_media_type",

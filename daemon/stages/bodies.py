@@ -62,6 +62,15 @@ class Bodies:
             return 0
         return self.limit - len(self._waiting)
 
+    @property
+    def waiting(self) -> int:
+        """Downloaded bodies waiting for the compress stage."""
+        return len(self._waiting)
+
+    @property
+    def waiting_bytes(self) -> int:
+        return self._waiting_bytes
+
     def listen(self, callback: Callable[[], None]) -> None:
         """Call `callback` (on the loop) whenever a body stops waiting, i.e. when room appears."""
         self._listeners.append(callback)

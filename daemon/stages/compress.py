@@ -24,9 +24,10 @@ from daemon.events import (
     ImageRequeued,
     names,
 )
+from daemon.metrics import Metrics
 from daemon.stages.bodies import Bodies
 from daemon.stages.codec import BodyGone, EncodeSettings, ImageRejected, compress_file
-from daemon.stages.pool import CodecPool, JobTimedOut, pool_size
+from daemon.stages.pool import CodecPool, JobTimedOut, pool_size, timed
 from daemon.storage import ImageStore
 
 log = structlog.get_logger("compress")
@@ -43,10 +44,10 @@ class CompressStage(Follower):
     types = names(ImageDownloaded)
 
     def __init__(self, eventlog: EventLog, pool: CodecPool, bodies: Bodies, images: ImageStore,
-                 settings: CompressSettings, cancellations: Cancellations) -> None:
+                 settings: CompressSettings, cancellations: Cancellations, metrics: Metrics) -> None:
         super().__init__(eventlog)
         self.pool, self.bodies, self.images = pool, bodies, images
-        self.cancellations = cancellations
+        self.cancellations, self.metrics = cancellations, metrics
         self.encode = encode_settings(settings)
         # Enough queued work that no worker waits for the loop between two images.
         self.concurrency = 2 * pool_size(settings)
@@ -58,11 +59,14 @@ class CompressStage(Follower):
             return ()  # its body is recycled on commit, like any other
         where = {"product": event.product, "index": event.index}
         source = self.bodies.path(record.stream, event.product, event.index)
+        if attempt == 1:
+            self.metrics.waited("compress", record)
         try:
             # A full images folder or a store that is down pauses the image; it is no attempt of CODEC_ATTEMPTS,
             # and never fails it.
-            result = await self.space.retry_while_full(self.images.place, lambda: self.pool.run(
-                compress_file, str(source), self.images, event.stem, self.encode))
+            with self.metrics.compressing():
+                result, seconds = await self.space.retry_while_full(self.images.place, lambda: self.pool.run(
+                    timed, compress_file, str(source), self.images, event.stem, self.encode))
         except ImageRejected as exc:
             log.info("image_failed", request_id=record.stream, error=str(exc), **where)
             return [ImageFailed(**where, stage="compress", error=str(exc))]
@@ -78,6 +82,7 @@ class CompressStage(Follower):
                 log.warning("image_failed", request_id=record.stream, error=error, **where)
                 return [ImageFailed(**where, stage="compress", error=error)]
             raise Retry(defer=0.2 * attempt) from None
+        self.metrics.compress_seconds.observe(seconds)
         # vars(): its fields are plain values, and asdict's deep copy showed up in every image's profile.
         return [ImageCompressed(product=event.product, index=event.index, **vars(result))]
 
@@ -118,6 +123,7 @@ class CompressStage(Follower):
         """The body's image is settled in the log: it becomes a recycled file, and makes room for a download."""
         event = record.event
         assert isinstance(event, ImageDownloaded)
+        self.metrics.settled(results)
         path = self.bodies.path(record.stream, event.product, event.index)
         await asyncio.to_thread(self.bodies.recycle, path, event.bytes)
         self.bodies.released(path)

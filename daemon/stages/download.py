@@ -27,6 +27,7 @@ from daemon.events import (
     ImageRequeued,
     names,
 )
+from daemon.metrics import Metrics
 from daemon.network import INVALID_HOST_NAME, AddressNotAllowed
 from daemon.stages.bodies import Bodies, BodyWriter
 
@@ -122,10 +123,10 @@ class DownloadStage(Follower):
     types = names(ImageRequested, ImageRequeued)
 
     def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, bodies: Bodies,
-                 settings: DownloadSettings, cancellations: Cancellations) -> None:
+                 settings: DownloadSettings, cancellations: Cancellations, metrics: Metrics) -> None:
         super().__init__(eventlog)
         self.client, self.bodies, self.settings = client, bodies, settings
-        self.cancellations = cancellations
+        self.cancellations, self.metrics = cancellations, metrics
         self.concurrency = settings.concurrency
         self._earlier: dict[int, int] = {}  # position -> attempts made before a restart
         bodies.listen(self.wake)
@@ -155,11 +156,14 @@ class DownloadStage(Follower):
         target = self.bodies.path(record.stream, event.product, event.index)
         if attempt == 1 and record.position <= self.head_at_start:
             self._earlier[record.position] = await self._attempts_before_restart(record.stream, event)
+        if attempt == 1:
+            self.metrics.waited("download", record)
         attempt += self._earlier.get(record.position, 0)
         try:
             # A full working folder pauses the download (from the start again) without spending an attempt.
-            size = await self.cancellations.unless_cancelled(record.stream, self.space.retry_while_full(
-                "work", lambda: fetch(self.client, event.url, self.bodies.writer(target), self.settings)))
+            with self.metrics.downloading():
+                size = await self.cancellations.unless_cancelled(record.stream, self.space.retry_while_full(
+                    "work", lambda: fetch(self.client, event.url, self.bodies.writer(target), self.settings)))
         except RequestCancelled:
             return ()
         except DownloadError as exc:
@@ -183,3 +187,4 @@ class DownloadStage(Follower):
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
         self._earlier.pop(record.position, None)
+        self.metrics.settled(results)

@@ -65,6 +65,14 @@ def pool_size(settings: CompressSettings) -> int:
     return settings.workers or os.cpu_count() or 1
 
 
+def timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """(worker) `fn`'s result and the seconds it ran, measured where it ran: the time a job waits for a busy
+    worker is not part of it."""
+    started = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - started
+
+
 def serve(conn: Connection, daemon_pid: int, cpus: frozenset[int] | None) -> None:
     """A worker's life: run each job it is sent and send back (True, result) or (False, exception)."""
     start_worker(daemon_pid, cpus)

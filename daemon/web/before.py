@@ -72,8 +72,9 @@ async def _relay(request: web.Request, client: aiohttp.ClientSession, url: str) 
                                                    "Cache-Control": "private, no-store"})
             await response.prepare(request)
             return await _stream(request, response, first, chunks, limit)
-    except AddressNotAllowed as exc:
-        raise unavailable(str(exc)) from None
+    except AddressNotAllowed as exc:  # the daemon's own rules, not a failing origin: refused, as downloads are
+        raise json_error(web.HTTPForbidden, "original_refused",
+                         f"the original image is not fetched: {exc}") from None
     except aiohttp.TooManyRedirects:
         raise unavailable(f"too many redirects (more than {settings.max_redirects})") from None
     except TimeoutError:

@@ -99,4 +99,4 @@ def add_routes(app: web.Application) -> None:
     app[CLOSING] = asyncio.Event()
     app.on_shutdown.append(end_streams)
     app.router.add_get("/requests", list_requests)
-    app.router.add_get("/events", events)
+    app.router.add_get("/events", events, allow_head=False)  # a HEAD would hold its stream open

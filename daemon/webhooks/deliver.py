@@ -22,7 +22,7 @@ from standardwebhooks.webhooks import Webhook
 
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower, Retry
-from daemon.eventlog.store import EventLog, RecordedEvent
+from daemon.eventlog.store import EventLog, RecordedEvent, parse_iso
 from daemon.events import (
     Event,
     RequestAccepted,
@@ -33,6 +33,7 @@ from daemon.events import (
     WebhookRedeliveryRequested,
 )
 from daemon.http_api import EVENTLOG, SETTINGS, STATUS_VIEW, json_error, json_response
+from daemon.metrics import Metrics
 from daemon.network import AddressNotAllowed
 from daemon.stages.download import retry_after_seconds
 from daemon.views.export import ExportImage, stream_images
@@ -115,19 +116,16 @@ def signed_headers(secret: str, msg_id: str, body: str) -> dict[str, str]:
     return headers
 
 
-def parse_iso(at: str) -> float:
-    return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
-
-
 class WebhookDelivery(Follower):
     name = "webhooks.deliver"
     types = frozenset({"RequestCompleted", "WebhookQueued", "WebhookRedeliveryRequested"})
     concurrency = 256  # a waiting retry holds a slot; these are cheap sleeping tasks
 
-    def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, settings: Settings,
+    def __init__(self, eventlog: EventLog, client: aiohttp.ClientSession, settings: Settings, metrics: Metrics,
                  status_view: Follower | None = None) -> None:
         super().__init__(eventlog)
         self.client, self.settings, self.status_view = client, settings, status_view
+        self.metrics = metrics
 
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         event = record.event
@@ -177,6 +175,7 @@ class WebhookDelivery(Follower):
         answer = await self._post(queued, body)
 
         def attempted(outcome: str, retry_in: float | None = None) -> WebhookAttempted:
+            self.metrics.webhook_attempted(outcome)
             return WebhookAttempted(message_id=queued.message_id, listener=queued.listener, round=queued.round,
                                     attempt=number, outcome=outcome, status_code=answer.status, error=answer.error,
                                     latency_ms=answer.latency_ms, retry_in=retry_in)

@@ -125,8 +125,8 @@ async def test_csv_dropped_in_the_inbox_is_archived_processed_and_exported(daemo
     assert [(r[0], r[1], r[3].split(",")) for r in rows[1:]] == [("1", "Lamp", outputs[:2]), ("2", "Desk", outputs[2:])]
 
 
-def test_cli_submit_prints_the_request_id_and_status_prints_its_json(daemon: Any, tmp_path: Path) -> None:
-    """`imgpipe submit FILE` prints the new request id (the request named after the file); `imgpipe status ID`
+def test_cli_submit_prints_the_request_id_and_status_json_prints_its_json(daemon: Any, tmp_path: Path) -> None:
+    """`imgpipe submit FILE` prints the new request id (the request named after the file); `imgpipe status ID --json`
     prints that request as JSON; a file that cannot be read is a one-line error."""
     named = tmp_path / "caf\u00e9 batch.csv"
     named.write_bytes(SAMPLE_CSV.read_bytes())
@@ -136,7 +136,7 @@ def test_cli_submit_prints_the_request_id_and_status_prints_its_json(daemon: Any
     assert REQUEST_ID.match(request_id), submitted.stdout
 
     by_env = {"IMGPIPE_SERVER_PORT": str(daemon.port)}  # the other way to find the daemon: the environment
-    shown = daemon.cli("status", request_id, env=by_env)
+    shown = daemon.cli("status", request_id, "--json", env=by_env)
     assert shown.returncode == 0, shown.stderr
     status = json.loads(shown.stdout)
     assert_status_shape(status)

@@ -42,7 +42,7 @@ def test_replay_is_refused_while_the_daemon_runs(daemon: Any, helpers: Any) -> N
     assert daemon.healthy()
     submitted = daemon.cli("--config", str(daemon.client_config), "submit", str(helpers.sample_csv))
     assert submitted.returncode == 0, submitted.stderr
-    status = daemon.cli("--config", str(daemon.client_config), "status", submitted.stdout.strip())
+    status = daemon.cli("--config", str(daemon.client_config), "status", submitted.stdout.strip(), "--json")
     assert status.returncode == 0
     assert json.loads(status.stdout)["request_id"] == submitted.stdout.strip()
 

@@ -205,6 +205,18 @@ async def test_multipart_without_a_file_field_answers_400(served: Any, helpers: 
     assert helpers.query(served.settings, "SELECT count(*) FROM events") == [(0,)]
 
 
+async def test_a_multipart_part_with_a_header_that_does_not_parse_answers_400(served: Any, helpers: Any) -> None:
+    """A part whose header holds a control character (found by fuzzing: it answered 500) answers 400
+    invalid_multipart and accepts nothing."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"x\x11y\"\r\n\r\n[]\r\n"
+            b"--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nx\r\n--b--\r\n")
+    response = await served.client.post("/upload", data=body,
+                                         headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status == 400
+    assert (await response.json())["error"] == "invalid_multipart"
+    assert helpers.query(served.settings, "SELECT count(*) FROM events") == [(0,)]
+
+
 async def test_invalid_webhook_url_answers_400_naming_the_field(served: Any, helpers: Any) -> None:
     """A webhook_url form field that is not an http(s) URL answers 400 and accepts nothing."""
     form = multipart(helpers.sample_csv.read_bytes(), webhook_url="ftp://hooks.example/x")

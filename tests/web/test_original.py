@@ -39,7 +39,7 @@ async def test_an_unknown_image_answers_404(serve: Callable[..., Any], origin: O
 
 
 async def test_the_original_is_refused_where_downloads_are(serve: Callable[..., Any], origin: Origin) -> None:
-    """With the default network rules, an image on a loopback name is not fetched: 502 naming why, and no request
+    """With the default network rules, an image on a loopback name is not fetched: 403 naming why, and no request
     reaches the origin."""
     async with serve(network={"allow_private": False}) as served:
         local = origin.url.replace("127.0.0.1", "localhost")
@@ -47,9 +47,10 @@ async def test_the_original_is_refused_where_downloads_are(serve: Callable[..., 
         await served.finished(rid)
         response = await served.client.get(original(rid))
         body = await response.json()
-        assert response.status == 502
-        assert body["error"] == "original_unavailable"
-        assert "refused to connect: localhost resolves to 127.0.0.1, a loopback address" in body["message"]
+        assert response.status == 403
+        assert body["error"] == "original_refused"
+        assert body["message"].startswith("the original image is not fetched: refused to connect: localhost resolves "
+                                          "to 127.0.0.1, a loopback address")
     assert origin.hits == {}
 
 
