@@ -14,11 +14,16 @@ peak RSS, and PostgreSQL's images/s over SQLite's as the median of the rounds' r
 Before the first round the bench waits, up to --settle-max seconds, until creating a file costs what it does
 with no recent deletions, and it deletes no daemon's files before the end (see harness.settled_filesystem).
 
+The score's cost (--compare-scoring, on by default): every round also runs the first backend's daemon with
+compress.ssim off; `<backend>_vs_<backend>_unscored` is the median of the rounds' ratios of images/s.
+
+target (bench/target.py): bytes saved with compress.target_ssim set to the plain quality's mean score, against
+the plain quality, on the throughput scenario's distinct photos.
 appends (bench/backends.py): appends per second through `EventLog.append` on each backend, in this process.
 load (bench/load.py): concurrent uploads while clients poll /status at a fixed rate; see there.
 
 Prints the results and writes them to bench/results/latest.json as
-{"filesystem": {...}, "throughput": {...}, "appends": {...}, "load": {...}}.
+{"filesystem": {...}, "throughput": {...}, "target": {...}, "appends": {...}, "load": {...}}.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from bench.harness import (
     upload,
 )
 from bench.load import add_load_arguments, run_load
+from bench.target import run_target
 from daemon.testing import Listener, Origin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,8 +80,9 @@ def ceiling(files: list[bytes], workers: int, quality: int) -> float:
         return time.perf_counter() - start
 
 
-async def run_daemon(urls: list[str], workers: int, quality: int, workdir: Path, database: str) -> dict[str, Any]:
-    async with (Daemon(workdir, workers, quality, database) as daemon, aiohttp.ClientSession() as client,
+async def run_daemon(urls: list[str], workers: int, quality: int, workdir: Path, database: str,
+                     settings: dict[str, str]) -> dict[str, Any]:
+    async with (Daemon(workdir, workers, quality, database, settings) as daemon, aiohttp.ClientSession() as client,
                 Listener([204]) as listener):
         mark = cpu_mark()
         start = time.perf_counter()
@@ -109,6 +116,9 @@ def summary(rounds: list[dict[str, Any]], n: int) -> dict[str, Any]:
         "pool_rss_mb": max(r["pool_rss_mb"] for r in rounds),
         "cpu_cores_while_running": cpu,
         "daemon_main_cpu_ms_per_image": round(statistics.mean(r["daemon_main_cpu_ms_per_image"] for r in rounds), 3),
+        # What the codec workers spend per image: unlike images/s, other users of the machine barely move it.
+        "pool_cpu_ms_per_image": round(statistics.mean(
+            1000 * r["cpu_cores_while_running"]["pool_cpu_cores"] / r["pipeline_images_per_s"] for r in rounds), 2),
     }
 
 
@@ -128,21 +138,28 @@ async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Pat
     files = {f"p{i}.jpg": photos[i % len(photos)] for i in range(args.images)}
     n = args.images
     backends = backends_of(args)
+    # Each backend's daemon scores its images (the default); with --compare-scoring the first backend's also runs
+    # with scoring off in every round, so the score's cost is measured side by side.
+    unscored = f"{backends[0]}_unscored"
+    variants: dict[str, tuple[str, dict[str, str]]] = {b: (b, {}) for b in backends}
+    if args.compare_scoring:
+        variants[unscored] = (backends[0], {"IMGPIPE_COMPRESS_SSIM": "false"})
     rounds: list[dict[str, Any]] = []
     async with Origin(files) as origin:
         for k in range(args.rounds):
             ceiling_s = ceiling(list(files.values()), args.workers, args.quality)
             round_: dict[str, Any] = {"ceiling_images_per_s": round(n / ceiling_s, 2), "ceiling_s": ceiling_s,
-                                      "order": backends if k % 2 == 0 else backends[::-1]}
-            for backend in round_["order"]:
+                                      "order": list(variants) if k % 2 == 0 else list(variants)[::-1]}
+            for variant in round_["order"]:
+                backend, settings = variants[variant]
                 create_ms = file_create_ms(scratch)
-                workdir = new_workdir(scratch, f"throughput-{backend}-{k}")
+                workdir = new_workdir(scratch, f"throughput-{variant}-{k}")
                 daemon = await run_daemon([f"{origin.url}/img/{name}" for name in files], args.workers,
-                                          args.quality, workdir, where.url(backend, workdir))
+                                          args.quality, workdir, where.url(backend, workdir), settings)
                 if daemon["status"] != "completed":
-                    raise SystemExit(f"throughput ({backend}): the batch ended {daemon['status']}: "
+                    raise SystemExit(f"throughput ({variant}): the batch ended {daemon['status']}: "
                                      f"{daemon['progress']}")
-                round_[backend] = {
+                round_[variant] = {
                     "pipeline_images_per_s": round(n / daemon["elapsed_s"], 2),
                     "ratio": round(ceiling_s / daemon["elapsed_s"], 3),
                     "upload_ack_ms": round(daemon["ack_s"] * 1000, 1),
@@ -154,18 +171,20 @@ async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Pat
                     "ceiling_s": ceiling_s, "pipeline_s": daemon["elapsed_s"],
                 }
             print(f"throughput round {k + 1}: ceiling {round_['ceiling_images_per_s']} img/s, " + ", ".join(
-                f"{b} {round_[b]['pipeline_images_per_s']} img/s" for b in backends), file=sys.stderr)
+                f"{v} {round_[v]['pipeline_images_per_s']} img/s" for v in variants), file=sys.stderr)
             rounds.append(round_)
-    by_backend = {backend: summary([r[backend] for r in rounds], n) for backend in backends}
+    by_backend = {variant: summary([r[variant] for r in rounds], n) for variant in variants}
     compared = {f"{b}_vs_{backends[0]}": versus(rounds, b, backends[0]) for b in backends[1:]}
+    if args.compare_scoring:
+        compared[f"{backends[0]}_vs_{unscored}"] = versus(rounds, backends[0], unscored)
     for name, figures in compared.items():
         print(f"throughput {name.replace('_vs_', ' / ')}: median {figures['ratio_median']} over {len(rounds)} rounds "
               f"({figures['ratio_lowest']}-{figures['ratio_highest']})", file=sys.stderr)
     ceiling_total = sum(r["ceiling_s"] for r in rounds)
     for r in rounds:
         del r["ceiling_s"]
-        for backend in backends:
-            del r[backend]["ceiling_s"], r[backend]["pipeline_s"]
+        for variant in variants:
+            del r[variant]["ceiling_s"], r[variant]["pipeline_s"]
     return {
         "images": n,
         "size": f"{args.size}x{args.size}",
@@ -183,7 +202,7 @@ async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Pat
 
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench")
-    parser.add_argument("--scenario", choices=("all", "throughput", "appends", "load"), default="all")
+    parser.add_argument("--scenario", choices=("all", "throughput", "target", "appends", "load"), default="all")
     parser.add_argument("--images", type=int, default=int(os.environ.get("BENCH_IMAGES", 200)))
     parser.add_argument("--size", type=int, default=2000)
     parser.add_argument("--distinct", type=int, default=24, help="distinct generated photos, served round-robin")
@@ -191,6 +210,8 @@ async def main() -> None:
     parser.add_argument("--quality", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=7,
                         help="throughput: the ceiling and the pipeline on each backend, alternated")
+    parser.add_argument("--compare-scoring", action=argparse.BooleanOptionalAction, default=True,
+                        help="throughput: also run the first backend with the SSIM score off in every round")
     parser.add_argument("--settle-max", type=float, default=420.0,
                         help="seconds to wait at most for file creation to cost what it does with no recent deletions")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
@@ -213,6 +234,9 @@ async def main() -> None:
         if args.scenario in ("all", "throughput"):
             results["throughput"] = await throughput(photos_of(args.size, args.images), args, folder, where)
             print(json.dumps({"throughput": results["throughput"]}, indent=2), flush=True)
+        if args.scenario in ("all", "target"):
+            results["target"] = run_target(photos_of(args.size, args.images), args, folder)
+            print(json.dumps({"target": results["target"]}, indent=2), flush=True)
         if args.scenario in ("all", "appends"):
             results["appends"] = await run_appends(args, folder, where)
             print(json.dumps({"appends": results["appends"]}, indent=2), flush=True)

@@ -185,8 +185,10 @@ class Daemon:
     """`python -m daemon run` in `workdir` on a free loopback port; samples its memory until stopped. Its event log is
     `database` (a URL), by default a SQLite file in `workdir`."""
 
-    def __init__(self, workdir: Path, workers: int, quality: int, database: str = "") -> None:
+    def __init__(self, workdir: Path, workers: int, quality: int, database: str = "",
+                 settings: dict[str, str] | None = None) -> None:
         self.workdir, self.workers, self.quality = workdir, workers, quality
+        self.settings = settings or {}  # more IMGPIPE_* variables
         self.database = database or f"sqlite:///{workdir / 'imgpipe.db'}"
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -210,6 +212,7 @@ class Daemon:
             "IMGPIPE_COMPRESS_WORKERS": str(self.workers),
             "IMGPIPE_COMPRESS_QUALITY": str(self.quality),
             "IMGPIPE_NETWORK_ALLOW_PRIVATE": "true",
+            **self.settings,
         }
         with open(self.workdir / "daemon.log", "wb") as log:
             self._proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=self.workdir, env=env,

@@ -49,7 +49,10 @@ SCHEMAS: dict[str, Schema] = {
     "Image": obj({"input_url": STRING, "status": {"enum": IMAGE_STATES}, "output_url": nullable("string"),
                   "bytes_in": nullable("integer"), "bytes_out": nullable("integer"), "width": nullable("integer"),
                   "height": nullable("integer"), "format": nullable("string"), "attempts": nullable("integer"),
-                  "note": nullable("string"), "error": nullable("string")}),
+                  "quality": nullable("integer"), "ssim": nullable("number"), "note": nullable("string"),
+                  "error": nullable("string")}),
+    "Compression": obj({"bytes_in": INTEGER, "bytes_out": INTEGER, "bytes_saved": INTEGER, "scored": INTEGER,
+                        "ssim_mean": nullable("number"), "ssim_lowest": nullable("number")}),
     "Product": obj({"serial": STRING, "product_name": STRING, "images": {"type": "array", "items": ref("Image")}}),
     "Attempt": obj({"attempt": INTEGER, "outcome": {"enum": ["delivered", "retrying", "failed", "gone"]},
                     "status_code": nullable("integer"), "error": nullable("string"), "latency_ms": NUMBER,
@@ -62,7 +65,7 @@ SCHEMAS: dict[str, Schema] = {
         "request_id": STRING, "status": {"enum": REQUEST_STATES},
         "source": obj({"kind": {"enum": ["upload", "inbox"]}, "name": STRING}),
         "created_at": STRING, "updated_at": STRING, "completed_at": nullable("string"), "progress": ref("Progress"),
-        "status_url": STRING, "webhooks": {"type": "array", "items": ref("Delivery")},
+        "compression": ref("Compression"), "status_url": STRING, "webhooks": {"type": "array", "items": ref("Delivery")},
         "notifications": {"type": "array", "items": ref("Notification")},
     }, {
         "products": {"type": "array", "items": ref("Product")},
@@ -141,6 +144,8 @@ NOTIFICATION = {"anyOf": [
      "not": obj({"type": {"const": "request.completed"}}), "title": "the classic notification"},
 ]}
 FLAG = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}
+COLUMNS = query("columns", STRING, "columns to add after `Output Image Urls`, comma-separated: `ssim`, `quality`")
+COLUMNS_REFUSED = error("`invalid_parameter`: `columns` names an unknown column or one twice")
 
 PATHS: dict[str, dict[str, Schema]] = {
     "/upload": {"post": operation(
@@ -177,12 +182,12 @@ PATHS: dict[str, dict[str, Schema]] = {
                     query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}, "products in a page")])},
     "/export": {"get": operation(
         "exportAll", "The output CSV of every finished request",
-        {200: answer("the CSV, as an attachment", STRING, CSV)})},
+        {200: answer("the CSV, as an attachment", STRING, CSV), 400: COLUMNS_REFUSED}, parameters=[COLUMNS])},
     "/export/{request_id}": {"get": operation(
         "exportRequest", "The output CSV of one finished request",
-        {200: answer("the CSV, as an attachment", STRING, CSV), 404: NOT_FOUND,
+        {200: answer("the CSV, as an attachment", STRING, CSV), 400: COLUMNS_REFUSED, 404: NOT_FOUND,
          409: error("`not_finished`: the request still runs (with `status` and `progress`)", "NotFinished")},
-        parameters=[REQUEST_ID])},
+        parameters=[REQUEST_ID, COLUMNS])},
     "/images/{name}": {"get": operation(
         "getImage", "A compressed image",
         {200: answer("the image", {"type": "string", "contentMediaType": "image/*"}, "image/*"),
