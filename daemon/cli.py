@@ -140,7 +140,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for r in body["requests"]:  # type: ignore[attr-defined]
         p = r["progress"]
         rows.append((r["created_at"][:19], r["request_id"], r["status"], f"{p['done']}/{p['images']}", str(p["failed"]),
-                     str(r["bytes_in"]), str(r["bytes_out"]), f"{r['source']['kind']}: {r['source']['name']}"))
+                     str(r["compression"]["bytes_in"]), str(r["compression"]["bytes_out"]),
+                     f"{r['source']['kind']}: {r['source']['name']}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])

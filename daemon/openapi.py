@@ -77,7 +77,7 @@ SCHEMAS: dict[str, Schema] = {
         "request_id": STRING, "status": {"enum": REQUEST_STATES},
         "source": obj({"kind": {"enum": ["upload", "inbox"]}, "name": STRING}),
         "created_at": STRING, "updated_at": STRING, "completed_at": nullable("string"), "progress": ref("Progress"),
-        "bytes_in": INTEGER, "bytes_out": INTEGER, "status_url": STRING,
+        "compression": ref("Compression"), "status_url": STRING,
     }),
     "RequestList": obj({"requests": {"type": "array", "items": ref("Summary")}, "next": nullable("string")}),
 }

@@ -6,13 +6,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import peewee
-
-from daemon.views.status import DONE_STATES, StatusImage, StatusRequest, progress
+from daemon.views.status import StatusImage, StatusRequest, compression, progress
 
 STATUSES = ("queued", "processing", "completed", "completed_with_errors", "failed", "cancelled")
 
@@ -69,7 +67,6 @@ def request_summaries(request_ids: Sequence[str], public_url: str) -> dict[str, 
 
 
 def summaries_of(rows: Sequence[StatusRequest], public_url: str) -> list[dict[str, Any]]:
-    sizes = _bytes_done([r.request_id for r in rows])
     return [{
         "request_id": r.request_id,
         "status": r.status,
@@ -78,22 +75,9 @@ def summaries_of(rows: Sequence[StatusRequest], public_url: str) -> list[dict[st
         "updated_at": r.updated_at,
         "completed_at": r.completed_at,
         "progress": progress(r),
-        # Over the images done (compressed or kept), so in and out compare the same images.
-        "bytes_in": sizes.get(r.request_id, (0, 0))[0],
-        "bytes_out": sizes.get(r.request_id, (0, 0))[1],
+        "compression": compression(r.request_id),
         "status_url": f"{public_url}/status/{r.request_id}",
     } for r in rows]
-
-
-def _bytes_done(request_ids: list[str]) -> dict[str, tuple[int, int]]:
-    if not request_ids:
-        return {}
-    rows = StatusImage.select(StatusImage.request_id, peewee.fn.SUM(StatusImage.bytes_in),
-                              peewee.fn.SUM(StatusImage.bytes_out)).where(
-        StatusImage.request_id.in_(request_ids) & StatusImage.status.in_(DONE_STATES)).group_by(
-        StatusImage.request_id).tuples()
-    return {rid: (int(bytes_in or 0), int(bytes_out or 0))
-            for rid, bytes_in, bytes_out in cast(Iterable[tuple[str, Any, Any]], rows)}
 
 
 def input_url(request_id: str, product: int, index: int) -> str | None:

@@ -36,10 +36,11 @@ async def test_requests_are_listed_newest_first_a_page_at_a_time(serve: Callable
         assert shoe["status"] == "completed"
         assert shoe["source"] == {"kind": "upload", "name": "catalog.csv"}
         assert shoe["progress"] == {"images": 2, "done": 2, "failed": 0, "pending": 0}
-        assert shoe["bytes_in"] == sum(i["bytes_in"] for i in images) > 0
-        assert shoe["bytes_out"] == sum(i["bytes_out"] for i in images) > 0
+        assert shoe["compression"]["bytes_in"] == sum(i["bytes_in"] for i in images) > 0
+        assert shoe["compression"]["bytes_out"] == sum(i["bytes_out"] for i in images) > 0
+        assert shoe["compression"] == statuses[0]["compression"]
         assert shoe["completed_at"] == statuses[0]["completed_at"]
-        assert page["requests"][0]["bytes_in"] == statuses[2]["products"][0]["images"][0]["bytes_in"]
+        assert page["requests"][0]["compression"] == statuses[2]["compression"]
 
 
 async def test_requests_filter_by_status(serve: Callable[..., Any], origin: Origin) -> None:

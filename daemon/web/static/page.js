@@ -173,8 +173,8 @@ function fillRow(row, s) {
     el('td', {}, el('span', { className: `badge ${s.status}`, text: s.status })),
     el('td', {}, bar),
     el('td', { className: 'number', text: `${p.done}/${p.images}${p.failed ? `, ${p.failed} failed` : ''}` }),
-    el('td', { className: 'number', text: `${bytes(s.bytes_in)} → ${bytes(s.bytes_out)}` }),
-    el('td', { className: 'number', text: saved(s.bytes_in, s.bytes_out) }),
+    el('td', { className: 'number', text: `${bytes(s.compression.bytes_in)} → ${bytes(s.compression.bytes_out)}` }),
+    el('td', { className: 'number', text: saved(s.compression.bytes_in, s.compression.bytes_out) }),
     el('td', {}, open),
   );
 }
@@ -335,6 +335,7 @@ function openRequest(id) {
 
 function showTotals(s) {
   const p = s.progress;
+  const c = s.compression;
   $('r-status').textContent = s.status;
   $('r-status').className = `badge ${s.status}`;
   $('r-source').textContent = `${s.source.kind}: ${s.source.name} · created ${when(s.created_at)}` +
@@ -343,8 +344,9 @@ function showTotals(s) {
   $('r-totals').replaceChildren(
     box('images', p.images), box('done', p.done), box('failed', p.failed),
     box(p.cancelled !== undefined ? 'cancelled' : 'pending', p.cancelled !== undefined ? p.cancelled : p.pending),
-    box('bytes in', bytes(s.bytes_in)), box('bytes out', bytes(s.bytes_out)),
-    box('saved', s.bytes_in ? `${bytes(s.bytes_in - s.bytes_out)} (${saved(s.bytes_in, s.bytes_out)})` : '–'),
+    box('bytes in', bytes(c.bytes_in)), box('bytes out', bytes(c.bytes_out)),
+    box('saved', c.bytes_in ? `${bytes(c.bytes_saved)} (${saved(c.bytes_in, c.bytes_out)})` : '–'),
+    box('mean SSIM', c.ssim_mean !== null ? c.ssim_mean.toFixed(4) : '–'),
   );
   const finished = ['completed', 'completed_with_errors', 'failed', 'cancelled'].includes(s.status);
   $('r-retry').disabled = !(finished && p.failed > 0);
@@ -369,9 +371,7 @@ async function loadPage() {
       $('r-message').textContent = problem(body, response);
       return;
     }
-    const summary = state.summaries.get(id);
-    showTotals(summary ? { ...summary, status: body.status, progress: body.progress }
-      : { ...body, bytes_in: null, bytes_out: null });
+    showTotals(body);  // the status has what a summary has, at this moment
     state.total = body.page.products_total;
     renderImages(id, body.products);
     renderDeliveries(body.webhooks);
@@ -412,6 +412,7 @@ function renderImages(id, products) {
         el('td', { className: 'number', text: bytes(image.bytes_in) }),
         el('td', { className: 'number', text: bytes(image.bytes_out) }),
         el('td', { className: 'number', text: image.bytes_out !== null ? saved(image.bytes_in, image.bytes_out) : '–' }),
+        el('td', { className: 'number', text: image.ssim !== null && image.ssim !== undefined ? image.ssim.toFixed(4) : '–' }),
         el('td', { className: 'error', text: image.error || image.note || '' }),
         el('td', {}, compare)));
     });
