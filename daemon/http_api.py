@@ -85,7 +85,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         raise json_error(web.HTTPInternalServerError, "internal_error", "unexpected error; see the daemon's log") from None
 
 
-OPEN_PATHS = frozenset({"/healthz"})
+# The page and its files hold no data: the page asks for the token and sends it with every API call.
+OPEN_PATHS = frozenset({"/healthz", "/", "/ui/page.js", "/ui/page.css"})
 
 
 def bearer_auth(tokens: tuple[str, ...]) -> Middleware:
