@@ -29,7 +29,7 @@ import peewee
 import structlog
 
 from daemon.diskspace import DiskSpace, is_disk_full
-from daemon.eventlog.models import database, execute, insert_rows, placeholders
+from daemon.eventlog.models import add_missing_columns, database, execute, insert_rows, placeholders
 from daemon.events import Event, decode
 from daemon.instance import is_postgresql, without_password
 
@@ -110,6 +110,9 @@ class Backend(ABC):
     def appending(self) -> AbstractContextManager[None]:
         """A write transaction whose appends commit in the order of their positions (writer)."""
 
+    def lock(self) -> None:
+        """In the appending transaction: hold the log's write lock from now until it ends (writer)."""
+
     @abstractmethod
     def insert_events(self, stream: str, expected_version: int | None,
                       rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:
@@ -186,6 +189,8 @@ class EventLog:
             with self.db.atomic():
                 self.backend.create_schema()
                 self.db.create_tables(list(view_tables), safe=True)
+                if added := add_missing_columns(list(view_tables)):
+                    log.info("view_columns_added", columns=added)
             return int(execute("SELECT MAX(position) FROM events").fetchone()[0] or 0)
 
         self.head = await self._on(self._writer, create)
@@ -373,9 +378,10 @@ class EventLog:
 
     async def decide(self, stream: str, types: frozenset[str] | None,
                      decide: Callable[[list[RecordedEvent]], tuple[Sequence[Event], T]]) -> tuple[int, T]:
-        """Read `stream` (its events of `types`), let `decide` say what to append and what to return, and append it
-        at the version read; decided again if the stream moved meanwhile. The last position (the head when nothing
-        was appended) and what `decide` returned."""
+        """Read `stream` (its events of `types`; None: all), let `decide` say what to append and what to return, and
+        append it unless events of `types` were appended after those read, else decide again: events `decide` does
+        not read cannot change its decision (a busy request's image events do not hold up its cancellation). The last
+        position (the head when nothing was appended) and what `decide` returned."""
         for _ in range(DECIDE_ATTEMPTS):
             # The version and the events from one snapshot of the database (memory may lag a commit).
             version, records = await self.query(self._stream_at_version_sync, stream, types)
@@ -383,10 +389,23 @@ class EventLog:
             if not events:
                 return self.head, result
             try:
-                return await self.append(stream, events, expected_version=version), result
+                return await self._write(lambda: self._append_unmoved_sync(stream, events, version, types),
+                                         {e.type for e in events}), result
             except StreamConflict:
                 continue
         raise StreamConflict(f"stream {stream} kept moving while a command was decided on it")
+
+    def _append_unmoved_sync(self, stream: str, events: Sequence[Event], version: int,
+                             types: frozenset[str] | None) -> int:
+        """Append `events` unless `stream` has events of `types` after `version` (StreamConflict) (writer)."""
+        if types is None:
+            return self._append_sync(stream, events, expected_version=version)
+        self.backend.lock()  # nothing of `types` can land between this look and the append
+        wanted = sorted(types)
+        if execute(f"SELECT 1 FROM events WHERE stream = ? AND version > ? AND type IN ({placeholders(len(wanted))}) "
+                   "LIMIT 1", (stream, version, *wanted)).fetchone():
+            raise StreamConflict(f"stream {stream} has events of {', '.join(wanted)} after version {version}")
+        return self._append_sync(stream, events)
 
     async def commit(self, results: Sequence[tuple[str, Sequence[Event]]], tracking: Tracking | None = None,
                      apply: Callable[[], None] | None = None, verify: bool = False) -> bool:

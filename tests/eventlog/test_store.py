@@ -6,11 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import peewee
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.models import ROWS_PER_INSERT, execute
+from daemon.eventlog.models import ROWS_PER_INSERT, BaseModel, execute
 from daemon.eventlog.store import (
     SCHEMA_VERSION,
     EventLog,
@@ -264,6 +266,28 @@ async def test_decide_appends_at_the_version_it_read_and_decides_again_when_the_
     assert [r.event for r in stored] == [failed(0), failed(1), failed(2)] and position == stored[-1].position
 
 
+async def test_decide_is_not_made_again_for_events_of_types_it_does_not_read(eventlog: EventLog) -> None:
+    """An event of a type the decision does not read, landing between its read and its append, changes nothing."""
+    await eventlog.append("r", [RequestCompleted(status="failed", images=1, done=0, failed=1)])
+    seen: list[int] = []
+    original = eventlog.query
+
+    async def read_then_an_image_event_lands(fn: Any, *args: Any) -> Any:
+        result = await original(fn, *args)
+        await eventlog.append("r", [failed(len(seen))])
+        return result
+
+    def decide(records: list[RecordedEvent]) -> tuple[list[Event], None]:
+        seen.append(len(records))
+        return [RequestCompleted(status="completed", images=1, done=1, failed=0)], None
+
+    eventlog.query = read_then_an_image_event_lands  # type: ignore[method-assign]
+    await eventlog.decide("r", frozenset({"RequestCompleted"}), decide)
+    assert seen == [1]
+    assert [r.type for r in await eventlog.read_stream("r")] == [
+        "RequestCompleted", "ImageFailed", "RequestCompleted"]
+
+
 async def test_a_commit_whose_tracking_record_is_there_is_not_made_again(eventlog: EventLog) -> None:
     """A commit retried after an unknown outcome finds its tracking record and appends nothing twice."""
     tracking = Tracking("test.consumer", 0, (1,))
@@ -295,3 +319,44 @@ async def test_sqlite_durability_is_a_setting(settings: Settings, helpers: Any) 
             assert await eventlog.query(lambda: execute("PRAGMA synchronous").fetchone()[0]) == expected
         finally:
             await eventlog.close()
+
+
+class ShelfBefore(BaseModel):
+    name = peewee.CharField(primary_key=True)
+
+    class Meta:
+        table_name = "view_test_shelf"
+
+
+class ShelfAfter(BaseModel):
+    """The same view table as a newer imgpipe declares it: one nullable column more."""
+
+    name = peewee.CharField(primary_key=True)
+    score = peewee.FloatField(null=True)
+
+    class Meta:
+        table_name = "view_test_shelf"
+
+
+async def test_a_view_table_gets_the_columns_a_newer_release_added(settings: Settings) -> None:
+    """Opened with a view model that has a new nullable column, an existing table gains it and keeps its rows."""
+    def shelve(model: type[BaseModel], **row: object) -> None:
+        model.insert(**row).execute()
+
+    old = open_store(settings.database_url)
+    await old.open([ShelfBefore])
+    try:
+        await old.commit([], None, lambda: shelve(ShelfBefore, name="kept"))
+    finally:
+        await old.close()
+    with capture_logs() as logs:
+        new = open_store(settings.database_url)
+        await new.open([ShelfAfter])
+    try:
+        rows = await new.query(lambda: list(ShelfAfter.select().tuples()))
+        await new.commit([], None, lambda: shelve(ShelfAfter, name="new", score=0.5))
+        assert await new.query(lambda: sorted(ShelfAfter.select().tuples())) == [("kept", None), ("new", 0.5)]
+    finally:
+        await new.close()
+    assert rows == [("kept", None)]
+    assert [e["columns"] for e in logs if e["event"] == "view_columns_added"] == [["view_test_shelf.score"]]
