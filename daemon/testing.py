@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from PIL import Image, ImageFilter
@@ -41,6 +41,39 @@ def photo(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
     image = Image.merge("RGB", channels).filter(ImageFilter.GaussianBlur(2))
     noise = Image.effect_noise((width, height), 24 + seed % 8).convert("RGB")
     return Image.blend(image, noise, 0.18)
+
+
+def smooth_photo(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
+    """A photograph of smooth surfaces: `photo` softened (2000x2000 at quality 90: about 340 KB)."""
+    return photo(width, height, seed).filter(ImageFilter.GaussianBlur(1.2))
+
+
+def fine_grain_photo(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
+    """A photograph with fine colour grain, as from a small sensor (2000x2000 at quality 90: about 1.5 MB)."""
+    grain = Image.merge("RGB", [Image.effect_noise((width, height), 40) for _ in range(3)])
+    return Image.blend(photo(width, height, seed), grain, 0.3)
+
+
+def ssim(a: Image.Image, b: Image.Image) -> float:
+    """Mean SSIM of the two images' luma (Wang et al.; 7x7 uniform window, sample covariance, skimage's defaults)."""
+    import numpy as np  # the test extra's: only tests and the bench score images
+
+    x, y = (np.asarray(im.convert("L"), dtype=np.float64) for im in (a, b))
+    if x.shape != y.shape:
+        raise ValueError(f"sizes differ: {a.size} and {b.size}")
+    side = 7
+
+    def window_mean(plane: Any) -> Any:
+        total = np.pad(plane, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        return (total[side:, side:] - total[:-side, side:] - total[side:, :-side] + total[:-side, :-side]) / side**2
+
+    mx, my = window_mean(x), window_mean(y)
+    unbias = side**2 / (side**2 - 1)
+    vx, vy = unbias * (window_mean(x * x) - mx * mx), unbias * (window_mean(y * y) - my * my)
+    cxy = unbias * (window_mean(x * y) - mx * my)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    index = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(index.mean())
 
 
 def pipeline_settings(tmp_path: Path, **sections: dict[str, object]) -> Settings:

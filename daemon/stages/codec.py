@@ -11,11 +11,13 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from daemon.events import Compressed
+from daemon.stages import requantize
 from daemon.storage import FolderStore, ImageStore
 
 
@@ -89,8 +91,14 @@ def compress_file(source: str, images: str | ImageStore, stem: str, settings: En
     )
 
 
-def _compress(data: bytes, settings: EncodeSettings) -> tuple[bytes, str, int, int, int | None, str]:
+Outcome = tuple[bytes, str, int, int, int | None, str]
+
+
+def _compress(data: bytes, settings: EncodeSettings) -> Outcome:
     """Return (payload, format, width, height, quality, note); quality is None when the original is kept."""
+    fast = _requantized(data, settings)
+    if fast is not None:
+        return fast
     im, animated = _decode(data, settings.max_pixels)
     original_format = im.format or ""
     if animated:
@@ -105,18 +113,44 @@ def _compress(data: bytes, settings: EncodeSettings) -> tuple[bytes, str, int, i
     fmt = "WEBP" if im.mode == "RGBA" else "JPEG"
     if max(width, height) > _MAX_SIDE[fmt]:
         return data, original_format, width, height, None, f"too large for {fmt}, original kept"
-    if icc and icc[16:20] != _ICC_SPACE[im.mode]:
-        icc = None  # e.g. CMYK already converted to sRGB, whose untagged form is the web default
+    icc = _kept_icc(icc, im.mode)
+    return _smaller(data, original_format, fmt, width, height, settings,
+                    lambda quality: _encode(im, fmt, quality, settings, icc))
 
+
+def _requantized(data: bytes, settings: EncodeSettings) -> Outcome | None:
+    """The JPEG fast path (daemon.stages.requantize): what the Pillow path would give, without decoding pixels;
+    None where it does not apply."""
+    source = requantize.eligible(data, settings.max_pixels)
+    if source is None:
+        return None
+    icc = _kept_icc(source.icc, source.mode)
+    try:
+        return _smaller(data, "JPEG", "JPEG", source.width, source.height, settings,
+                        lambda quality: requantize.requantize(data, quality, settings.optimize, settings.progressive,
+                                                              settings.max_pixels, icc))
+    except requantize.RequantizeFailed:
+        return None  # damaged data: the Pillow path gives the result or error it always gave
+
+
+def _kept_icc(icc: bytes | None, mode: str) -> bytes | None:
+    if icc and icc[16:20] != _ICC_SPACE[mode]:
+        return None  # e.g. CMYK already converted to sRGB, whose untagged form is the web default
+    return icc
+
+
+def _smaller(data: bytes, original_format: str, fmt: str, width: int, height: int, settings: EncodeSettings,
+             encode: Callable[[int], bytes]) -> Outcome:
+    """The output at the quality (or the target ratio) asked for, or the original when that is not smaller."""
     note = ""
     if settings.target_ratio > 0:
         budget = settings.target_ratio * len(data)
-        payload, quality = _search_quality(im, fmt, settings, icc, budget)
+        payload, quality = _search_quality(encode, budget)
         if len(payload) > budget:
             note = TARGET_MISSED_NOTE.format(quality=quality, ratio=len(payload) / len(data))
     else:
         quality = settings.quality
-        payload = _encode(im, fmt, quality, settings, icc)
+        payload = encode(quality)
     if len(payload) >= len(data):
         return data, original_format, width, height, None, NOT_SMALLER_NOTE
     return payload, fmt, width, height, quality, note
@@ -258,16 +292,14 @@ def _encode(im: Image.Image, fmt: str, quality: int, settings: EncodeSettings, i
     return buffer.getvalue()
 
 
-def _search_quality(
-    im: Image.Image, fmt: str, settings: EncodeSettings, icc: bytes | None, budget: float
-) -> tuple[bytes, int]:
+def _search_quality(encode: Callable[[int], bytes], budget: float) -> tuple[bytes, int]:
     """Binary search for the highest quality within `budget` bytes (7 encodes at most), else the smallest output."""
     low, high = _SEARCH_MIN_QUALITY, _SEARCH_MAX_QUALITY
     best: tuple[bytes, int] | None = None
     smallest: tuple[bytes, int] | None = None
     while low <= high:
         quality = (low + high) // 2
-        payload = _encode(im, fmt, quality, settings, icc)
+        payload = encode(quality)
         if len(payload) <= budget:
             best, low = (payload, quality), quality + 1
         else:

@@ -1,0 +1,219 @@
+/* Recompress a JPEG in the DCT domain: its quantized coefficients, requantized to the tables libjpeg's
+ * jpeg_set_quality gives (those Pillow's encoder writes), entropy-coded again. No inverse or forward DCT, no
+ * colour conversion or resampling: only entropy decoding and encoding.
+ *
+ * requantize(data, quality, optimize, progressive, max_pixels, icc) -> bytes
+ * Raises JpegError (a ValueError) with libjpeg's message for anything it cannot or should not take: corrupt or
+ * truncated data (libjpeg's warnings count as errors), over max_pixels, not 8-bit YCbCr 4:2:0 or greyscale.
+ * Callers fall back to decoding, which then gives the user its own result or error. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <setjmp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jpeglib.h>
+
+#define MESSAGE_SIZE 200  /* JMSG_LENGTH_MAX, which jpeglib.h does not export */
+/* Baseline Huffman coding holds quantized AC values of at most 10 bits (and DC differences of 11): a coarser
+ * source table requantized to a finer one must not leave that range. */
+#define MAX_QUANTIZED 1023
+
+struct failure {
+    struct jpeg_error_mgr mgr;  /* first: libjpeg hands back a pointer to it */
+    jmp_buf jump;
+    char message[MESSAGE_SIZE];
+};
+
+struct job {
+    const unsigned char *data;
+    unsigned long size;
+    int quality, optimize, progressive;
+    unsigned long long max_pixels;
+    const unsigned char *icc;
+    unsigned int icc_size;
+    unsigned char *out;  /* malloc'd by jpeg_mem_dest */
+    unsigned long out_size;
+    char message[MESSAGE_SIZE];
+};
+
+static PyObject *JpegError;
+
+static void fail_at_once(j_common_ptr cinfo) {
+    struct failure *failure = (struct failure *)cinfo->err;
+    (*cinfo->err->format_message)(cinfo, failure->message);
+    longjmp(failure->jump, 1);
+}
+
+/* A warning means damaged data (a truncated file, a corrupt segment) that libjpeg would paper over with grey:
+ * treat it as an error, so the decoding path decides instead. Trace messages (level > 0) are ignored. */
+static void warning_is_failure(j_common_ptr cinfo, int level) {
+    if (level < 0) fail_at_once(cinfo);
+}
+
+static void silent(j_common_ptr cinfo) { (void)cinfo; }
+
+static void refuse(j_common_ptr cinfo, const char *reason) {
+    struct failure *failure = (struct failure *)cinfo->err;
+    snprintf(failure->message, MESSAGE_SIZE, "%s", reason);
+    longjmp(failure->jump, 1);
+}
+
+/* Only what Pillow's encoder writes itself: 8-bit, YCbCr with 2x2 luma and 1x1 chroma sampling, or greyscale. */
+static void check_eligible(j_decompress_ptr src, unsigned long long max_pixels) {
+    j_common_ptr common = (j_common_ptr)src;
+    if ((unsigned long long)src->image_width * src->image_height > max_pixels)
+        refuse(common, "image over the pixel limit");
+    if (src->data_precision != 8) refuse(common, "not an 8-bit JPEG");
+    if (src->jpeg_color_space == JCS_GRAYSCALE && src->num_components == 1) {
+        if (src->comp_info[0].h_samp_factor != 1 || src->comp_info[0].v_samp_factor != 1)
+            refuse(common, "greyscale JPEG with sampling factors");
+        return;
+    }
+    if (src->jpeg_color_space != JCS_YCbCr || src->num_components != 3)
+        refuse(common, "not a YCbCr or greyscale JPEG");
+    jpeg_component_info *c = src->comp_info;
+    if (c[0].h_samp_factor != 2 || c[0].v_samp_factor != 2 || c[1].h_samp_factor != 1 ||
+        c[1].v_samp_factor != 1 || c[2].h_samp_factor != 1 || c[2].v_samp_factor != 1)
+        refuse(common, "chroma subsampling other than 4:2:0");
+}
+
+static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, jpeg_component_info *component,
+                                 const JQUANT_TBL *old_table, const JQUANT_TBL *new_table) {
+    float factor[DCTSIZE2];
+    for (int k = 0; k < DCTSIZE2; k++)
+        factor[k] = (float)old_table->quantval[k] / (float)new_table->quantval[k];
+    for (JDIMENSION row = 0; row < component->height_in_blocks; row += component->v_samp_factor) {
+        JBLOCKARRAY rows = (*src->mem->access_virt_barray)((j_common_ptr)src, array, row,
+                                                          (JDIMENSION)component->v_samp_factor, TRUE);
+        for (int r = 0; r < component->v_samp_factor && row + r < component->height_in_blocks; r++) {
+            JBLOCKROW blocks = rows[r];
+            for (JDIMENSION b = 0; b < component->width_in_blocks; b++) {
+                JCOEF *coef = blocks[b];
+                for (int k = 0; k < DCTSIZE2; k++) {
+                    float scaled = (float)coef[k] * factor[k];
+                    int value = (int)(scaled + (scaled < 0 ? -0.5f : 0.5f));
+                    if (value > MAX_QUANTIZED) value = MAX_QUANTIZED;
+                    if (value < -MAX_QUANTIZED) value = -MAX_QUANTIZED;
+                    coef[k] = (JCOEF)value;
+                }
+            }
+        }
+    }
+}
+
+/* Pure C, without the GIL. Returns 0 with job->out set, or -1 with job->message set; frees everything else. */
+static int transcode(struct job *job) {
+    struct jpeg_decompress_struct src;
+    struct jpeg_compress_struct dst;
+    struct failure failure;
+    memset(&src, 0, sizeof src);
+    memset(&dst, 0, sizeof dst);
+    failure.message[0] = '\0';
+    src.err = dst.err = jpeg_std_error(&failure.mgr);
+    failure.mgr.error_exit = fail_at_once;
+    failure.mgr.emit_message = warning_is_failure;
+    failure.mgr.output_message = silent;
+    job->out = NULL;
+    job->out_size = 0;
+    if (setjmp(failure.jump)) {
+        /* Both structs were zeroed: destroying one never created is a no-op. */
+        jpeg_destroy_compress(&dst);
+        jpeg_destroy_decompress(&src);
+        free(job->out);
+        job->out = NULL;
+        snprintf(job->message, MESSAGE_SIZE, "%s", failure.message[0] ? failure.message : "libjpeg failed");
+        return -1;
+    }
+    jpeg_create_decompress(&src);
+    jpeg_create_compress(&dst);
+    jpeg_mem_src(&src, job->data, job->size);
+    jpeg_read_header(&src, TRUE);
+    check_eligible(&src, job->max_pixels);  /* before any coefficient is read: a bomb costs its header only */
+    jvirt_barray_ptr *arrays = jpeg_read_coefficients(&src);
+
+    jpeg_copy_critical_parameters(&src, &dst);
+    /* Table 0 for luma, 1 for chroma, as the encoder assigns them, whatever slots the source used. */
+    for (int c = 0; c < dst.num_components; c++) dst.comp_info[c].quant_tbl_no = c == 0 ? 0 : 1;
+    jpeg_set_quality(&dst, job->quality, TRUE);
+    for (int c = 0; c < src.num_components; c++) {
+        jpeg_component_info *component = &src.comp_info[c];
+        if (component->quant_table == NULL) refuse((j_common_ptr)&src, "component without a quantization table");
+        requantize_component(&src, arrays[c], component, component->quant_table,
+                             dst.quant_tbl_ptrs[dst.comp_info[c].quant_tbl_no]);
+    }
+    dst.optimize_coding = job->optimize ? TRUE : FALSE;
+    if (job->progressive) jpeg_simple_progression(&dst);
+
+    jpeg_mem_dest(&dst, &job->out, &job->out_size);
+    jpeg_write_coefficients(&dst, arrays);
+    if (job->icc != NULL) jpeg_write_icc_profile(&dst, job->icc, job->icc_size);
+    jpeg_finish_compress(&dst);
+    jpeg_finish_decompress(&src);
+    jpeg_destroy_compress(&dst);
+    jpeg_destroy_decompress(&src);
+    return 0;
+}
+
+static PyObject *requantize(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"data", "quality", "optimize", "progressive", "max_pixels", "icc", NULL};
+    Py_buffer data, icc = {0};
+    int quality, optimize = 0, progressive = 0;
+    unsigned long long max_pixels = 50000000ULL;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*i|ppKz*", keywords, &data, &quality, &optimize, &progressive,
+                                     &max_pixels, &icc))
+        return NULL;
+    PyObject *result = NULL;
+    if (quality < 1 || quality > 100) {
+        PyErr_Format(PyExc_ValueError, "quality must be 1-100, got %d", quality);
+        goto done;
+    }
+    if ((unsigned long long)data.len > (unsigned long long)(unsigned long)-1 || icc.len > 0x7fffffff) {
+        PyErr_SetString(JpegError, "input too large");
+        goto done;
+    }
+    struct job job = {
+        .data = data.buf, .size = (unsigned long)data.len, .quality = quality, .optimize = optimize,
+        .progressive = progressive, .max_pixels = max_pixels,
+        .icc = icc.buf != NULL && icc.len > 0 ? icc.buf : NULL, .icc_size = (unsigned int)icc.len,
+    };
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = transcode(&job);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        PyErr_SetString(JpegError, job.message);
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize((const char *)job.out, (Py_ssize_t)job.out_size);
+    free(job.out);
+done:
+    PyBuffer_Release(&data);
+    if (icc.obj != NULL) PyBuffer_Release(&icc);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"requantize", (PyCFunction)(void (*)(void))requantize, METH_VARARGS | METH_KEYWORDS,
+     "requantize(data, quality, optimize=False, progressive=False, max_pixels=50000000, icc=None) -> bytes"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_requantize", "JPEG recompression in the DCT domain (libjpeg-turbo).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__requantize(void) {
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL) return NULL;
+    JpegError = PyErr_NewException("daemon.stages._requantize.JpegError", PyExc_ValueError, NULL);
+    if (JpegError == NULL || PyModule_AddObjectRef(module, "JpegError", JpegError) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

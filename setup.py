@@ -1,0 +1,18 @@
+"""The optional C extension (daemon/stages/_requantize.c, the JPEG fast path); everything else is in pyproject.toml.
+
+optional=True: where it cannot be compiled (no compiler, no libjpeg headers) the install still succeeds and the
+daemon compresses every image through Pillow (daemon.stages.requantize.available() is then False)."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "daemon.stages._requantize",
+            sources=["daemon/stages/_requantize.c"],
+            libraries=["jpeg"],  # the system's libjpeg-turbo (Debian: libjpeg62-turbo-dev)
+            extra_compile_args=["-O2", "-std=c11"],
+            optional=True,
+        )
+    ]
+)
