@@ -1,0 +1,112 @@
+"""The JPEG fast path against decode + encode, per image, in this process (one core): `python -m bench.requantize`.
+
+For each kind of photo (smooth, fine grain; 2000x2000, quality 90) the two ways to quality 50 alternate for
+--rounds rounds over the same images; ms/image is the median round's mean. Also reported: mean output bytes,
+mean SSIM against the decoded original at full resolution, and how a score from reduced decodes of both files
+(libjpeg's 1/2, 1/4, 1/8 scaling, daemon.stages.requantize.reduced) compares with it, and what those decodes cost.
+Prints JSON and writes it to bench/results/requantize.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from daemon.stages import requantize
+from daemon.testing import fine_grain_photo, jpeg_bytes, smooth_photo, ssim
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS: dict[str, Callable[[int, int, int], Image.Image]] = {"smooth": smooth_photo, "fine grain": fine_grain_photo}
+SCALES = (2, 4, 8)
+
+
+def decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im
+
+
+def decode_encode(data: bytes, quality: int) -> bytes:
+    """The Pillow path's unit of work, as the bench's ceiling does it."""
+    return jpeg_bytes(decode(data), quality=quality)
+
+
+def fast_path(data: bytes, quality: int) -> bytes:
+    return requantize.requantize(data, quality, False, False, 50_000_000, None)
+
+
+def ms_per_image(method: Callable[[bytes, int], bytes], photos: list[bytes], quality: int) -> float:
+    started = time.perf_counter()
+    for data in photos:
+        method(data, quality)
+    return 1000 * (time.perf_counter() - started) / len(photos)
+
+
+def timed_ms(work: Callable[[], object], repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def compare(photos: list[bytes], quality: int, rounds: int) -> dict[str, Any]:
+    methods = {"requantize": fast_path, "decode_encode": decode_encode}
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for k in range(rounds):
+        for name in list(methods) if k % 2 == 0 else list(methods)[::-1]:
+            samples[name].append(ms_per_image(methods[name], photos, quality))
+    figures: dict[str, Any] = {"input_kb": round(statistics.mean(len(p) for p in photos) / 1000, 1)}
+    outputs = {name: [method(data, quality) for data in photos] for name, method in methods.items()}
+    for name in methods:
+        figures[name] = {
+            "ms_per_image": round(statistics.median(samples[name]), 2),
+            "kb": round(statistics.mean(len(o) for o in outputs[name]) / 1000, 1),
+            "ssim": round(statistics.mean(ssim(decode(d), decode(o)) for d, o in zip(photos, outputs[name])), 5),
+            "ssim_reduced": {f"1/{s}": round(statistics.mean(
+                ssim(requantize.reduced(d, s), requantize.reduced(o, s)) for d, o in zip(photos, outputs[name])), 5)
+                for s in SCALES},
+        }
+    figures["speed_up"] = round(figures["decode_encode"]["ms_per_image"] / figures["requantize"]["ms_per_image"], 2)
+    figures["bytes_ratio"] = round(figures["requantize"]["kb"] / figures["decode_encode"]["kb"], 4)
+    figures["ssim_difference"] = round(figures["requantize"]["ssim"] - figures["decode_encode"]["ssim"], 5)
+    output = outputs["requantize"][0]
+    figures["decode_ms"] = {"full (RGB)": round(timed_ms(lambda: decode(output)), 2)} | {
+        f"1/{s} (luma)": round(timed_ms(functools.partial(requantize.reduced, output, s)), 2) for s in SCALES}
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.requantize")
+    parser.add_argument("--photos", type=int, default=3, help="distinct photos of each kind")
+    parser.add_argument("--size", type=int, default=2000)
+    parser.add_argument("--quality", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "requantize.json"))
+    args = parser.parse_args()
+    if not requantize.built():
+        raise SystemExit("the JPEG fast path's extension is not built: nothing to compare")
+    results: dict[str, Any] = {"size": f"{args.size}x{args.size}", "quality": args.quality, "rounds": args.rounds}
+    for kind, make in KINDS.items():
+        photos = [jpeg_bytes(make(args.size, args.size, seed), quality=90) for seed in range(args.photos)]
+        results[kind] = compare(photos, args.quality, args.rounds)
+        print(f"{kind}: requantize {results[kind]['requantize']['ms_per_image']} ms, decode + encode "
+              f"{results[kind]['decode_encode']['ms_per_image']} ms", file=sys.stderr)
+    print(json.dumps(results, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
