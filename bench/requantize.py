@@ -3,7 +3,8 @@
 For each kind of photo (smooth, fine grain; 2000x2000, quality 90) the two ways to quality 50 alternate for
 --rounds rounds over the same images; ms/image is the median round's mean. Also reported: mean output bytes,
 mean SSIM against the decoded original at full resolution, and how a score from reduced decodes of both files
-(libjpeg's 1/2, 1/4, 1/8 scaling, daemon.stages.requantize.reduced) compares with it, and what those decodes cost.
+(libjpeg's 1/2, 1/4, 1/8 scaling, daemon.stages.requantize.reduced) and one from the DCT coefficients while
+requantizing (requantize_scored) compare with it, and what each costs.
 Prints JSON and writes it to bench/results/requantize.json.
 """
 
@@ -45,6 +46,10 @@ def fast_path(data: bytes, quality: int) -> bytes:
     return requantize.requantize(data, quality, False, False, 50_000_000, None)
 
 
+def fast_path_scored(data: bytes, quality: int) -> bytes:
+    return requantize.requantize_scored(data, quality, False, False, 50_000_000, None)[0]
+
+
 def ms_per_image(method: Callable[[bytes, int], bytes], photos: list[bytes], quality: int) -> float:
     started = time.perf_counter()
     for data in photos:
@@ -62,28 +67,30 @@ def timed_ms(work: Callable[[], object], repeat: int = 3) -> float:
 
 
 def compare(photos: list[bytes], quality: int, rounds: int) -> dict[str, Any]:
-    methods = {"requantize": fast_path, "decode_encode": decode_encode}
+    methods = {"requantize": fast_path, "requantize_scored": fast_path_scored, "decode_encode": decode_encode}
     samples: dict[str, list[float]] = {name: [] for name in methods}
     for k in range(rounds):
         for name in list(methods) if k % 2 == 0 else list(methods)[::-1]:
             samples[name].append(ms_per_image(methods[name], photos, quality))
     figures: dict[str, Any] = {"input_kb": round(statistics.mean(len(p) for p in photos) / 1000, 1)}
-    outputs = {name: [method(data, quality) for data in photos] for name, method in methods.items()}
-    for name in methods:
-        figures[name] = {
-            "ms_per_image": round(statistics.median(samples[name]), 2),
-            "kb": round(statistics.mean(len(o) for o in outputs[name]) / 1000, 1),
-            "ssim": round(statistics.mean(ssim(decode(d), decode(o)) for d, o in zip(photos, outputs[name])), 5),
+    figures |= {name: {"ms_per_image": round(statistics.median(times), 2)} for name, times in samples.items()}
+    outputs = {name: [methods[name](data, quality) for data in photos] for name in ("requantize", "decode_encode")}
+    for name, written in outputs.items():
+        figures[name] |= {
+            "kb": round(statistics.mean(len(o) for o in written) / 1000, 1),
+            "ssim": round(statistics.mean(ssim(decode(d), decode(o)) for d, o in zip(photos, written)), 5),
             "ssim_reduced": {f"1/{s}": round(statistics.mean(
-                ssim(requantize.reduced(d, s), requantize.reduced(o, s)) for d, o in zip(photos, outputs[name])), 5)
+                ssim(requantize.reduced(d, s), requantize.reduced(o, s)) for d, o in zip(photos, written)), 5)
                 for s in SCALES},
         }
+    figures["requantize_scored"]["ssim_from_coefficients"] = round(statistics.mean(
+        requantize.requantize_scored(d, quality, False, False, 50_000_000, None)[1] for d in photos), 5)
     figures["speed_up"] = round(figures["decode_encode"]["ms_per_image"] / figures["requantize"]["ms_per_image"], 2)
     figures["bytes_ratio"] = round(figures["requantize"]["kb"] / figures["decode_encode"]["kb"], 4)
     figures["ssim_difference"] = round(figures["requantize"]["ssim"] - figures["decode_encode"]["ssim"], 5)
-    output = outputs["requantize"][0]
-    figures["decode_ms"] = {"full (RGB)": round(timed_ms(lambda: decode(output)), 2)} | {
-        f"1/{s} (luma)": round(timed_ms(functools.partial(requantize.reduced, output, s)), 2) for s in SCALES}
+    for name, data in (("output", outputs["requantize"][0]), ("original", photos[0])):
+        figures[f"decode_{name}_ms"] = {"full (RGB)": round(timed_ms(functools.partial(decode, data)), 2)} | {
+            f"1/{s} (luma)": round(timed_ms(functools.partial(requantize.reduced, data, s)), 2) for s in SCALES}
     return figures
 
 

@@ -2,7 +2,9 @@
  * jpeg_set_quality gives (those Pillow's encoder writes), entropy-coded again. No inverse or forward DCT, no
  * colour conversion or resampling: only entropy decoding and encoding.
  *
- * requantize(data, quality, optimize, progressive, max_pixels, icc) -> bytes
+ * requantize(data, quality, optimize, progressive, max_pixels, icc, score) -> (bytes, float | None)
+ * With score, the float is the luma's SSIM between the source and its requantized self over 8x8 blocks, computed
+ * from the coefficients (see block_ssim), else None.
  * Raises JpegError (a ValueError) with libjpeg's message for anything it cannot or should not take: corrupt or
  * truncated data (libjpeg's warnings count as errors), over max_pixels, not 8-bit YCbCr 4:2:0 or greyscale.
  * Callers fall back to decoding, which then gives the user its own result or error. */
@@ -31,7 +33,9 @@ struct failure {
 struct job {
     const unsigned char *data;
     unsigned long size;
-    int quality, optimize, progressive;
+    int quality, optimize, progressive, score;
+    double ssim_sum;  /* over the luma's blocks, with score */
+    unsigned long long ssim_blocks;
     unsigned long long max_pixels;
     const unsigned char *icc;
     unsigned int icc_size;
@@ -81,26 +85,59 @@ static void check_eligible(j_decompress_ptr src, unsigned long long max_pixels) 
         refuse(common, "chroma subsampling other than 4:2:0");
 }
 
+static inline void requantize_block(JCOEF *coef, const float *factor) {
+    for (int k = 0; k < DCTSIZE2; k++) {
+        float scaled = (float)coef[k] * factor[k];
+        int value = (int)(scaled + (scaled < 0 ? -0.5f : 0.5f));
+        if (value > MAX_QUANTIZED) value = MAX_QUANTIZED;
+        if (value < -MAX_QUANTIZED) value = -MAX_QUANTIZED;
+        coef[k] = (JCOEF)value;
+    }
+}
+
+/* requantize_block, and the SSIM of the block's pixels with those decoded from its requantized coefficients,
+ * from the coefficients alone: JPEG's DCT is orthonormal, so the block's mean is DC / 8 (+128, the level shift)
+ * and its variance and covariance are the AC coefficients' sums of products / 64. Clamping to 0..255 and the
+ * decoder's rounding are not modelled. Constants as Wang et al. for 8-bit samples. */
+static inline double requantize_block_scored(JCOEF *coef, const float *factor, const float *old_step,
+                                             const float *new_step) {
+    float x[DCTSIZE2];
+    for (int k = 0; k < DCTSIZE2; k++) x[k] = (float)coef[k] * old_step[k];
+    requantize_block(coef, factor);
+    float sxx = 0, syy = 0, sxy = 0;
+#pragma omp simd reduction(+ : sxx, syy, sxy)
+    for (int k = 1; k < DCTSIZE2; k++) {  /* AC only: the DC is the mean */
+        float y = (float)coef[k] * new_step[k];
+        sxx += x[k] * x[k];
+        syy += y * y;
+        sxy += x[k] * y;
+    }
+    const double c1 = 6.5025, c2 = 58.5225;  /* (0.01 * 255)^2, (0.03 * 255)^2 */
+    double mx = x[0] / 8.0 + 128, my = coef[0] * new_step[0] / 8.0 + 128;
+    double vx = sxx / 64.0, vy = syy / 64.0, cxy = sxy / 64.0;
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2));
+}
+
 static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, jpeg_component_info *component,
-                                 const JQUANT_TBL *old_table, const JQUANT_TBL *new_table) {
-    float factor[DCTSIZE2];
-    for (int k = 0; k < DCTSIZE2; k++)
-        factor[k] = (float)old_table->quantval[k] / (float)new_table->quantval[k];
+                                 const JQUANT_TBL *old_table, const JQUANT_TBL *new_table, struct job *scored) {
+    float factor[DCTSIZE2], old_step[DCTSIZE2], new_step[DCTSIZE2];
+    for (int k = 0; k < DCTSIZE2; k++) {
+        old_step[k] = (float)old_table->quantval[k];
+        new_step[k] = (float)new_table->quantval[k];
+        factor[k] = old_step[k] / new_step[k];
+    }
     for (JDIMENSION row = 0; row < component->height_in_blocks; row += component->v_samp_factor) {
         JBLOCKARRAY rows = (*src->mem->access_virt_barray)((j_common_ptr)src, array, row,
                                                           (JDIMENSION)component->v_samp_factor, TRUE);
         for (int r = 0; r < component->v_samp_factor && row + r < component->height_in_blocks; r++) {
             JBLOCKROW blocks = rows[r];
-            for (JDIMENSION b = 0; b < component->width_in_blocks; b++) {
-                JCOEF *coef = blocks[b];
-                for (int k = 0; k < DCTSIZE2; k++) {
-                    float scaled = (float)coef[k] * factor[k];
-                    int value = (int)(scaled + (scaled < 0 ? -0.5f : 0.5f));
-                    if (value > MAX_QUANTIZED) value = MAX_QUANTIZED;
-                    if (value < -MAX_QUANTIZED) value = -MAX_QUANTIZED;
-                    coef[k] = (JCOEF)value;
-                }
+            if (scored == NULL) {
+                for (JDIMENSION b = 0; b < component->width_in_blocks; b++) requantize_block(blocks[b], factor);
+                continue;
             }
+            for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
+                scored->ssim_sum += requantize_block_scored(blocks[b], factor, old_step, new_step);
+            scored->ssim_blocks += component->width_in_blocks;
         }
     }
 }
@@ -143,7 +180,7 @@ static int transcode(struct job *job) {
         jpeg_component_info *component = &src.comp_info[c];
         if (component->quant_table == NULL) refuse((j_common_ptr)&src, "component without a quantization table");
         requantize_component(&src, arrays[c], component, component->quant_table,
-                             dst.quant_tbl_ptrs[dst.comp_info[c].quant_tbl_no]);
+                             dst.quant_tbl_ptrs[dst.comp_info[c].quant_tbl_no], job->score && c == 0 ? job : NULL);
     }
     dst.optimize_coding = job->optimize ? TRUE : FALSE;
     if (job->progressive) jpeg_simple_progression(&dst);
@@ -159,13 +196,13 @@ static int transcode(struct job *job) {
 }
 
 static PyObject *requantize(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"data", "quality", "optimize", "progressive", "max_pixels", "icc", NULL};
+    static char *keywords[] = {"data", "quality", "optimize", "progressive", "max_pixels", "icc", "score", NULL};
     Py_buffer data, icc = {0};
-    int quality, optimize = 0, progressive = 0;
+    int quality, optimize = 0, progressive = 0, score = 0;
     unsigned long long max_pixels = 50000000ULL;
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*i|ppKz*", keywords, &data, &quality, &optimize, &progressive,
-                                     &max_pixels, &icc))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*i|ppKz*p", keywords, &data, &quality, &optimize,
+                                     &progressive, &max_pixels, &icc, &score))
         return NULL;
     PyObject *result = NULL;
     if (quality < 1 || quality > 100) {
@@ -178,7 +215,7 @@ static PyObject *requantize(PyObject *module, PyObject *args, PyObject *kwargs) 
     }
     struct job job = {
         .data = data.buf, .size = (unsigned long)data.len, .quality = quality, .optimize = optimize,
-        .progressive = progressive, .max_pixels = max_pixels,
+        .progressive = progressive, .score = score, .max_pixels = max_pixels,
         .icc = icc.buf != NULL && icc.len > 0 ? icc.buf : NULL, .icc_size = (unsigned int)icc.len,
     };
     int status;
@@ -189,8 +226,14 @@ static PyObject *requantize(PyObject *module, PyObject *args, PyObject *kwargs) 
         PyErr_SetString(JpegError, job.message);
         goto done;
     }
-    result = PyBytes_FromStringAndSize((const char *)job.out, (Py_ssize_t)job.out_size);
+    PyObject *payload = PyBytes_FromStringAndSize((const char *)job.out, (Py_ssize_t)job.out_size);
     free(job.out);
+    if (payload != NULL) {
+        if (score && job.ssim_blocks > 0)
+            result = Py_BuildValue("(Nd)", payload, job.ssim_sum / (double)job.ssim_blocks);
+        else
+            result = Py_BuildValue("(NO)", payload, Py_None);
+    }
 done:
     PyBuffer_Release(&data);
     if (icc.obj != NULL) PyBuffer_Release(&icc);
@@ -199,7 +242,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"requantize", (PyCFunction)(void (*)(void))requantize, METH_VARARGS | METH_KEYWORDS,
-     "requantize(data, quality, optimize=False, progressive=False, max_pixels=50000000, icc=None) -> bytes"},
+     "requantize(data, quality, optimize=False, progressive=False, max_pixels=50000000, icc=None, score=False)"
+     " -> (bytes, float | None)"},
     {NULL, NULL, 0, NULL},
 };
 

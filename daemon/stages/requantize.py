@@ -86,9 +86,24 @@ def requantize(data: bytes, quality: int, optimize: bool, progressive: bool, max
                icc: bytes | None) -> bytes:
     """`data` recompressed at `quality` (libjpeg's standard tables scaled as jpeg_set_quality does, as Pillow's
     encoder writes them), with `icc` as its only marker besides JFIF. Raises RequantizeFailed."""
+    return _run(data, quality, optimize, progressive, max_pixels, icc, score=False)[0]
+
+
+def requantize_scored(data: bytes, quality: int, optimize: bool, progressive: bool, max_pixels: int,
+                      icc: bytes | None) -> tuple[bytes, float]:
+    """`requantize` and the luma's SSIM between `data` and the result over 8x8 blocks, computed from the DCT
+    coefficients while requantizing (no pixels decoded): a score's level differs from one with a 7x7 or Gaussian
+    window over pixels (see docs/performance.md), so compare it only with scores computed the same way."""
+    payload, score = _run(data, quality, optimize, progressive, max_pixels, icc, score=True)
+    assert score is not None
+    return payload, score
+
+
+def _run(data: bytes, quality: int, optimize: bool, progressive: bool, max_pixels: int, icc: bytes | None,
+         score: bool) -> tuple[bytes, float | None]:
     assert _requantize is not None, "requantize() needs the extension: check available() first"
     try:
-        return _requantize.requantize(data, quality, optimize, progressive, max_pixels, icc)
+        return _requantize.requantize(data, quality, optimize, progressive, max_pixels, icc, score)
     except _requantize.JpegError as exc:
         raise RequantizeFailed(str(exc)) from None
 

@@ -25,7 +25,7 @@ def main() -> int:
     ]
     for data in photos:
         for quality, optimize, progressive in ((50, False, False), (95, True, True), (5, False, True)):
-            out = requantize.requantize(data, quality, optimize, progressive, 50_000_000, icc)
+            out, _ = requantize.requantize_scored(data, quality, optimize, progressive, 50_000_000, icc)
             if not out.startswith(b"\xff\xd8") or not out.endswith(b"\xff\xd9"):
                 print("not a JPEG out", file=sys.stderr)
                 return 1

@@ -216,6 +216,20 @@ def test_bomb_refused_from_the_header(run: Run) -> None:
         run(data, settings=EncodeSettings(max_pixels=749_999))
 
 
+@pytest.mark.parametrize("kind", ["smooth", "fine grain"])
+def test_score_from_coefficients_tracks_pixel_ssim(kind: str) -> None:
+    """From quality 35 up, the score computed while requantizing is within 0.006 of SSIM over the decoded pixels."""
+    data = PHOTOS[kind]()
+    original = decoded(data)
+    scores = []
+    for quality in (35, 50, 80):
+        payload, score = requantize.requantize_scored(data, quality, False, False, 50_000_000, None)
+        assert payload == requantize.requantize(data, quality, False, False, 50_000_000, None)
+        assert abs(score - ssim(original, decoded(payload))) < 0.006
+        scores.append(score)
+    assert scores == sorted(scores) and scores[0] < scores[-1]
+
+
 @pytest.mark.parametrize("denominator", [2, 4, 8])
 def test_reduced_decode_is_scaled_luma(denominator: int) -> None:
     """A reduced decode is the luma at 1/2, 1/4 or 1/8 of the size, close to the full decode reduced."""
