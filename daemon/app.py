@@ -54,6 +54,7 @@ from daemon.storage import image_store
 from daemon.tuning import tuned
 from daemon.views.export import OutboxWriter
 from daemon.views.status import STATUS_TABLES, StatusView
+from daemon.web import before, guard, listing, page
 from daemon.webhooks import deliver, receive
 from daemon.webhooks.deliver import WebhookDelivery
 
@@ -207,7 +208,8 @@ async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
 def build_app(settings: Settings, follow: bool = True) -> web.Application:
     """The daemon; with follow=False the consumers are built but not started (tests drive them in bursts)."""
     metrics = Metrics()
-    app = web.Application(middlewares=[counting(metrics), json_errors, bearer_auth(settings.server.tokens)],
+    app = web.Application(middlewares=[counting(metrics), json_errors, bearer_auth(settings.server.tokens),
+                                       guard.request_guard(settings.public_url)],
                           client_max_size=settings.limits.max_upload_bytes + 1024 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = metrics
@@ -222,4 +224,8 @@ def build_app(settings: Settings, follow: bool = True) -> web.Application:
     deliver.add_routes(app)
     metrics_routes(app)
     openapi_routes(app)
+    page.add_routes(app)
+    listing.add_routes(app)
+    app.router.add_routes([before.original_route(CLIENT)])
+    guard.add_security_headers(app)
     return app

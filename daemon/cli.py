@@ -1,5 +1,5 @@
-"""The `imgpipe` command: run | replay | status ID | submit FILE.csv [--wait] | export [ID] | redeliver ID | retry ID |
-cancel ID | delete ID.
+"""The `imgpipe` command: run | replay | status ID | list | submit FILE.csv [--wait] | export [ID] | redeliver ID |
+retry ID | cancel ID | delete ID.
 
 Exit status: 0 done (after `submit --wait`: the request completed); 1 the daemon refused, or could not be reached;
 2 a bad configuration or command line; after `submit --wait`: 3 completed with errors, 4 failed, 5 cancelled;
@@ -129,6 +129,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if code == 200 else 1
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    """The newest requests (GET /requests) as a table, or its JSON; the command for the next page at the end."""
+    query = {k: v for k, v in (("limit", args.limit), ("status", args.status), ("before", args.before)) if v}
+    code, body = _http(_settings(args), "GET", f"/requests?{urllib.parse.urlencode(query)}")
+    if code != 200 or args.json:
+        print(json.dumps(body, indent=2, ensure_ascii=False), file=sys.stdout if code == 200 else sys.stderr)
+        return 0 if code == 200 else 1
+    rows = [("CREATED", "REQUEST", "STATUS", "DONE", "FAILED", "BYTES IN", "BYTES OUT", "SOURCE")]
+    for r in body["requests"]:  # type: ignore[attr-defined]
+        p = r["progress"]
+        rows.append((r["created_at"][:19], r["request_id"], r["status"], f"{p['done']}/{p['images']}", str(p["failed"]),
+                     str(r["compression"]["bytes_in"]), str(r["compression"]["bytes_out"]),
+                     f"{r['source']['kind']}: {r['source']['name']}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    if body["next"]:
+        print(f"more: imgpipe list --before {body['next']}")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
@@ -224,6 +245,12 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("request_id")
     status.add_argument("--json", action="store_true", help="print the daemon's JSON answer instead")
     status.set_defaults(func=cmd_status)
+    listing = sub.add_parser("list", help="print the newest requests, a page at a time")
+    listing.add_argument("--status", help="only requests in this status (completed, failed, processing...)")
+    listing.add_argument("--limit", type=int, help="requests per page (default 20, at most 100)")
+    listing.add_argument("--before", help="the cursor printed after the previous page")
+    listing.add_argument("--json", action="store_true", help="print the JSON answer")
+    listing.set_defaults(func=cmd_list)
     submit = sub.add_parser("submit", help="upload a CSV to the running daemon and print the request id")
     submit.add_argument("file")
     submit.add_argument("--wait", action="store_true", help="show progress until the request finishes, then a "

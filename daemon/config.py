@@ -78,6 +78,9 @@ class DownloadSettings:
 class CompressSettings:
     quality: int = 50
     target_ratio: float = 0.0
+    target_ssim: float = 0.0  # 0: off; else per image the lowest quality whose SSIM reaches it
+    ssim: bool = True  # score every output (SSIM on luma against its decoded original)
+    ssim_max_side: int = 512  # the luma is scored reduced to at most this many pixels a side; 0: full resolution
     optimize: bool = False
     progressive: bool = False
     workers: int = 0  # 0: one per CPU
@@ -263,6 +266,8 @@ def _check(name: str, section: Any) -> None:
         raise ConfigError(f"config key compress.quality: must be 1..95, got {section.quality}")
     if name == "compress" and not 0 <= section.target_ratio < 1:
         raise ConfigError(f"config key compress.target_ratio: must be 0 (off) or below 1, got {section.target_ratio}")
+    if name == "compress":
+        _check_targets(section)
     if name == "paths" and section.sqlite_synchronous not in ("normal", "full"):
         raise ConfigError(f"config key paths.sqlite_synchronous: must be \"normal\" or \"full\", "
                           f"got {section.sqlite_synchronous!r}")
@@ -284,6 +289,16 @@ def _check(name: str, section: Any) -> None:
         _check_storage(section)
     if name == "webhooks" and section.max_payload_bytes < 1:
         raise ConfigError(f"config key webhooks.max_payload_bytes: must be at least 1, got {section.max_payload_bytes}")
+
+
+def _check_targets(compress: CompressSettings) -> None:
+    if not 0 <= compress.target_ssim <= 1:
+        raise ConfigError(f"config key compress.target_ssim: must be 0 (off) or up to 1, got {compress.target_ssim}")
+    if compress.target_ssim and compress.target_ratio:
+        raise ConfigError("config keys compress.target_ssim and compress.target_ratio: set one or the other; each "
+                          "chooses the quality of every image by itself")
+    if compress.target_ssim and not compress.ssim:
+        raise ConfigError("config key compress.target_ssim: needs compress.ssim = true (the target is a score)")
 
 
 def _check_storage(storage: StorageSettings) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 
@@ -126,6 +126,9 @@ class Compressed:
     kept_original: bool
     quality: int | None
     note: str
+    # SSIM against the decoded original (daemon.stages.similarity); None: not scored. Keyword-only, so that the
+    # image's own fields may follow it, and defaulted, so that events recorded before it decode.
+    ssim: float | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)

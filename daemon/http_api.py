@@ -18,7 +18,7 @@ from daemon.diskspace import DiskSpace, is_disk_full
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.store import DatabaseAway, EventLog
 from daemon.storage import ImageStore, ObjectStore, StoreUnavailable, content_type
-from daemon.views.export import FINISHED, export_rows, finished_request_ids, to_csv
+from daemon.views.export import EXTRA_COLUMNS, FINISHED, export_rows, finished_request_ids, to_csv
 from daemon.views.status import Page, StatusView, request_status
 
 log = structlog.get_logger("http")
@@ -85,7 +85,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         raise json_error(web.HTTPInternalServerError, "internal_error", "unexpected error; see the daemon's log") from None
 
 
-OPEN_PATHS = frozenset({"/healthz"})
+# The page and its files hold no data: the page asks for the token and sends it with every API call.
+OPEN_PATHS = frozenset({"/healthz", "/", "/ui/page.js", "/ui/page.css"})
 
 
 def bearer_auth(tokens: tuple[str, ...]) -> Middleware:
@@ -190,11 +191,24 @@ def csv_response(data: bytes, filename: str) -> web.Response:
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
+def export_columns(request: web.Request) -> tuple[str, ...]:
+    """The columns `?columns=ssim,quality` adds to an export, in its order; 400 naming an unknown or repeated one."""
+    value = request.query.get("columns", "")
+    columns = tuple(c.strip() for c in value.split(",") if c.strip())
+    for i, column in enumerate(columns):
+        if column not in EXTRA_COLUMNS or column in columns[:i]:
+            reason = "is named twice" if column in EXTRA_COLUMNS else "is not a column"
+            raise json_error(web.HTTPBadRequest, "invalid_parameter", f"columns: {column!r} {reason}; the columns "
+                             f"an export can add are {', '.join(EXTRA_COLUMNS)}", field="columns")
+    return columns
+
+
 async def export_all(request: web.Request) -> web.Response:
     settings, eventlog = request.app[SETTINGS], request.app[EVENTLOG]
+    extra = export_columns(request)
 
     def csv_bytes() -> bytes:  # on a reader thread, like every large body
-        return to_csv(export_rows(finished_request_ids(), settings.images_url)).encode("utf-8")
+        return to_csv(export_rows(finished_request_ids(), settings.images_url, extra), extra).encode("utf-8")
 
     return csv_response(await eventlog.query(csv_bytes), "export.csv")
 
@@ -203,6 +217,7 @@ async def export_one(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     structlog.contextvars.bind_contextvars(request_id=request_id)
     settings, eventlog = request.app[SETTINGS], request.app[EVENTLOG]
+    extra = export_columns(request)
     body = await eventlog.query(request_status, request_id, settings.public_url, False)
     if body is None:
         raise json_error(web.HTTPNotFound, "unknown_request", f"no request with id {request_id!r}")
@@ -211,7 +226,7 @@ async def export_one(request: web.Request) -> web.Response:
                          status=body["status"], progress=body["progress"])
 
     def csv_bytes() -> bytes:
-        return to_csv(export_rows([request_id], settings.images_url)).encode("utf-8")
+        return to_csv(export_rows([request_id], settings.images_url, extra), extra).encode("utf-8")
 
     return csv_response(await eventlog.query(csv_bytes), f"{request_id}.csv")
 

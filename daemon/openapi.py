@@ -49,7 +49,10 @@ SCHEMAS: dict[str, Schema] = {
     "Image": obj({"input_url": STRING, "status": {"enum": IMAGE_STATES}, "output_url": nullable("string"),
                   "bytes_in": nullable("integer"), "bytes_out": nullable("integer"), "width": nullable("integer"),
                   "height": nullable("integer"), "format": nullable("string"), "attempts": nullable("integer"),
-                  "note": nullable("string"), "error": nullable("string")}),
+                  "quality": nullable("integer"), "ssim": nullable("number"), "note": nullable("string"),
+                  "error": nullable("string")}),
+    "Compression": obj({"bytes_in": INTEGER, "bytes_out": INTEGER, "bytes_saved": INTEGER, "scored": INTEGER,
+                        "ssim_mean": nullable("number"), "ssim_lowest": nullable("number")}),
     "Product": obj({"serial": STRING, "product_name": STRING, "images": {"type": "array", "items": ref("Image")}}),
     "Attempt": obj({"attempt": INTEGER, "outcome": {"enum": ["delivered", "retrying", "failed", "gone"]},
                     "status_code": nullable("integer"), "error": nullable("string"), "latency_ms": NUMBER,
@@ -62,7 +65,7 @@ SCHEMAS: dict[str, Schema] = {
         "request_id": STRING, "status": {"enum": REQUEST_STATES},
         "source": obj({"kind": {"enum": ["upload", "inbox"]}, "name": STRING}),
         "created_at": STRING, "updated_at": STRING, "completed_at": nullable("string"), "progress": ref("Progress"),
-        "status_url": STRING, "webhooks": {"type": "array", "items": ref("Delivery")},
+        "compression": ref("Compression"), "status_url": STRING, "webhooks": {"type": "array", "items": ref("Delivery")},
         "notifications": {"type": "array", "items": ref("Notification")},
     }, {
         "products": {"type": "array", "items": ref("Product")},
@@ -70,6 +73,13 @@ SCHEMAS: dict[str, Schema] = {
                      "next": nullable("string")}),
     }),
     "Health": obj({"status": {"enum": ["ok", "degraded"]}}, {"reasons": {"type": "array", "items": STRING}}),
+    "Summary": obj({
+        "request_id": STRING, "status": {"enum": REQUEST_STATES},
+        "source": obj({"kind": {"enum": ["upload", "inbox"]}, "name": STRING}),
+        "created_at": STRING, "updated_at": STRING, "completed_at": nullable("string"), "progress": ref("Progress"),
+        "compression": ref("Compression"), "status_url": STRING,
+    }),
+    "RequestList": obj({"requests": {"type": "array", "items": ref("Summary")}, "next": nullable("string")}),
 }
 
 
@@ -134,6 +144,8 @@ NOTIFICATION = {"anyOf": [
      "not": obj({"type": {"const": "request.completed"}}), "title": "the classic notification"},
 ]}
 FLAG = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}
+COLUMNS = query("columns", STRING, "columns to add after `Output Image Urls`, comma-separated: `ssim`, `quality`")
+COLUMNS_REFUSED = error("`invalid_parameter`: `columns` names an unknown column or one twice")
 
 PATHS: dict[str, dict[str, Schema]] = {
     "/upload": {"post": operation(
@@ -170,12 +182,12 @@ PATHS: dict[str, dict[str, Schema]] = {
                     query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}, "products in a page")])},
     "/export": {"get": operation(
         "exportAll", "The output CSV of every finished request",
-        {200: answer("the CSV, as an attachment", STRING, CSV)})},
+        {200: answer("the CSV, as an attachment", STRING, CSV), 400: COLUMNS_REFUSED}, parameters=[COLUMNS])},
     "/export/{request_id}": {"get": operation(
         "exportRequest", "The output CSV of one finished request",
-        {200: answer("the CSV, as an attachment", STRING, CSV), 404: NOT_FOUND,
+        {200: answer("the CSV, as an attachment", STRING, CSV), 400: COLUMNS_REFUSED, 404: NOT_FOUND,
          409: error("`not_finished`: the request still runs (with `status` and `progress`)", "NotFinished")},
-        parameters=[REQUEST_ID])},
+        parameters=[REQUEST_ID, COLUMNS])},
     "/images/{name}": {"get": operation(
         "getImage", "A compressed image",
         {200: answer("the image", {"type": "string", "contentMediaType": "image/*"}, "image/*"),
@@ -217,6 +229,36 @@ PATHS: dict[str, dict[str, Schema]] = {
         parameters=[{"name": header, "in": "header", "required": False, "schema": STRING}
                     for header in ("webhook-id", "webhook-timestamp", "webhook-signature")],
         body={"required": True, "content": {JSON: {"schema": NOTIFICATION}}})},
+    "/requests": {"get": operation(
+        "listRequests", "The newest requests first, a page at a time, with their progress and sizes",
+        {200: answer("one page; `next` is the cursor of the next (null after the last)", ref("RequestList")),
+         400: error("`invalid_parameter`: `limit`, `status` or `before` is not a valid value (named in `field`)")},
+        parameters=[query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "requests in a page (20)"),
+                    query("status", {"enum": REQUEST_STATES}, "only requests in this status"),
+                    query("before", STRING, "the `next` cursor of the previous page")])},
+    "/events": {"get": operation(
+        "requestEvents", "Server-sent events: a request's summary (`event: request`, as in GET /requests) whenever "
+        "it changes, `event: deleted` when it is gone; the stream does not end by itself",
+        {200: answer("the event stream", STRING, "text/event-stream")}, database=False)},
+    "/requests/{request_id}/images/{product}/{index}/original": {"get": operation(
+        "getOriginal", "An image before compression, fetched from its origin now under the download rules",
+        {200: answer("the image as the origin serves it", {"type": "string", "contentMediaType": "image/*"},
+                     "image/*"),
+         403: error("`original_refused`: its address is one downloads refuse (`[network]`)"),
+         404: error("`unknown_image`: no such request, product or image"),
+         502: error("`original_unavailable`: the origin failed or timed out, or the image is over "
+                    "`download.max_bytes`")},
+        parameters=[REQUEST_ID, *({"name": name, "in": "path", "required": True,
+                                   "schema": {"type": "integer", "minimum": 0}, "description": f"the {name}, "
+                                   "0-based, as in GET /status"} for name in ("product", "index"))])},
+    "/": {"get": operation(
+        "page", "The page: upload, requests with live progress, a request's images, before/after",
+        {200: answer("the page", STRING, "text/html")}, token=False, database=False)},
+    "/ui/page.js": {"get": operation(
+        "pageScript", "The page's script", {200: answer("JavaScript", STRING, "text/javascript")},
+        token=False, database=False)},
+    "/ui/page.css": {"get": operation(
+        "pageStyle", "The page's style sheet", {200: answer("CSS", STRING, "text/css")}, token=False, database=False)},
     "/healthz": {"get": operation(
         "health", "Whether the daemon runs, and what its work waits for",
         {200: answer("`ok`, or `degraded` with reasons", ref("Health"))}, token=False, database=False)},
@@ -226,6 +268,16 @@ PATHS: dict[str, dict[str, Schema]] = {
     "/openapi.json": {"get": operation(
         "openapi", "This description", {200: answer("OpenAPI 3.1", {"type": "object"})}, database=False)},
 }
+
+# What the browser guard (daemon/web/guard.py) answers before any handler: a Host not the daemon's own (every path
+# but /healthz), a write from another site.
+MISDIRECTED = error("`unknown_host`: the `Host` header names another site (DNS rebinding)")
+CROSS_SITE = error("`cross_site_request`: `Origin` or `Sec-Fetch-Site` says another website sent it")
+for _path, _operations in PATHS.items():
+    for _method, _operation in _operations.items():
+        _guarded = {**({"421": MISDIRECTED} if _path != "/healthz" else {}),
+                    **({"403": CROSS_SITE} if _method in ("post", "put", "patch", "delete") else {})}
+        _operation["responses"] = dict(sorted({**_guarded, **_operation["responses"]}.items()))
 
 DESCRIPTION: Schema = {
     "openapi": "3.1.0",

@@ -19,13 +19,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
+import numpy as np
 from aiohttp import web
 from PIL import Image, ImageFilter
 
 from daemon.config import Settings, load_settings, replace
 from daemon.eventlog.follower import run_until_idle
+from daemon.stages import similarity
 
 T = TypeVar("T")
 
@@ -55,25 +57,8 @@ def fine_grain_photo(width: int = 640, height: int = 480, seed: int = 0) -> Imag
 
 
 def ssim(a: Image.Image, b: Image.Image) -> float:
-    """Mean SSIM of the two images' luma (Wang et al.; 7x7 uniform window, sample covariance, skimage's defaults)."""
-    import numpy as np  # the test extra's: only tests and the bench score images
-
-    x, y = (np.asarray(im.convert("L"), dtype=np.float64) for im in (a, b))
-    if x.shape != y.shape:
-        raise ValueError(f"sizes differ: {a.size} and {b.size}")
-    side = 7
-
-    def window_mean(plane: Any) -> Any:
-        total = np.pad(plane, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-        return (total[side:, side:] - total[:-side, side:] - total[side:, :-side] + total[:-side, :-side]) / side**2
-
-    mx, my = window_mean(x), window_mean(y)
-    unbias = side**2 / (side**2 - 1)
-    vx, vy = unbias * (window_mean(x * x) - mx * mx), unbias * (window_mean(y * y) - my * my)
-    cxy = unbias * (window_mean(x * y) - mx * my)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    index = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return float(index.mean())
+    """The score's SSIM (daemon.stages.similarity) of two images' luma at full resolution."""
+    return similarity.ssim(np.asarray(similarity.luma(a)), np.asarray(similarity.luma(b)))
 
 
 def pipeline_settings(tmp_path: Path, **sections: dict[str, object]) -> Settings:

@@ -242,3 +242,17 @@ def test_sqlite_durability_takes_normal_or_full() -> None:
     assert load_settings(None, env={"IMGPIPE_PATHS_SQLITE_SYNCHRONOUS": "full"}).paths.sqlite_synchronous == "full"
     with pytest.raises(ConfigError, match='paths.sqlite_synchronous: must be "normal" or "full", got \'off\''):
         load_settings(None, env={"IMGPIPE_PATHS_SQLITE_SYNCHRONOUS": "off"})
+
+
+def test_quality_targets_are_one_or_the_other(tmp_path: Path, helpers: Any) -> None:
+    """target_ssim takes 0..1 and a score to aim at; with target_ratio also set `imgpipe run` refuses to start."""
+    assert load_settings(None, env={"IMGPIPE_COMPRESS_TARGET_SSIM": "0.95"}).compress.target_ssim == 0.95
+    with pytest.raises(ConfigError, match=r"compress.target_ssim: must be 0 \(off\) or up to 1, got 1.5"):
+        load_settings(None, env={"IMGPIPE_COMPRESS_TARGET_SSIM": "1.5"})
+    with pytest.raises(ConfigError, match=r"compress.target_ssim: needs compress.ssim = true"):
+        load_settings(None, env={"IMGPIPE_COMPRESS_TARGET_SSIM": "0.9", "IMGPIPE_COMPRESS_SSIM": "false"})
+    path = write(tmp_path, "[compress]\ntarget_ssim = 0.95\ntarget_ratio = 0.5\n")
+    result = helpers.run_imgpipe("--config", str(path), "run", cwd=tmp_path, timeout=30)
+    assert result.returncode != 0
+    assert "compress.target_ssim and compress.target_ratio: set one or the other" in result.stderr
+    assert "Traceback" not in result.stderr

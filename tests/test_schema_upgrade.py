@@ -33,3 +33,10 @@ async def test_a_database_from_the_previous_release_is_upgraded_and_works(tmp_pa
     assert helpers.query(settings, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
     assert [(e["from_version"], e["to_version"]) for e in logs if e["event"] == "schema_upgraded"] == [
         (1, SCHEMA_VERSION)]
+    # Its view tables get the columns added since; images compressed before were not scored.
+    assert [e["columns"] for e in logs if e["event"] == "view_columns_added"] == [
+        ["view_status_images.quality", "view_status_images.ssim"]]
+    images = [image for product in status["products"] for image in product["images"]]
+    assert [(image["status"], image["ssim"]) for image in images] == [
+        ("compressed", None), ("failed", None), ("compressed", None)]
+    assert status["compression"]["scored"] == 0 and status["compression"]["ssim_mean"] is None

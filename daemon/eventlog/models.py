@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import peewee
+from playhouse.migrate import SchemaMigrator, migrate
 
 # Bound to the real database by the store's backend; view tables share it.
 database = peewee.DatabaseProxy()
@@ -48,3 +49,19 @@ class BaseModel(peewee.Model):
     class Meta:
         database = database
         legacy_table_names = False
+
+
+def add_missing_columns(tables: Sequence[type[peewee.Model]]) -> list[str]:
+    """Add the columns a newer imgpipe gave a view table to the table an older one made; returns them as
+    table.column. Such columns are nullable: the rows folded before them have nothing to say there."""
+    migrator = SchemaMigrator.from_database(database.obj)
+    added: list[str] = []
+    for table in tables:
+        name = table._meta.table_name
+        cursor = database.execute_sql(f'SELECT * FROM "{name}" WHERE 1 = 0')
+        existing = {column[0] for column in cursor.description}
+        missing = [f for f in table._meta.sorted_fields if f.column_name not in existing]
+        if missing:
+            migrate(*(migrator.add_column(name, f.column_name, f) for f in missing))
+            added += [f"{name}.{f.column_name}" for f in missing]
+    return added

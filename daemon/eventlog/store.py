@@ -29,7 +29,7 @@ import peewee
 import structlog
 
 from daemon.diskspace import DiskSpace, is_disk_full
-from daemon.eventlog.models import database, execute, insert_rows, placeholders
+from daemon.eventlog.models import add_missing_columns, database, execute, insert_rows, placeholders
 from daemon.events import Event, decode
 from daemon.instance import is_postgresql, without_password
 
@@ -186,6 +186,8 @@ class EventLog:
             with self.db.atomic():
                 self.backend.create_schema()
                 self.db.create_tables(list(view_tables), safe=True)
+                if added := add_missing_columns(list(view_tables)):
+                    log.info("view_columns_added", columns=added)
             return int(execute("SELECT MAX(position) FROM events").fetchone()[0] or 0)
 
         self.head = await self._on(self._writer, create)

@@ -6,18 +6,21 @@ picklable values (str paths, frozen dataclasses). No asyncio; the only network i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import math
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from daemon.events import Compressed
 from daemon.stages import requantize
+from daemon.stages.similarity import Reference, reduction
 from daemon.storage import FolderStore, ImageStore
 
 
@@ -25,6 +28,9 @@ from daemon.storage import FolderStore, ImageStore
 class EncodeSettings:
     quality: int = 50
     target_ratio: float = 0.0  # 0 = off; else output at most this share of the input bytes
+    target_ssim: float = 0.0  # 0 = off; else the lowest quality whose score reaches it
+    ssim: bool = True  # score each output against its decoded original (daemon.stages.similarity)
+    ssim_max_side: int = 512  # the luma is scored reduced to at most this many pixels a side; 0 = full resolution
     optimize: bool = False
     progressive: bool = False
     max_pixels: int = 50_000_000
@@ -38,9 +44,11 @@ class BodyGone(Exception):
     """The downloaded body to compress is not on disk any more (removed by hand, or its folder with it)."""
 
 
-ANIMATED_NOTE = "animated image kept as is"
+ANIMATED_NOTE = "animated image kept as is (not scored)"
 NOT_SMALLER_NOTE = "re-encoded output was not smaller"
 TARGET_MISSED_NOTE = "target ratio not reachable: the smallest output (quality {quality}) is {ratio:.2f} of the input"
+TARGET_SSIM_MISSED_NOTE = "target SSIM {target} not reachable: quality {quality} scores {score:.4f}"
+ORIGINAL_KEPT = "; it was not smaller, so the original is kept"
 
 _SEARCH_MIN_QUALITY = 5
 _SEARCH_MAX_QUALITY = 95
@@ -75,7 +83,7 @@ def compress_file(source: str, images: str | ImageStore, stem: str, settings: En
             data = f.read()
     except FileNotFoundError:
         raise BodyGone(source) from None
-    payload, fmt, width, height, quality, note = _compress(data, settings)
+    payload, fmt, width, height, quality, note, score = _compress(data, settings)
     name = stem + _extension(fmt)
     (FolderStore(images) if isinstance(images, str) else images).write(name, payload)
     return Compressed(
@@ -88,22 +96,25 @@ def compress_file(source: str, images: str | ImageStore, stem: str, settings: En
         kept_original=quality is None,
         quality=quality,
         note=note,
+        ssim=None if score is None else round(score, 5),
     )
 
 
-Outcome = tuple[bytes, str, int, int, int | None, str]
+Outcome = tuple[bytes, str, int, int, int | None, str, float | None]
 
 
 def _compress(data: bytes, settings: EncodeSettings) -> Outcome:
-    """Return (payload, format, width, height, quality, note); quality is None when the original is kept."""
+    """Return (payload, format, width, height, quality, note, score); quality is None when the original is kept,
+    score None when the image was not scored."""
     fast = _requantized(data, settings)
     if fast is not None:
         return fast
+    kept = 1.0 if settings.ssim else None  # the original's own pixels: identical
     im, animated = _decode(data, settings.max_pixels)
     original_format = im.format or ""
     if animated:
         width, height = _upright_size(im)
-        return data, original_format, width, height, None, ANIMATED_NOTE
+        return data, original_format, width, height, None, ANIMATED_NOTE, None
     width, height = im.size
     icc = im.info.get("icc_profile")
     try:
@@ -112,10 +123,12 @@ def _compress(data: bytes, settings: EncodeSettings) -> Outcome:
         raise ImageRejected(f"unsupported image ({original_format} {im.mode}): {_describe(exc)}") from None
     fmt = "WEBP" if im.mode == "RGBA" else "JPEG"
     if max(width, height) > _MAX_SIDE[fmt]:
-        return data, original_format, width, height, None, f"too large for {fmt}, original kept"
+        return data, original_format, width, height, None, f"too large for {fmt}, original kept", kept
     icc = _kept_icc(icc, im.mode)
-    return _smaller(data, original_format, fmt, width, height, settings,
-                    lambda quality: _encode(im, fmt, quality, settings, icc))
+    # Scored against the normalised pixels, the ones the encoder was given (already decoded: no second decode).
+    reference = Reference(im, settings.ssim_max_side) if settings.ssim or settings.target_ssim else None
+    return _chosen(data, original_format, fmt, width, height, settings, reference,
+                   lambda quality: _encode(im, fmt, quality, settings, icc))
 
 
 def _requantized(data: bytes, settings: EncodeSettings) -> Outcome | None:
@@ -126,11 +139,20 @@ def _requantized(data: bytes, settings: EncodeSettings) -> Outcome | None:
         return None
     icc = _kept_icc(source.icc, source.mode)
     try:
-        return _smaller(data, "JPEG", "JPEG", source.width, source.height, settings,
-                        lambda quality: requantize.requantize(data, quality, settings.optimize, settings.progressive,
-                                                              settings.max_pixels, icc))
+        # Scored against the original decoded as reduced as the score is (its pixels are never decoded in full).
+        reference = _jpeg_reference(data, (source.width, source.height), settings.ssim_max_side) \
+            if settings.ssim or settings.target_ssim else None
+        return _chosen(data, "JPEG", "JPEG", source.width, source.height, settings, reference,
+                       lambda quality: requantize.requantize(data, quality, settings.optimize, settings.progressive,
+                                                             settings.max_pixels, icc))
     except requantize.RequantizeFailed:
         return None  # damaged data: the Pillow path gives the result or error it always gave
+
+
+def _jpeg_reference(data: bytes, size: tuple[int, int], max_side: int) -> Reference:
+    factor = reduction(size, max_side)
+    with _pixel_limit(None):  # within ours: eligible() checked the size
+        return Reference(requantize.reduced(data, math.gcd(factor or 1, 8)), max_side, size)
 
 
 def _kept_icc(icc: bytes | None, mode: str) -> bytes | None:
@@ -139,21 +161,43 @@ def _kept_icc(icc: bytes | None, mode: str) -> bytes | None:
     return icc
 
 
-def _smaller(data: bytes, original_format: str, fmt: str, width: int, height: int, settings: EncodeSettings,
-             encode: Callable[[int], bytes]) -> Outcome:
-    """The output at the quality (or the target ratio) asked for, or the original when that is not smaller."""
+def _chosen(data: bytes, original_format: str, fmt: str, width: int, height: int, settings: EncodeSettings,
+            reference: Reference | None, encode_payload: Callable[[int], bytes]) -> Outcome:
+    """The encode the settings ask for (a quality, a target ratio or SSIM), scored, or the original when that
+    is not smaller."""
+    kept = 1.0 if settings.ssim else None
+
+    def score(payload: bytes) -> float | None:
+        return reference.score(decoded_output(payload, reference)) if reference else None
+
+    def encode(quality: int) -> Encoded:
+        return Encoded(quality, encode_payload(quality), None)
+
+    def encode_scored(quality: int) -> Encoded:
+        payload = encode_payload(quality)
+        return Encoded(quality, payload, score(payload))
+
     note = ""
+    aiming = settings.target_ssim > 0 and reference is not None and reference.factor is not None
     if settings.target_ratio > 0:
         budget = settings.target_ratio * len(data)
-        payload, quality = _search_quality(encode, budget)
-        if len(payload) > budget:
-            note = TARGET_MISSED_NOTE.format(quality=quality, ratio=len(payload) / len(data))
+        found, met = _search_quality(encode, lambda e: len(e.payload) <= budget, lowest=False,
+                                     closeness=lambda e: -len(e.payload))
+        if not met:
+            note = TARGET_MISSED_NOTE.format(quality=found.quality, ratio=len(found.payload) / len(data))
+    elif aiming:
+        target = settings.target_ssim
+        found, met = _search_quality(encode_scored, lambda e: e.score is not None and e.score >= target,
+                                     lowest=True, closeness=lambda e: e.quality)  # none does: quality 95, as documented
+        if not met:
+            note = TARGET_SSIM_MISSED_NOTE.format(target=target, quality=found.quality, score=found.score)
     else:
-        quality = settings.quality
-        payload = encode(quality)
-    if len(payload) >= len(data):
-        return data, original_format, width, height, None, NOT_SMALLER_NOTE
-    return payload, fmt, width, height, quality, note
+        found = encode(settings.quality)
+    if len(found.payload) >= len(data):
+        return data, original_format, width, height, None, note + ORIGINAL_KEPT if note else NOT_SMALLER_NOTE, kept
+    # Scored once the output is chosen: an encode that is not kept costs no score (target_ssim's scored them all).
+    final = found.score if aiming else score(found.payload) if settings.ssim else None
+    return found.payload, fmt, width, height, found.quality, note, final
 
 
 def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, bool]:
@@ -162,19 +206,37 @@ def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, bool]:
         raise ImageRejected("empty body (0 bytes)")
     # Pillow's own check, at our limit and as an error rather than a warning: it runs as soon as a size is read,
     # also for pictures a format decodes while the file is opened (an ICO holding a huge PNG), where no check of
-    # ours after Image.open would come in time. Restored after, so the rest of the process keeps its own limit.
-    previous_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # ours after Image.open would come in time.
     try:
-        with warnings.catch_warnings():
+        with _pixel_limit(max_pixels), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return _decode_within_limit(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         found = _BOMB_PIXELS.search(str(exc))
         size = f"{int(found.group(1)):,} pixels" if found else "the picture"
         raise ImageRejected(f"image too large: {size} exceeds the limit of {max_pixels:,}") from None
+
+
+@contextlib.contextmanager
+def _pixel_limit(pixels: int | None) -> Iterator[None]:
+    """Pillow's process-wide limit set to ours for a while, then restored: the rest of the process keeps its own."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = pixels
+    try:
+        yield
     finally:
-        Image.MAX_IMAGE_PIXELS = previous_limit
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def decoded_output(payload: bytes, reference: Reference) -> Image.Image:
+    """Our own encode decoded for scoring, a JPEG as its luma plane only (no chroma upsampling or colour
+    conversion) and reduced by the decoder where the score is. No pixel limit: its pixels were decoded within
+    ours already."""
+    with _pixel_limit(None), Image.open(io.BytesIO(payload)) as encoded:
+        if encoded.format == "JPEG":
+            encoded.draft("L", reference.draft_size)
+        encoded.load()
+        return encoded
 
 
 def _decode_within_limit(data: bytes) -> tuple[Image.Image, bool]:
@@ -292,23 +354,37 @@ def _encode(im: Image.Image, fmt: str, quality: int, settings: EncodeSettings, i
     return buffer.getvalue()
 
 
-def _search_quality(encode: Callable[[int], bytes], budget: float) -> tuple[bytes, int]:
-    """Binary search for the highest quality within `budget` bytes (7 encodes at most), else the smallest output."""
+@dataclass(frozen=True)
+class Encoded:
+    """One encode tried: its quality, bytes and score (None when not scored)."""
+
+    quality: int
+    payload: bytes
+    score: float | None
+
+
+def _search_quality(encode: Callable[[int], Encoded], meets: Callable[[Encoded], bool], lowest: bool,
+                    closeness: Callable[[Encoded], float]) -> tuple[Encoded, bool]:
+    """Binary search over quality 5..95 (7 encodes at most) for the lowest (or highest) quality whose encode meets a
+    target that a higher quality meets more easily (or less easily). Returns (that encode, True), or, when none
+    meets it, (the encode tried that came closest, False)."""
     low, high = _SEARCH_MIN_QUALITY, _SEARCH_MAX_QUALITY
-    best: tuple[bytes, int] | None = None
-    smallest: tuple[bytes, int] | None = None
+    best: Encoded | None = None
+    closest: Encoded | None = None
     while low <= high:
         quality = (low + high) // 2
-        payload = encode(quality)
-        if len(payload) <= budget:
-            best, low = (payload, quality), quality + 1
+        encoded = encode(quality)
+        if meets(encoded):
+            best = encoded
+            low, high = (low, quality - 1) if lowest else (quality + 1, high)
         else:
-            if smallest is None or len(payload) < len(smallest[0]):
-                smallest = (payload, quality)
-            high = quality - 1
-    result = best or smallest
-    assert result is not None
-    return result
+            if closest is None or closeness(encoded) > closeness(closest):
+                closest = encoded
+            low, high = (quality + 1, high) if lowest else (low, quality - 1)
+    if best is not None:
+        return best, True
+    assert closest is not None
+    return closest, False
 
 
 def _upright_size(im: Image.Image) -> tuple[int, int]:

@@ -110,11 +110,16 @@ def _run(data: bytes, quality: int, optimize: bool, progressive: bool, max_pixel
 
 def reduced(data: bytes, denominator: int, mode: str = "L") -> Image.Image:
     """A JPEG decoded at 1/denominator of its size (2, 4 or 8) by libjpeg's scaled IDCT (Pillow's draft mode):
-    a fraction of a full decode's cost, for scoring an output the fast path never decoded."""
+    a fraction of a full decode's cost, for scoring what the fast path never decodes. Raises RequantizeFailed."""
     if denominator not in (1, 2, 4, 8):
         raise ValueError(f"libjpeg scales by 1/1, 1/2, 1/4 or 1/8, not 1/{denominator}")
-    im = Image.open(io.BytesIO(data))
-    width, height = im.size
-    im.draft(mode, (max(1, width // denominator), max(1, height // denominator)))
-    im.load()
+    try:
+        im = Image.open(io.BytesIO(data))
+        width, height = im.size
+        im.draft(mode, (max(1, width // denominator), max(1, height // denominator)))
+        im.load()
+    except (MemoryError, Image.DecompressionBombError):
+        raise
+    except Exception as exc:  # Pillow raises many types on damaged data
+        raise RequantizeFailed(f"{type(exc).__name__}: {exc}") from None
     return im if im.mode == mode else im.convert(mode)

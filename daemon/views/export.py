@@ -21,6 +21,8 @@ from daemon.views.status import StatusImage, StatusRequest, image_url
 log = structlog.get_logger("export")
 
 HEADER = ("S. No.", "Product Name", "Input Image Urls", "Output Image Urls")
+# Columns an export adds only when asked (?columns=), each image's value in input order like the output URLs.
+EXTRA_COLUMNS = {"ssim": "SSIM", "quality": "Quality"}
 FINISHED = ("completed", "completed_with_errors", "failed", "cancelled")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -36,29 +38,37 @@ class ExportImage(NamedTuple):
     product_name: str
     input_url: str
     output_name: str | None
+    ssim: float | None = None
+    quality: int | None = None
 
 
-Row = tuple[str, str, str, str]
+Row = tuple[str, ...]
 
 
-def rows_from_images(images: Iterable[ExportImage], images_url: str) -> list[Row]:
-    """One row per product, output URLs in input order; a failed image keeps its place, empty."""
+def rows_from_images(images: Iterable[ExportImage], images_url: str, extra: Sequence[str] = ()) -> list[Row]:
+    """One row per product, output URLs in input order; a failed image keeps its place, empty. `extra` names
+    EXTRA_COLUMNS to add, filled the same way."""
     rows: list[Row] = []
     for _, group in itertools.groupby(images, key=lambda i: i.product):
         product = list(group)
         rows.append((product[0].serial, product[0].product_name, ",".join(i.input_url for i in product),
-                     ",".join(image_url(images_url, i.output_name) or "" for i in product)))
+                     ",".join(image_url(images_url, i.output_name) or "" for i in product),
+                     *(",".join(_cell(getattr(i, column)) for i in product) for column in extra)))
     return rows
 
 
-def export_rows(request_ids: Iterable[str], images_url: str) -> list[Row]:
+def _cell(value: float | int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def export_rows(request_ids: Iterable[str], images_url: str, extra: Sequence[str] = ()) -> list[Row]:
     """The rows of finished requests, from the status view (reader thread)."""
     rows: list[Row] = []
     for request_id in request_ids:
         images = StatusImage.select().where(StatusImage.request_id == request_id).order_by(
             StatusImage.product, StatusImage.index)
-        rows += rows_from_images((ExportImage(i.product, i.serial, i.product_name, i.input_url, i.output_name)
-                                  for i in images), images_url)
+        rows += rows_from_images((ExportImage(i.product, i.serial, i.product_name, i.input_url, i.output_name,
+                                              i.ssim, i.quality) for i in images), images_url, extra)
     return rows
 
 
@@ -74,10 +84,10 @@ def stream_images(records: Sequence[RecordedEvent]) -> tuple[RequestAccepted, li
     return accepted, images
 
 
-def to_csv(rows: Sequence[tuple[str, ...]]) -> str:
+def to_csv(rows: Sequence[tuple[str, ...]], extra: Sequence[str] = ()) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
-    writer.writerow(HEADER)
+    writer.writerow(HEADER + tuple(EXTRA_COLUMNS[column] for column in extra))
     writer.writerows([tuple(neutralise(c) for c in row) for row in rows])
     return buffer.getvalue()
 

@@ -29,13 +29,15 @@ def test_every_endpoint_survives_fuzzing_and_answers_as_described(launch_daemon:
         run = subprocess.run(
             [str(Path(sys.executable).with_name("st")), "run", f"{daemon.base_url}/openapi.json",
              "--header", f"Authorization: Bearer {TOKEN}", "--checks", CHECKS, "--seed", "19",
-             "--max-examples", "30", "--no-color", "--request-timeout", "30"],
+             "--max-examples", "30", "--no-color", "--request-timeout", "30",
+             # A stream that never ends by itself has no answer to check (tests/web read it).
+             "--exclude-path", "/events"],
             cwd=tmp_path, env=clean_environment(), capture_output=True, text=True, timeout=540, check=False)
         lines = daemon.log_lines()
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
     # Every operation but the one serving the description, which schemathesis leaves out of its own accord.
     operations = sum(len(methods) for methods in DESCRIPTION["paths"].values()) - 1
-    assert f"{operations} selected / {operations} total" in run.stdout, run.stdout[:600]
+    assert f"{operations - 1} selected / {operations} total" in run.stdout, run.stdout[:600]
     assert [line for line in lines if line["event"] == "http_unhandled_error"] == []
     refusals = {line["error"] for line in lines if line["event"] == "image_failed"}
     assert refusals, "the fuzzing never got an image as far as the download stage"

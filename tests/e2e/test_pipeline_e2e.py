@@ -44,6 +44,16 @@ async def test_upload_to_export_to_output_url(daemon: Any) -> None:
         status = await wait_finished(session, accepted["status_url"])
         assert status["status"] == "completed_with_errors"
         assert status["progress"] == {"images": 3, "done": 2, "failed": 1, "pending": 0}
+        images = [image for product in status["products"] for image in product["images"]]
+        done = [image for image in images if image["status"] == "compressed"]
+        assert [image["quality"] for image in images] == [50, None, 50]
+        assert all(0.5 < image["ssim"] < 1 for image in done) and images[1]["ssim"] is None
+        summary = status["compression"]
+        assert abs(summary.pop("ssim_mean") - (done[0]["ssim"] + done[1]["ssim"]) / 2) <= 0.000005  # rounded to 5
+        assert summary == {
+            "bytes_in": sum(i["bytes_in"] for i in done), "bytes_out": sum(i["bytes_out"] for i in done),
+            "bytes_saved": sum(i["bytes_in"] - i["bytes_out"] for i in done), "scored": 2,
+            "ssim_lowest": min(i["ssim"] for i in done)}
 
         async with session.get(f"{daemon.base_url}/export/{accepted['request_id']}") as response:
             assert response.status == 200
@@ -69,6 +79,17 @@ async def test_upload_to_export_to_output_url(daemon: Any) -> None:
         async with session.get(f"{daemon.base_url}/export") as response:
             assert response.status == 200
             assert accepted["request_id"] in await response.text()
+        async with session.get(f"{daemon.base_url}/export/{accepted['request_id']}?columns=ssim,quality") as response:
+            assert response.status == 200
+            scored = list(csv.reader(io.StringIO(await response.text())))
+        assert scored[0] == rows[0] + ["SSIM", "Quality"]
+        assert [row[:4] for row in scored] == rows
+        assert scored[1][4:] == [f"{images[0]['ssim']},", "50,"] and scored[2][4:] == [str(images[2]["ssim"]), "50"]
+        for bad, reason in (("psnr", "'psnr' is not a column"), ("ssim,ssim", "'ssim' is named twice")):
+            async with session.get(f"{daemon.base_url}/export?columns={bad}") as response:
+                assert response.status == 400
+                error = await response.json()
+            assert (error["error"], error["field"]) == ("invalid_parameter", "columns") and reason in error["message"]
         for bad in ("..%2Fimgpipe.db", ".incoming", "nope.jpg"):
             async with session.get(f"{daemon.base_url}/images/{bad}") as response:
                 assert response.status == 404

@@ -6,11 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import peewee
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.models import ROWS_PER_INSERT, execute
+from daemon.eventlog.models import ROWS_PER_INSERT, BaseModel, execute
 from daemon.eventlog.store import (
     SCHEMA_VERSION,
     EventLog,
@@ -295,3 +297,44 @@ async def test_sqlite_durability_is_a_setting(settings: Settings, helpers: Any) 
             assert await eventlog.query(lambda: execute("PRAGMA synchronous").fetchone()[0]) == expected
         finally:
             await eventlog.close()
+
+
+class ShelfBefore(BaseModel):
+    name = peewee.CharField(primary_key=True)
+
+    class Meta:
+        table_name = "view_test_shelf"
+
+
+class ShelfAfter(BaseModel):
+    """The same view table as a newer imgpipe declares it: one nullable column more."""
+
+    name = peewee.CharField(primary_key=True)
+    score = peewee.FloatField(null=True)
+
+    class Meta:
+        table_name = "view_test_shelf"
+
+
+async def test_a_view_table_gets_the_columns_a_newer_release_added(settings: Settings) -> None:
+    """Opened with a view model that has a new nullable column, an existing table gains it and keeps its rows."""
+    def shelve(model: type[BaseModel], **row: object) -> None:
+        model.insert(**row).execute()
+
+    old = open_store(settings.database_url)
+    await old.open([ShelfBefore])
+    try:
+        await old.commit([], None, lambda: shelve(ShelfBefore, name="kept"))
+    finally:
+        await old.close()
+    with capture_logs() as logs:
+        new = open_store(settings.database_url)
+        await new.open([ShelfAfter])
+    try:
+        rows = await new.query(lambda: list(ShelfAfter.select().tuples()))
+        await new.commit([], None, lambda: shelve(ShelfAfter, name="new", score=0.5))
+        assert await new.query(lambda: sorted(ShelfAfter.select().tuples())) == [("kept", None), ("new", 0.5)]
+    finally:
+        await new.close()
+    assert rows == [("kept", None)]
+    assert [e["columns"] for e in logs if e["event"] == "view_columns_added"] == [["view_test_shelf.score"]]

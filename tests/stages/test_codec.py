@@ -114,7 +114,9 @@ def test_default_reencodes_jpeg_at_quality_50_same_size(tmp_path: Path, monkeypa
         kept_original=False,
         quality=50,
         note="",
+        ssim=result.ssim,
     )
+    assert result.ssim is not None and 0.5 < result.ssim < 1
     assert result.bytes_out < result.bytes_in
     written = opened(out, result)
     assert (written.format, written.mode, written.size) == ("JPEG", "RGB", (600, 400))
@@ -421,7 +423,8 @@ def test_animated_images_are_kept_as_is(tmp_path: Path, fmt: str, name: str) -> 
         bytes_out=len(data),
         kept_original=True,
         quality=None,
-        note="animated image kept as is",
+        note="animated image kept as is (not scored)",
+        ssim=None,
     )
     assert (out / name).read_bytes() == data
     assert frame_count(out / name) == 3

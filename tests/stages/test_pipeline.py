@@ -99,6 +99,9 @@ async def test_every_kind_of_image_gets_the_right_outcome(app: web.Application, 
         assert out.mode == "RGBA" and out.getpixel((10, 10))[3] == 0 and out.getpixel((300, 200))[3] == 255
 
     assert low["status"] == "kept_original" and low["bytes_out"] == low["bytes_in"]
+    assert (low["ssim"], low["quality"]) == (1.0, None)
+    assert all(0.5 < image["ssim"] < 1 and image["quality"] == 50 for image in (photo, rotated, alpha, flaky))
+    assert [image["ssim"] for image in (missing, truncated, html, empty)] == [None] * 4
     assert output_file(settings, low).read_bytes() == image_files["low.jpg"]
 
     assert missing["status"] == "failed" and "HTTP 404" in missing["error"] and missing["output_url"] is None

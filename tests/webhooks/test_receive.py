@@ -183,8 +183,10 @@ async def test_text_that_is_no_unicode_is_refused_or_replaced(make_client: Calla
         # A raw request: aiohttp's client only sends UTF-8 headers.
         reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
         body = classic(request_id)
-        writer.write(b"POST /webhook HTTP/1.1\r\nHost: imgpipe\r\nContent-Type: application/json\r\n"
-                     b"webhook-id: msg_\xe4\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        host = f"{client.server.host}:{client.server.port}".encode()  # the daemon refuses names not its own
+        writer.write(b"POST /webhook HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"webhook-id: msg_\xe4\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                     % (host, len(body), body))
         answer = await reader.read()
         writer.close()
         await writer.wait_closed()
