@@ -10,7 +10,7 @@ setup(
         Extension(
             "daemon.stages._requantize",
             sources=["daemon/stages/_requantize.c"],
-            libraries=["jpeg"],  # the system's libjpeg-turbo (Debian: libjpeg62-turbo-dev)
+            libraries=["jpeg", "m"],  # the system's libjpeg-turbo (Debian: libjpeg62-turbo-dev)
             # -fopenmp-simd: only `#pragma omp simd` (the score's sums vectorised), no OpenMP runtime.
             extra_compile_args=["-O2", "-std=c11", "-fopenmp-simd"],
             optional=True,

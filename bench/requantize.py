@@ -1,7 +1,9 @@
 """The JPEG fast path against decode + encode, per image, in this process (one core): `python -m bench.requantize`.
 
-For each kind of photo (smooth, fine grain; 2000x2000, quality 90) the two ways to quality 50 alternate for
---rounds rounds over the same images; ms/image is the median round's mean. Also reported: mean output bytes,
+For each of make bench's photo sets (smooth, grain; 2000x2000, quality 90) the ways to quality 50 alternate for
+--rounds rounds over the same images; ms/image is the median round's mean. The ways: the codec's core alone
+(requantize, with its coefficient score, or Pillow's decode + encode) and the whole codec as the daemon runs it
+(compress_file with default settings, the SSIM score included), on the fast path and forced onto Pillow's. Also reported: mean output bytes,
 mean SSIM against the decoded original at full resolution, and how a score from reduced decodes of both files
 (libjpeg's 1/2, 1/4, 1/8 scaling, daemon.stages.requantize.reduced) and one from the DCT coefficients while
 requantizing (requantize_scored) compare with it, and what each costs.
@@ -14,8 +16,10 @@ import argparse
 import functools
 import io
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,11 +27,12 @@ from typing import Any
 
 from PIL import Image
 
+from bench.harness import PHOTO_SETS, make_image
 from daemon.stages import requantize
-from daemon.testing import fine_grain_photo, jpeg_bytes, smooth_photo, ssim
+from daemon.stages.codec import EncodeSettings, compress_file
+from daemon.testing import jpeg_bytes, ssim
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS: dict[str, Callable[[int, int, int], Image.Image]] = {"smooth": smooth_photo, "fine grain": fine_grain_photo}
 SCALES = (2, 4, 8)
 
 
@@ -50,6 +55,22 @@ def fast_path_scored(data: bytes, quality: int) -> bytes:
     return requantize.requantize_scored(data, quality, False, False, 50_000_000, None)[0]
 
 
+class Codec:
+    """compress_file as a pool worker runs it, default settings, into one scratch folder (one name, overwritten)."""
+
+    def __init__(self, folder: str, fast: bool) -> None:
+        self.folder, self.fast = folder, fast
+
+    def __call__(self, data: bytes, quality: int) -> bytes:
+        os.environ["IMGPIPE_JPEG_FAST_PATH"] = "1" if self.fast else "0"
+        source = os.path.join(self.folder, "body")
+        with open(source, "wb") as f:
+            f.write(data)
+        result = compress_file(source, self.folder, "out", EncodeSettings(quality=quality))
+        with open(os.path.join(self.folder, result.name), "rb") as f:
+            return f.read()
+
+
 def ms_per_image(method: Callable[[bytes, int], bytes], photos: list[bytes], quality: int) -> float:
     started = time.perf_counter()
     for data in photos:
@@ -66,8 +87,11 @@ def timed_ms(work: Callable[[], object], repeat: int = 3) -> float:
     return 1000 * statistics.median(times)
 
 
-def compare(photos: list[bytes], quality: int, rounds: int) -> dict[str, Any]:
-    methods = {"requantize": fast_path, "requantize_scored": fast_path_scored, "decode_encode": decode_encode}
+def compare(photos: list[bytes], quality: int, rounds: int, folder: str) -> dict[str, Any]:
+    methods: dict[str, Callable[[bytes, int], bytes]] = {"requantize": fast_path, "requantize_scored": fast_path_scored,
+                                                         "decode_encode": decode_encode,
+                                                         "codec_fast_path": Codec(folder, fast=True),
+                                                         "codec_pillow_path": Codec(folder, fast=False)}
     samples: dict[str, list[float]] = {name: [] for name in methods}
     for k in range(rounds):
         for name in list(methods) if k % 2 == 0 else list(methods)[::-1]:
@@ -86,6 +110,8 @@ def compare(photos: list[bytes], quality: int, rounds: int) -> dict[str, Any]:
     figures["requantize_scored"]["ssim_from_coefficients"] = round(statistics.mean(
         requantize.requantize_scored(d, quality, False, False, 50_000_000, None)[1] for d in photos), 5)
     figures["speed_up"] = round(figures["decode_encode"]["ms_per_image"] / figures["requantize"]["ms_per_image"], 2)
+    figures["codec_speed_up"] = round(
+        figures["codec_pillow_path"]["ms_per_image"] / figures["codec_fast_path"]["ms_per_image"], 2)
     figures["bytes_ratio"] = round(figures["requantize"]["kb"] / figures["decode_encode"]["kb"], 4)
     figures["ssim_difference"] = round(figures["requantize"]["ssim"] - figures["decode_encode"]["ssim"], 5)
     for name, data in (("output", outputs["requantize"][0]), ("original", photos[0])):
@@ -105,11 +131,13 @@ def main() -> None:
     if not requantize.built():
         raise SystemExit("the JPEG fast path's extension is not built: nothing to compare")
     results: dict[str, Any] = {"size": f"{args.size}x{args.size}", "quality": args.quality, "rounds": args.rounds}
-    for kind, make in KINDS.items():
-        photos = [jpeg_bytes(make(args.size, args.size, seed), quality=90) for seed in range(args.photos)]
-        results[kind] = compare(photos, args.quality, args.rounds)
+    for kind, grain in PHOTO_SETS.items():
+        photos = [make_image(seed, args.size, grain) for seed in range(args.photos)]
+        with tempfile.TemporaryDirectory(prefix="imgpipe-bench-") as folder:
+            results[kind] = compare(photos, args.quality, args.rounds, folder)
         print(f"{kind}: requantize {results[kind]['requantize']['ms_per_image']} ms, decode + encode "
-              f"{results[kind]['decode_encode']['ms_per_image']} ms", file=sys.stderr)
+              f"{results[kind]['decode_encode']['ms_per_image']} ms; codec {results[kind]['codec_fast_path']}"
+              f" vs {results[kind]['codec_pillow_path']}", file=sys.stderr)
     print(json.dumps(results, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

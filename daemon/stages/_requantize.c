@@ -2,9 +2,13 @@
  * jpeg_set_quality gives (those Pillow's encoder writes), entropy-coded again. No inverse or forward DCT, no
  * colour conversion or resampling: only entropy decoding and encoding.
  *
- * requantize(data, quality, optimize, progressive, max_pixels, icc, score) -> (bytes, float | None)
+ * requantize(data, quality, optimize, progressive, max_pixels, icc, score, reduce)
+ *     -> (bytes, float | None, bytes | None, bytes | None)
  * With score, the float is the luma's SSIM between the source and its requantized self over 8x8 blocks, computed
- * from the coefficients (see block_ssim), else None.
+ * from the coefficients (see requantize_block_scored), else None.
+ * With reduce n (2, 4 or 8), the two last are the luma of the source and of the output as 8-bit planes of
+ * ceil(width / n) x ceil(height / n), made from the coefficients
+ * by libjpeg's kind of scaled inverse DCT (see reduced_block), without another entropy decoding of either file.
  * Raises JpegError (a ValueError) with libjpeg's message for anything it cannot or should not take: corrupt or
  * truncated data (libjpeg's warnings count as errors), over max_pixels, not 8-bit YCbCr 4:2:0 or greyscale.
  * Callers fall back to decoding, which then gives the user its own result or error. */
@@ -36,6 +40,10 @@ struct job {
     int quality, optimize, progressive, score;
     double ssim_sum;  /* over the luma's blocks, with score */
     unsigned long long ssim_blocks;
+    int reduce;  /* 0, or 2, 4, 8: the planes below are wanted */
+    unsigned char *before, *after;  /* malloc'd luma planes, plane_width x plane_height (whole blocks) */
+    size_t plane_width, plane_height;
+    unsigned long width, height;  /* the image's, reduced: the part of the planes that is the picture */
     unsigned long long max_pixels;
     const unsigned char *icc;
     unsigned int icc_size;
@@ -118,26 +126,76 @@ static inline double requantize_block_scored(JCOEF *coef, const float *factor, c
     return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2));
 }
 
+/* The N x N pixels (N = 8 / reduce, at most 4) that stand for an 8x8 block at 1/reduce of its size: each the mean
+ * of the reduce x reduce pixels the full inverse DCT would give (before rounding), which is what libjpeg's scaled
+ * IDCT computes. weight[p] holds, for output pixel p, each coefficient's share: a dot product of 64 per pixel,
+ * which the compiler vectorises. Writes row by row at `out`, `stride` bytes apart. */
+static void reduced_block(const JCOEF *coef, const float *step, int n, const float weight[16][DCTSIZE2],
+                          unsigned char *out, size_t stride) {
+    float value[DCTSIZE2];
+    for (int k = 0; k < DCTSIZE2; k++) value[k] = (float)coef[k] * step[k];
+    for (int y = 0; y < n; y++)
+        for (int x = 0; x < n; x++) {
+            const float *w = weight[y * n + x];
+            float sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int k = 0; k < DCTSIZE2; k++) sum += w[k] * value[k];
+            int level = (int)(sum + 128.5f);
+            out[(size_t)y * stride + (size_t)x] = (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
+        }
+}
+
+/* weight[y * n + x][v * 8 + u] for reduced_block: basis(y, v) * basis(x, u), basis(x, u) being the mean over output
+ * pixel x's span of C(u) cos((2i + 1) u pi / 16) / 2. */
+static void reduced_weights(int n, float weight[16][DCTSIZE2]) {
+    double basis[8][8];
+    for (int x = 0; x < n; x++)
+        for (int u = 0; u < DCTSIZE; u++) {
+            double sum = 0;
+            for (int i = x * (DCTSIZE / n); i < (x + 1) * (DCTSIZE / n); i++)
+                sum += (u == 0 ? 0.70710678118654752 : 1.0) * cos((2 * i + 1) * u * 3.14159265358979324 / 16) / 2;
+            basis[x][u] = sum / (DCTSIZE / n);
+        }
+    for (int y = 0; y < n; y++)
+        for (int x = 0; x < n; x++)
+            for (int v = 0; v < DCTSIZE; v++)
+                for (int u = 0; u < DCTSIZE; u++) weight[y * n + x][v * DCTSIZE + u] = (float)(basis[y][v] * basis[x][u]);
+}
+
+/* Requantizes one component's blocks; for the luma (`luma`: its job, else NULL) also the score and planes asked. */
 static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, jpeg_component_info *component,
-                                 const JQUANT_TBL *old_table, const JQUANT_TBL *new_table, struct job *scored) {
+                                 const JQUANT_TBL *old_table, const JQUANT_TBL *new_table, struct job *luma) {
     float factor[DCTSIZE2], old_step[DCTSIZE2], new_step[DCTSIZE2];
     for (int k = 0; k < DCTSIZE2; k++) {
         old_step[k] = (float)old_table->quantval[k];
         new_step[k] = (float)new_table->quantval[k];
         factor[k] = old_step[k] / new_step[k];
     }
+    int n = luma != NULL && luma->reduce ? DCTSIZE / luma->reduce : 0;
+    float weight[16][DCTSIZE2];
+    if (n > 0) reduced_weights(n, weight);
     for (JDIMENSION row = 0; row < component->height_in_blocks; row += component->v_samp_factor) {
         JBLOCKARRAY rows = (*src->mem->access_virt_barray)((j_common_ptr)src, array, row,
                                                           (JDIMENSION)component->v_samp_factor, TRUE);
         for (int r = 0; r < component->v_samp_factor && row + r < component->height_in_blocks; r++) {
             JBLOCKROW blocks = rows[r];
-            if (scored == NULL) {
-                for (JDIMENSION b = 0; b < component->width_in_blocks; b++) requantize_block(blocks[b], factor);
-                continue;
+            if (n > 0) {
+                size_t stride = luma->plane_width, top = (size_t)(row + r) * (size_t)n * stride;
+                for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
+                    reduced_block(blocks[b], old_step, n, weight, luma->before + top + (size_t)b * n, stride);
             }
-            for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
-                scored->ssim_sum += requantize_block_scored(blocks[b], factor, old_step, new_step);
-            scored->ssim_blocks += component->width_in_blocks;
+            if (luma != NULL && luma->score) {
+                for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
+                    luma->ssim_sum += requantize_block_scored(blocks[b], factor, old_step, new_step);
+                luma->ssim_blocks += component->width_in_blocks;
+            } else {
+                for (JDIMENSION b = 0; b < component->width_in_blocks; b++) requantize_block(blocks[b], factor);
+            }
+            if (n > 0) {
+                size_t stride = luma->plane_width, top = (size_t)(row + r) * (size_t)n * stride;
+                for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
+                    reduced_block(blocks[b], new_step, n, weight, luma->after + top + (size_t)b * n, stride);
+            }
         }
     }
 }
@@ -154,14 +212,16 @@ static int transcode(struct job *job) {
     failure.mgr.error_exit = fail_at_once;
     failure.mgr.emit_message = warning_is_failure;
     failure.mgr.output_message = silent;
-    job->out = NULL;
+    job->out = job->before = job->after = NULL;
     job->out_size = 0;
     if (setjmp(failure.jump)) {
         /* Both structs were zeroed: destroying one never created is a no-op. */
         jpeg_destroy_compress(&dst);
         jpeg_destroy_decompress(&src);
         free(job->out);
-        job->out = NULL;
+        free(job->before);
+        free(job->after);
+        job->out = job->before = job->after = NULL;
         snprintf(job->message, MESSAGE_SIZE, "%s", failure.message[0] ? failure.message : "libjpeg failed");
         return -1;
     }
@@ -171,6 +231,16 @@ static int transcode(struct job *job) {
     jpeg_read_header(&src, TRUE);
     check_eligible(&src, job->max_pixels);  /* before any coefficient is read: a bomb costs its header only */
     jvirt_barray_ptr *arrays = jpeg_read_coefficients(&src);
+    if (job->reduce) {
+        size_t n = (size_t)(DCTSIZE / job->reduce);
+        job->plane_width = src.comp_info[0].width_in_blocks * n;
+        job->plane_height = src.comp_info[0].height_in_blocks * n;
+        job->width = (src.image_width + job->reduce - 1) / job->reduce;
+        job->height = (src.image_height + job->reduce - 1) / job->reduce;
+        job->before = malloc(job->plane_width * job->plane_height);
+        job->after = malloc(job->plane_width * job->plane_height);
+        if (job->before == NULL || job->after == NULL) refuse((j_common_ptr)&src, "out of memory for the planes");
+    }
 
     jpeg_copy_critical_parameters(&src, &dst);
     /* Table 0 for luma, 1 for chroma, as the encoder assigns them, whatever slots the source used. */
@@ -180,7 +250,7 @@ static int transcode(struct job *job) {
         jpeg_component_info *component = &src.comp_info[c];
         if (component->quant_table == NULL) refuse((j_common_ptr)&src, "component without a quantization table");
         requantize_component(&src, arrays[c], component, component->quant_table,
-                             dst.quant_tbl_ptrs[dst.comp_info[c].quant_tbl_no], job->score && c == 0 ? job : NULL);
+                             dst.quant_tbl_ptrs[dst.comp_info[c].quant_tbl_no], (job->score || job->reduce) && c == 0 ? job : NULL);
     }
     dst.optimize_coding = job->optimize ? TRUE : FALSE;
     if (job->progressive) jpeg_simple_progression(&dst);
@@ -195,18 +265,32 @@ static int transcode(struct job *job) {
     return 0;
 }
 
+/* The picture's part of a plane (whole blocks wide and high) as bytes, width x height. */
+static PyObject *cropped(const unsigned char *plane, size_t stride, unsigned long width, unsigned long height) {
+    PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(width * height));
+    if (bytes == NULL) return NULL;
+    char *out = PyBytes_AS_STRING(bytes);
+    for (unsigned long y = 0; y < height; y++) memcpy(out + y * width, plane + y * stride, width);
+    return bytes;
+}
+
 static PyObject *requantize(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"data", "quality", "optimize", "progressive", "max_pixels", "icc", "score", NULL};
+    static char *keywords[] = {"data", "quality", "optimize", "progressive", "max_pixels", "icc", "score", "reduce",
+                               NULL};
     Py_buffer data, icc = {0};
-    int quality, optimize = 0, progressive = 0, score = 0;
+    int quality, optimize = 0, progressive = 0, score = 0, reduce = 0;
     unsigned long long max_pixels = 50000000ULL;
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*i|ppKz*p", keywords, &data, &quality, &optimize,
-                                     &progressive, &max_pixels, &icc, &score))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*i|ppKz*pi", keywords, &data, &quality, &optimize,
+                                     &progressive, &max_pixels, &icc, &score, &reduce))
         return NULL;
     PyObject *result = NULL;
     if (quality < 1 || quality > 100) {
         PyErr_Format(PyExc_ValueError, "quality must be 1-100, got %d", quality);
+        goto done;
+    }
+    if (reduce != 0 && reduce != 2 && reduce != 4 && reduce != 8) {
+        PyErr_Format(PyExc_ValueError, "reduce must be 0 (no planes), 2, 4 or 8, got %d", reduce);
         goto done;
     }
     if ((unsigned long long)data.len > (unsigned long long)(unsigned long)-1 || icc.len > 0x7fffffff) {
@@ -215,7 +299,7 @@ static PyObject *requantize(PyObject *module, PyObject *args, PyObject *kwargs) 
     }
     struct job job = {
         .data = data.buf, .size = (unsigned long)data.len, .quality = quality, .optimize = optimize,
-        .progressive = progressive, .score = score, .max_pixels = max_pixels,
+        .progressive = progressive, .score = score, .reduce = reduce, .max_pixels = max_pixels,
         .icc = icc.buf != NULL && icc.len > 0 ? icc.buf : NULL, .icc_size = (unsigned int)icc.len,
     };
     int status;
@@ -227,13 +311,24 @@ static PyObject *requantize(PyObject *module, PyObject *args, PyObject *kwargs) 
         goto done;
     }
     PyObject *payload = PyBytes_FromStringAndSize((const char *)job.out, (Py_ssize_t)job.out_size);
-    free(job.out);
-    if (payload != NULL) {
-        if (score && job.ssim_blocks > 0)
-            result = Py_BuildValue("(Nd)", payload, job.ssim_sum / (double)job.ssim_blocks);
-        else
-            result = Py_BuildValue("(NO)", payload, Py_None);
+    PyObject *before = Py_None, *after = Py_None, *ssim = Py_None;
+    Py_INCREF(before);
+    Py_INCREF(after);
+    Py_INCREF(ssim);
+    if (reduce) {
+        Py_SETREF(before, cropped(job.before, job.plane_width, job.width, job.height));
+        Py_SETREF(after, cropped(job.after, job.plane_width, job.width, job.height));
     }
+    if (score && job.ssim_blocks > 0) Py_SETREF(ssim, PyFloat_FromDouble(job.ssim_sum / (double)job.ssim_blocks));
+    free(job.out);
+    free(job.before);
+    free(job.after);
+    if (payload != NULL && before != NULL && after != NULL && ssim != NULL)
+        result = PyTuple_Pack(4, payload, ssim, before, after);
+    Py_XDECREF(payload);
+    Py_XDECREF(ssim);
+    Py_XDECREF(before);
+    Py_XDECREF(after);
 done:
     PyBuffer_Release(&data);
     if (icc.obj != NULL) PyBuffer_Release(&icc);
@@ -242,8 +337,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"requantize", (PyCFunction)(void (*)(void))requantize, METH_VARARGS | METH_KEYWORDS,
-     "requantize(data, quality, optimize=False, progressive=False, max_pixels=50000000, icc=None, score=False)"
-     " -> (bytes, float | None)"},
+     "requantize(data, quality, optimize=False, progressive=False, max_pixels=50000000, icc=None, score=False, "
+     "reduce=0) -> (bytes, float | None, bytes | None, bytes | None)"},
     {NULL, NULL, 0, NULL},
 };
 

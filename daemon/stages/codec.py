@@ -127,32 +127,40 @@ def _compress(data: bytes, settings: EncodeSettings) -> Outcome:
     icc = _kept_icc(icc, im.mode)
     # Scored against the normalised pixels, the ones the encoder was given (already decoded: no second decode).
     reference = Reference(im, settings.ssim_max_side) if settings.ssim or settings.target_ssim else None
-    return _chosen(data, original_format, fmt, width, height, settings, reference,
-                   lambda quality: _encode(im, fmt, quality, settings, icc))
+    return _chosen(data, original_format, fmt, width, height, settings,
+                   lambda quality: _encode(im, fmt, quality, settings, icc), _scorer(reference),
+                   scorable=reference is not None and reference.factor is not None)
 
 
 def _requantized(data: bytes, settings: EncodeSettings) -> Outcome | None:
     """The JPEG fast path (daemon.stages.requantize): what the Pillow path would give, without decoding pixels;
     None where it does not apply."""
+    if settings.target_ratio > 0 or settings.target_ssim > 0:
+        return None  # a search encodes several times: from decoded pixels each costs less than entropy coding twice
     source = requantize.eligible(data, settings.max_pixels)
     if source is None:
         return None
-    icc = _kept_icc(source.icc, source.mode)
+    size = (source.width, source.height)
+    factor = reduction(size, settings.ssim_max_side) if settings.ssim else None
+    # The score's reduction as a JPEG decoder makes it: the extension makes both lumas so reduced from the
+    # coefficients it holds, decoding neither file again. Scored at full size, the pixels are needed anyway.
+    reduce = math.gcd(factor, 8) if factor else 0
+    if reduce == 1:
+        return None
+    encoder = requantize.Requantizer(data, size, settings.optimize, settings.progressive, settings.max_pixels,
+                                     _kept_icc(source.icc, source.mode), reduce)
+    reference = functools.cache(lambda: Reference(encoder.before(), settings.ssim_max_side, size))
     try:
-        # Scored against the original decoded as reduced as the score is (its pixels are never decoded in full).
-        reference = _jpeg_reference(data, (source.width, source.height), settings.ssim_max_side) \
-            if settings.ssim or settings.target_ssim else None
-        return _chosen(data, "JPEG", "JPEG", source.width, source.height, settings, reference,
-                       lambda quality: requantize.requantize(data, quality, settings.optimize, settings.progressive,
-                                                             settings.max_pixels, icc))
+        return _chosen(data, "JPEG", "JPEG", source.width, source.height, settings, encoder,
+                       lambda payload: reference().score(encoder.after(payload)) if reduce else None,
+                       scorable=factor is not None)
     except requantize.RequantizeFailed:
         return None  # damaged data: the Pillow path gives the result or error it always gave
 
 
-def _jpeg_reference(data: bytes, size: tuple[int, int], max_side: int) -> Reference:
-    factor = reduction(size, max_side)
-    with _pixel_limit(None):  # within ours: eligible() checked the size
-        return Reference(requantize.reduced(data, math.gcd(factor or 1, 8)), max_side, size)
+def _scorer(reference: Reference | None) -> Callable[[bytes], float | None]:
+    """The score of an encode, decoded as reduced as the score is, against `reference` (None: not scored)."""
+    return lambda payload: reference.score(decoded_output(payload, reference)) if reference else None
 
 
 def _kept_icc(icc: bytes | None, mode: str) -> bytes | None:
@@ -162,13 +170,10 @@ def _kept_icc(icc: bytes | None, mode: str) -> bytes | None:
 
 
 def _chosen(data: bytes, original_format: str, fmt: str, width: int, height: int, settings: EncodeSettings,
-            reference: Reference | None, encode_payload: Callable[[int], bytes]) -> Outcome:
+            encode_payload: Callable[[int], bytes], score: Callable[[bytes], float | None], scorable: bool) -> Outcome:
     """The encode the settings ask for (a quality, a target ratio or SSIM), scored, or the original when that
     is not smaller."""
     kept = 1.0 if settings.ssim else None
-
-    def score(payload: bytes) -> float | None:
-        return reference.score(decoded_output(payload, reference)) if reference else None
 
     def encode(quality: int) -> Encoded:
         return Encoded(quality, encode_payload(quality), None)
@@ -178,7 +183,7 @@ def _chosen(data: bytes, original_format: str, fmt: str, width: int, height: int
         return Encoded(quality, payload, score(payload))
 
     note = ""
-    aiming = settings.target_ssim > 0 and reference is not None and reference.factor is not None
+    aiming = settings.target_ssim > 0 and scorable
     if settings.target_ratio > 0:
         budget = settings.target_ratio * len(data)
         found, met = _search_quality(encode, lambda e: len(e.payload) <= budget, lowest=False,

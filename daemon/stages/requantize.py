@@ -86,7 +86,7 @@ def requantize(data: bytes, quality: int, optimize: bool, progressive: bool, max
                icc: bytes | None) -> bytes:
     """`data` recompressed at `quality` (libjpeg's standard tables scaled as jpeg_set_quality does, as Pillow's
     encoder writes them), with `icc` as its only marker besides JFIF. Raises RequantizeFailed."""
-    return _run(data, quality, optimize, progressive, max_pixels, icc, score=False)[0]
+    return _run(data, quality, optimize, progressive, max_pixels, icc)[0]
 
 
 def requantize_scored(data: bytes, quality: int, optimize: bool, progressive: bool, max_pixels: int,
@@ -94,16 +94,48 @@ def requantize_scored(data: bytes, quality: int, optimize: bool, progressive: bo
     """`requantize` and the luma's SSIM between `data` and the result over 8x8 blocks, computed from the DCT
     coefficients while requantizing (no pixels decoded): a score's level differs from one with a 7x7 or Gaussian
     window over pixels (see docs/performance.md), so compare it only with scores computed the same way."""
-    payload, score = _run(data, quality, optimize, progressive, max_pixels, icc, score=True)
+    payload, score, _, _ = _run(data, quality, optimize, progressive, max_pixels, icc, score=True)
     assert score is not None
     return payload, score
 
 
+class Requantizer:
+    """One JPEG requantized at whatever qualities are asked (a target's search tries several). With `reduce` (2, 4
+    or 8) each call also keeps the luma of the source and of that output at 1/reduce of their size, made by the
+    extension from the coefficients it holds anyway, for a score that decodes neither file again."""
+
+    def __init__(self, data: bytes, size: tuple[int, int], optimize: bool, progressive: bool, max_pixels: int,
+                 icc: bytes | None, reduce: int = 0) -> None:
+        self.data, self.optimize, self.progressive, self.max_pixels, self.icc = data, optimize, progressive, \
+            max_pixels, icc
+        self.reduce = reduce
+        self.plane_size = (-(-size[0] // reduce), -(-size[1] // reduce)) if reduce else (0, 0)
+        self._before: Image.Image | None = None
+        self._after: dict[int, tuple[bytes, Image.Image]] = {}  # by id() of the payload, which it keeps alive
+
+    def __call__(self, quality: int) -> bytes:
+        payload, _, before, after = _run(self.data, quality, self.optimize, self.progressive, self.max_pixels,
+                                         self.icc, reduce=self.reduce)
+        if before is not None and after is not None:
+            self._before = Image.frombytes("L", self.plane_size, before)
+            self._after[id(payload)] = (payload, Image.frombytes("L", self.plane_size, after))
+        return payload
+
+    def before(self) -> Image.Image:
+        """The source's luma, reduced (after the first call)."""
+        assert self._before is not None, "before() needs a call with reduce first"
+        return self._before
+
+    def after(self, payload: bytes) -> Image.Image:
+        """The luma of `payload`, an output of this requantizer, reduced."""
+        return self._after[id(payload)][1]
+
+
 def _run(data: bytes, quality: int, optimize: bool, progressive: bool, max_pixels: int, icc: bytes | None,
-         score: bool) -> tuple[bytes, float | None]:
+         score: bool = False, reduce: int = 0) -> tuple[bytes, float | None, bytes | None, bytes | None]:
     assert _requantize is not None, "requantize() needs the extension: check available() first"
     try:
-        return _requantize.requantize(data, quality, optimize, progressive, max_pixels, icc, score)
+        return _requantize.requantize(data, quality, optimize, progressive, max_pixels, icc, score, reduce)
     except _requantize.JpegError as exc:
         raise RequantizeFailed(str(exc)) from None
 
