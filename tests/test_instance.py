@@ -105,7 +105,9 @@ def test_a_postgresql_lock_whose_connection_is_lost_is_taken_again(
                                   "WHERE application_name = %s", (f"imgpipe pid {os.getpid()}",)).fetchall()
             assert ended == [(True,)]
             deadline = time.monotonic() + 10
-            while not admin.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s",
+            # Held again, not only connected again: a session shows before its lock does.
+            while not admin.execute("SELECT 1 FROM pg_locks JOIN pg_stat_activity USING (pid) WHERE "
+                                    "locktype = 'advisory' AND granted AND application_name = %s",
                                     (f"imgpipe pid {os.getpid()}",)).fetchall():
                 assert time.monotonic() < deadline, "the lock was not taken again"
                 time.sleep(0.02)

@@ -29,6 +29,8 @@ from daemon.ingest.accept import image_stem
 # What the commands read of a stream: enough to know its state and its failed images, not every event.
 STATE_TYPES = names(RequestAccepted, ImageCompressed, ImageFailed, ImageRequeued, RequestCompleted, RequestRetried,
                     RequestCancelRequested, RequestDeleted)
+# Cancel needs no image: it reads only these, so the image events of a busy request do not make it decide again.
+RUNNING_TYPES = names(RequestAccepted, RequestCompleted, RequestRetried, RequestCancelRequested, RequestDeleted)
 
 
 class Refused(Exception):
@@ -111,7 +113,7 @@ async def cancel(eventlog: EventLog, request_id: str) -> int:
             return [], state.cancel_requested.position
         return [RequestCancelRequested()], None
 
-    position, earlier = await eventlog.decide(request_id, STATE_TYPES, decide)
+    position, earlier = await eventlog.decide(request_id, RUNNING_TYPES, decide)
     return earlier or position
 
 

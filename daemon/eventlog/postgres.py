@@ -94,14 +94,17 @@ class PostgresBackend(Backend):
                 with contextlib.suppress(psycopg.Error):
                     connection.rollback()
 
-    def insert_events(self, stream: str, expected_version: int | None,
-                      rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:
+    def lock(self) -> None:
         if not self._locked:
             # Before the transaction draws its first position, held until COMMIT (see the module's docstring); the
             # NOTIFY goes out at COMMIT, with this store's name, so that its own LISTEN can tell it apart.
             key, channel = self._keys()
             execute("SELECT pg_advisory_xact_lock(?), pg_notify(?, ?)", (key, channel, self.sender))
             self._locked = True
+
+    def insert_events(self, stream: str, expected_version: int | None,
+                      rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:
+        self.lock()
         current: int | None = None
         positions: list[int] = []
         for start in range(0, len(rows), ROWS_PER_INSERT):

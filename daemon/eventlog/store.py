@@ -110,6 +110,9 @@ class Backend(ABC):
     def appending(self) -> AbstractContextManager[None]:
         """A write transaction whose appends commit in the order of their positions (writer)."""
 
+    def lock(self) -> None:
+        """In the appending transaction: hold the log's write lock from now until it ends (writer)."""
+
     @abstractmethod
     def insert_events(self, stream: str, expected_version: int | None,
                       rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:
@@ -366,9 +369,10 @@ class EventLog:
 
     async def decide(self, stream: str, types: frozenset[str] | None,
                      decide: Callable[[list[RecordedEvent]], tuple[Sequence[Event], T]]) -> tuple[int, T]:
-        """Read `stream` (its events of `types`), let `decide` say what to append and what to return, and append it
-        at the version read; decided again if the stream moved meanwhile. The last position (the head when nothing
-        was appended) and what `decide` returned."""
+        """Read `stream` (its events of `types`; None: all), let `decide` say what to append and what to return, and
+        append it unless events of `types` were appended after those read, else decide again: events `decide` does
+        not read cannot change its decision (a busy request's image events do not hold up its cancellation). The last
+        position (the head when nothing was appended) and what `decide` returned."""
         for _ in range(DECIDE_ATTEMPTS):
             # The version and the events from one snapshot of the database (memory may lag a commit).
             version, records = await self.query(self._stream_at_version_sync, stream, types)
@@ -376,10 +380,23 @@ class EventLog:
             if not events:
                 return self.head, result
             try:
-                return await self.append(stream, events, expected_version=version), result
+                return await self._write(lambda: self._append_unmoved_sync(stream, events, version, types),
+                                         {e.type for e in events}), result
             except StreamConflict:
                 continue
         raise StreamConflict(f"stream {stream} kept moving while a command was decided on it")
+
+    def _append_unmoved_sync(self, stream: str, events: Sequence[Event], version: int,
+                             types: frozenset[str] | None) -> int:
+        """Append `events` unless `stream` has events of `types` after `version` (StreamConflict) (writer)."""
+        if types is None:
+            return self._append_sync(stream, events, expected_version=version)
+        self.backend.lock()  # nothing of `types` can land between this look and the append
+        wanted = sorted(types)
+        if execute(f"SELECT 1 FROM events WHERE stream = ? AND version > ? AND type IN ({placeholders(len(wanted))}) "
+                   "LIMIT 1", (stream, version, *wanted)).fetchone():
+            raise StreamConflict(f"stream {stream} has events of {', '.join(wanted)} after version {version}")
+        return self._append_sync(stream, events)
 
     async def commit(self, results: Sequence[tuple[str, Sequence[Event]]], tracking: Tracking | None = None,
                      apply: Callable[[], None] | None = None, verify: bool = False) -> bool:

@@ -49,6 +49,7 @@ class StatusRequest(BaseModel):
 
     class Meta:
         table_name = "view_status_requests"
+        indexes = ((("created_at",), False),)  # GET /requests pages newest first
 
 
 class StatusImage(BaseModel):

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.config import Settings
+from daemon.events import ImageFailed
+from daemon.http_api import EVENTLOG
 from daemon.replay import replay
 from daemon.stages.download import DownloadStage
 from daemon.testing import Listener, Origin, eventually
@@ -71,3 +73,36 @@ async def test_cancel_of_an_unknown_or_finished_request_is_refused(
         answers = [(r.status, await r.json()) for r in (finished, unknown)]
     assert [(code, body["error"]) for code, body in answers] == [(409, "already_finished"), (404, "unknown_request")]
     assert "completed" in answers[0][1]["message"]
+
+
+async def test_cancel_goes_through_while_image_events_keep_landing(
+        make_settings: Callable[..., Settings], serve_daemon: Any, origin: Origin) -> None:
+    """A busy request is cancelled at once, however many image events land while the cancellation is decided."""
+    settings = make_settings(download={"total_timeout": 60.0, "concurrency": 1})
+    async with serve_daemon(settings) as daemon:
+        request_id = await daemon.upload(*[[f"{origin.url}/stall?n={n}"] for n in range(3)])
+
+        async def hanging() -> bool:
+            return origin.hits["/stall"] == 1
+
+        await eventually(hanging, "a download hanging")
+        eventlog = daemon.app[EVENTLOG]
+        read = eventlog.query
+
+        async def read_then_an_image_event_lands(fn: Any, *args: Any) -> Any:
+            result = await read(fn, *args)
+            # A type the other commands read (they need the failed images), not one cancellation needs.
+            await eventlog.append(request_id, [ImageFailed(product=2, index=0, stage="download", error="gone")])
+            return result
+
+        eventlog.query = read_then_an_image_event_lands
+        response = await daemon.client.post(f"/cancel/{request_id}")
+        eventlog.query = read
+        assert response.status == 200, await response.text()
+        status = await eventually(lambda: _finished(daemon, request_id), "the request finished")
+    assert status["status"] == "cancelled"
+
+
+async def _finished(daemon: Any, request_id: str) -> dict[str, Any] | None:
+    status: dict[str, Any] = await daemon.status(request_id)
+    return status if status["status"] == "cancelled" else None

@@ -70,13 +70,17 @@ async def test_submit_wait_prints_progress_lines_then_the_summary_and_exits_by_o
     assert found is not None and found.groups()[:4] == ("failed", "0", "0", "2")
 
 
+def submit_waiting(daemon: Any, csv: Path) -> subprocess.Popen[str]:
+    """`imgpipe submit CSV --wait` started, its output to read as it comes."""
+    return subprocess.Popen([*imgpipe_command(), "--config", str(daemon.client_config), "submit", str(csv), "--wait",
+                             "--interval", "0.05"], env=clean_environment(), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
 async def test_submit_wait_exits_5_when_the_request_is_cancelled(daemon: Any, tmp_path: Path) -> None:
     """A request cancelled while `submit --wait` follows it ends the command with status 5 and a summary."""
     async with Origin(FILES) as origin:
-        stalled = write_csv(tmp_path, [f"1,Lamp,{origin.url}/stall"])
-        waiting = subprocess.Popen([*imgpipe_command(), "--config", str(daemon.client_config), "submit", str(stalled),
-                                    "--wait", "--interval", "0.05"], env=clean_environment(), text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        waiting = submit_waiting(daemon, write_csv(tmp_path, [f"1,Lamp,{origin.url}/stall"]))
         try:
             assert waiting.stdout is not None
             request_id = (await asyncio.to_thread(waiting.stdout.readline)).strip()
@@ -183,10 +187,7 @@ async def test_export_writes_the_csv_to_a_file_or_stdout(daemon: Any, tmp_path: 
 async def test_ctrl_c_stops_waiting_but_not_the_request(daemon: Any, tmp_path: Path) -> None:
     """Ctrl-C during `submit --wait` exits 130 saying how to follow the request, which goes on running."""
     async with Origin(FILES) as origin:
-        stalled = write_csv(tmp_path, [f"1,Lamp,{origin.url}/stall"])
-        waiting = subprocess.Popen([*imgpipe_command(), "--config", str(daemon.client_config), "submit", str(stalled),
-                                    "--wait", "--interval", "0.05"], env=clean_environment(), text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        waiting = submit_waiting(daemon, write_csv(tmp_path, [f"1,Lamp,{origin.url}/stall"]))
         try:
             assert waiting.stdout is not None and waiting.stderr is not None
             request_id = (await asyncio.to_thread(waiting.stdout.readline)).strip()

@@ -266,6 +266,28 @@ async def test_decide_appends_at_the_version_it_read_and_decides_again_when_the_
     assert [r.event for r in stored] == [failed(0), failed(1), failed(2)] and position == stored[-1].position
 
 
+async def test_decide_is_not_made_again_for_events_of_types_it_does_not_read(eventlog: EventLog) -> None:
+    """An event of a type the decision does not read, landing between its read and its append, changes nothing."""
+    await eventlog.append("r", [RequestCompleted(status="failed", images=1, done=0, failed=1)])
+    seen: list[int] = []
+    original = eventlog.query
+
+    async def read_then_an_image_event_lands(fn: Any, *args: Any) -> Any:
+        result = await original(fn, *args)
+        await eventlog.append("r", [failed(len(seen))])
+        return result
+
+    def decide(records: list[RecordedEvent]) -> tuple[list[Event], None]:
+        seen.append(len(records))
+        return [RequestCompleted(status="completed", images=1, done=1, failed=0)], None
+
+    eventlog.query = read_then_an_image_event_lands  # type: ignore[method-assign]
+    await eventlog.decide("r", frozenset({"RequestCompleted"}), decide)
+    assert seen == [1]
+    assert [r.type for r in await eventlog.read_stream("r")] == [
+        "RequestCompleted", "ImageFailed", "RequestCompleted"]
+
+
 async def test_a_commit_whose_tracking_record_is_there_is_not_made_again(eventlog: EventLog) -> None:
     """A commit retried after an unknown outcome finds its tracking record and appends nothing twice."""
     tracking = Tracking("test.consumer", 0, (1,))
