@@ -7,8 +7,8 @@
  * With score, the float is the luma's SSIM between the source and its requantized self over 8x8 blocks, computed
  * from the coefficients (see requantize_block_scored), else None.
  * With reduce n (2, 4 or 8), the two last are the luma of the source and of the output as 8-bit planes of
- * ceil(width / n) x ceil(height / n), made from the coefficients
- * by libjpeg's kind of scaled inverse DCT (see reduced_block), without another entropy decoding of either file.
+ * ceil(width / n) x ceil(height / n), made from the coefficients as libjpeg's scaled inverse DCT would (see
+ * reduced_block), without another entropy decoding of either file.
  * Raises JpegError (a ValueError) with libjpeg's message for anything it cannot or should not take: corrupt or
  * truncated data (libjpeg's warnings count as errors), over max_pixels, not 8-bit YCbCr 4:2:0 or greyscale.
  * Callers fall back to decoding, which then gives the user its own result or error. */
@@ -159,7 +159,8 @@ static void reduced_weights(int n, float weight[16][DCTSIZE2]) {
     for (int y = 0; y < n; y++)
         for (int x = 0; x < n; x++)
             for (int v = 0; v < DCTSIZE; v++)
-                for (int u = 0; u < DCTSIZE; u++) weight[y * n + x][v * DCTSIZE + u] = (float)(basis[y][v] * basis[x][u]);
+                for (int u = 0; u < DCTSIZE; u++)
+                    weight[y * n + x][v * DCTSIZE + u] = (float)(basis[y][v] * basis[x][u]);
 }
 
 /* Requantizes one component's blocks; for the luma (`luma`: its job, else NULL) also the score and planes asked. */
@@ -249,8 +250,9 @@ static int transcode(struct job *job) {
     for (int c = 0; c < src.num_components; c++) {
         jpeg_component_info *component = &src.comp_info[c];
         if (component->quant_table == NULL) refuse((j_common_ptr)&src, "component without a quantization table");
+        struct job *luma = (job->score || job->reduce) && c == 0 ? job : NULL;
         requantize_component(&src, arrays[c], component, component->quant_table,
-                             dst.quant_tbl_ptrs[dst.comp_info[c].quant_tbl_no], (job->score || job->reduce) && c == 0 ? job : NULL);
+                             dst.quant_tbl_ptrs[dst.comp_info[c].quant_tbl_no], luma);
     }
     dst.optimize_coding = job->optimize ? TRUE : FALSE;
     if (job->progressive) jpeg_simple_progression(&dst);
