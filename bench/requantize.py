@@ -62,11 +62,10 @@ class Codec:
         self.folder, self.fast = folder, fast
 
     def __call__(self, data: bytes, quality: int) -> bytes:
-        os.environ["IMGPIPE_JPEG_FAST_PATH"] = "1" if self.fast else "0"
         source = os.path.join(self.folder, "body")
         with open(source, "wb") as f:
             f.write(data)
-        result = compress_file(source, self.folder, "out", EncodeSettings(quality=quality))
+        result = compress_file(source, self.folder, "out", EncodeSettings(quality=quality, jpeg_fast_path=self.fast))
         with open(os.path.join(self.folder, result.name), "rb") as f:
             return f.read()
 
@@ -128,7 +127,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "requantize.json"))
     args = parser.parse_args()
-    if not requantize.built():
+    if not requantize.available():
         raise SystemExit("the JPEG fast path's extension is not built: nothing to compare")
     results: dict[str, Any] = {"size": f"{args.size}x{args.size}", "quality": args.quality, "rounds": args.rounds}
     for kind, grain in PHOTO_SETS.items():

@@ -200,7 +200,7 @@ async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     log.info("daemon_started", url=settings.public_url, database=without_password(settings.database_url),
              inbox=str(settings.path("inbox")) if settings.inbox.enabled else None, daemon_cpu=app[DAEMON_CPU],
-             jpeg_fast_path=requantize.available())
+             jpeg_fast_path=settings.compress.jpeg_fast_path and requantize.available())
     yield
     log.info("daemon_stopped")
 

@@ -33,6 +33,7 @@ class EncodeSettings:
     ssim_max_side: int = 512  # the luma is scored reduced to at most this many pixels a side; 0 = full resolution
     optimize: bool = False
     progressive: bool = False
+    jpeg_fast_path: bool = True  # daemon.stages.requantize, where it applies and the extension is built
     max_pixels: int = 50_000_000
 
 
@@ -135,7 +136,7 @@ def _compress(data: bytes, settings: EncodeSettings) -> Outcome:
 def _requantized(data: bytes, settings: EncodeSettings) -> Outcome | None:
     """The JPEG fast path (daemon.stages.requantize): what the Pillow path would give, without decoding pixels;
     None where it does not apply."""
-    if settings.target_ratio > 0 or settings.target_ssim > 0:
+    if not settings.jpeg_fast_path or settings.target_ratio > 0 or settings.target_ssim > 0:
         return None  # a search encodes several times: from decoded pixels each costs less than entropy coding twice
     source = requantize.eligible(data, settings.max_pixels)
     if source is None:

@@ -3,13 +3,12 @@ the tables Pillow's encoder would write at that quality) instead of decoded to p
 
 Taken only where it gives what decoding + encoding would (see `eligible`); the compiled part is the optional
 extension daemon/stages/_requantize.c against the system's libjpeg-turbo. Without it, or with
-IMGPIPE_JPEG_FAST_PATH=0 in the environment, every image takes the Pillow path.
+compress.jpeg_fast_path = false, every image takes the Pillow path.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -29,14 +28,9 @@ class RequantizeFailed(Exception):
     """libjpeg would not take these bytes as they are (damaged data, a layout it cannot copy): decode instead."""
 
 
-def built() -> bool:
+def available() -> bool:
     """True when the extension was compiled and imports."""
     return _requantize is not None
-
-
-def available() -> bool:
-    """True when the extension is built and the fast path is not switched off (IMGPIPE_JPEG_FAST_PATH=0)."""
-    return built() and os.environ.get("IMGPIPE_JPEG_FAST_PATH", "1") != "0"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ def jpeg(width: int, height: int, grain: float, mode: str = "RGB", **options: ob
 
 
 def main() -> int:
-    if not requantize.built():
+    if not requantize.available():
         print("the extension is not built", file=sys.stderr)
         return 1
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()

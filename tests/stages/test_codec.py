@@ -26,6 +26,7 @@ from daemon.stages.codec import (
 from daemon.testing import bomb_png
 
 DEFAULTS = EncodeSettings()
+PILLOW_PATH = EncodeSettings(jpeg_fast_path=False)
 RED, BLUE = (220, 30, 30), (30, 30, 220)
 
 
@@ -97,12 +98,11 @@ def listing(out: Path) -> list[str]:
     return sorted(os.listdir(out))
 
 
-def test_default_reencodes_jpeg_at_quality_50_same_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_reencodes_jpeg_at_quality_50_same_size(tmp_path: Path) -> None:
     """A photo becomes a smaller baseline, non-optimised JPEG of the same dimensions at quality 50."""
-    monkeypatch.setenv("IMGPIPE_JPEG_FAST_PATH", "0")  # byte for byte what Pillow writes (test_requantize: the other)
     source = photo_jpeg(tmp_path)
     out = tmp_path / "out"
-    result = run(source, out)
+    result = run(source, out, PILLOW_PATH)  # byte for byte what Pillow writes (test_requantize: the fast path)
 
     assert result == Compressed(
         name="abc_1_0.jpg",

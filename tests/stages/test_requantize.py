@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from daemon.stages.codec import NOT_SMALLER_NOTE, Compressed, EncodeSettings, Im
 from daemon.testing import fine_grain_photo, jpeg_bytes, smooth_photo, ssim
 
 # Without the extension these skip, unless CI requires it (.ci/run): then they fail.
-if not requantize.built() and os.environ.get("IMGPIPE_TEST_REQUIRE_REQUANTIZE") != "1":
+if not requantize.available() and os.environ.get("IMGPIPE_TEST_REQUIRE_REQUANTIZE") != "1":
     pytest.skip("the JPEG fast path's extension is not built (it needs a C compiler and libjpeg-turbo's headers, "
                 "e.g. Debian's libjpeg62-turbo-dev, then `make install`)", allow_module_level=True)
 
@@ -24,22 +25,13 @@ DEFAULTS = EncodeSettings()
 Run = Callable[..., tuple[Compressed, bytes]]
 
 
-@pytest.fixture(autouse=True)
-def fast_path_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whatever the environment running the tests says."""
-    monkeypatch.delenv("IMGPIPE_JPEG_FAST_PATH", raising=False)
-
-
 @pytest.fixture
-def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
+def run(tmp_path: Path) -> Run:
     """Compress bytes through the real codec, on the fast path or (fast=False) forced onto the Pillow path."""
 
     def compress(data: bytes, fast: bool = True, settings: EncodeSettings = DEFAULTS) -> tuple[Compressed, bytes]:
-        if fast:
-            monkeypatch.delenv("IMGPIPE_JPEG_FAST_PATH", raising=False)
-            assert requantize.available(), "the extension did not import"
-        else:
-            monkeypatch.setenv("IMGPIPE_JPEG_FAST_PATH", "0")
+        assert requantize.available(), "the extension did not import"
+        settings = replace(settings, jpeg_fast_path=fast)
         source = tmp_path / "body"
         source.write_bytes(data)
         out = tmp_path / ("fast" if fast else "pillow")
