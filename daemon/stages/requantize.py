@@ -16,7 +16,7 @@ from PIL import Image, JpegImagePlugin
 
 try:
     import daemon.stages._requantize as _requantize
-except ImportError:  # built where a compiler and libjpeg's headers were found (setup.py: optional)
+except ImportError:  # not built: no compiler or libjpeg headers at install time (setup.py: optional=True)
     _requantize = None  # type: ignore[assignment]
 
 _SUBSAMPLING_420 = 2  # JpegImagePlugin.get_sampling's code for 4:2:0, what Pillow's encoder writes at any quality
