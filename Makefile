@@ -9,15 +9,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# setup.py builds the optional JPEG fast path (daemon/stages/_requantize.c): rebuilt when its source changes.
+BUILD_INPUTS := pyproject.toml setup.py daemon/stages/_requantize.c
+
+$(VENV)/.installed: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@ $(VENV)/.installed
 
-$(VENV)/.installed-check: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-check: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/pip install -q -e '.[check]'
 	touch $@ $(VENV)/.installed
 

@@ -46,6 +46,7 @@ from daemon.metrics import METRICS, Metrics, counting
 from daemon.metrics import add_routes as metrics_routes
 from daemon.network import AddressPolicy, GuardedConnector
 from daemon.openapi import add_routes as openapi_routes
+from daemon.stages import requantize
 from daemon.stages.bodies import Bodies
 from daemon.stages.complete import CompleteStage
 from daemon.stages.compress import CompressStage
@@ -244,7 +245,8 @@ async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
     """Last of the set-up; `imgpipe run` listens before any of it (daemon.listen), so this is true when logged."""
     settings = app[SETTINGS]
     log.info("daemon_started", url=settings.public_url, database=without_password(settings.database_url),
-             inbox=str(settings.path("inbox")) if settings.inbox.enabled else None, daemon_cpu=app[DAEMON_CPU])
+             inbox=str(settings.path("inbox")) if settings.inbox.enabled else None, daemon_cpu=app[DAEMON_CPU],
+             jpeg_fast_path=settings.compress.jpeg_fast_path and requantize.available())
     yield
     log.info("daemon_stopped")
 

@@ -84,6 +84,7 @@ class CompressSettings:
     ssim_max_side: int = 512  # the luma is scored reduced to at most this many pixels a side; 0: full resolution
     optimize: bool = False
     progressive: bool = False
+    jpeg_fast_path: bool = True  # JPEG in, JPEG out requantized without decoding where it can (daemon.stages.requantize)
     workers: int = 0  # 0: one per CPU
     pin_daemon: bool = True  # the daemon's own threads on one CPU, the workers on all (see daemon.tuning)
     max_pixels: int = 50_000_000

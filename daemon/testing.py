@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from aiohttp import web
 from PIL import Image, ImageFilter
 
 from daemon.config import Settings, load_settings, replace
 from daemon.eventlog.follower import run_until_idle
+from daemon.stages import similarity
 
 T = TypeVar("T")
 
@@ -41,6 +43,22 @@ def photo(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
     image = Image.merge("RGB", channels).filter(ImageFilter.GaussianBlur(2))
     noise = Image.effect_noise((width, height), 24 + seed % 8).convert("RGB")
     return Image.blend(image, noise, 0.18)
+
+
+def smooth_photo(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
+    """A photograph of smooth surfaces: `photo` softened (2000x2000 at quality 90: about 340 KB)."""
+    return photo(width, height, seed).filter(ImageFilter.GaussianBlur(1.2))
+
+
+def fine_grain_photo(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
+    """A photograph with fine colour grain, as from a small sensor (2000x2000 at quality 90: about 1.5 MB)."""
+    grain = Image.merge("RGB", [Image.effect_noise((width, height), 40) for _ in range(3)])
+    return Image.blend(photo(width, height, seed), grain, 0.3)
+
+
+def ssim(a: Image.Image, b: Image.Image) -> float:
+    """The score's SSIM (daemon.stages.similarity) of two images' luma at full resolution."""
+    return similarity.ssim(np.asarray(similarity.luma(a)), np.asarray(similarity.luma(b)))
 
 
 def pipeline_settings(tmp_path: Path, **sections: dict[str, object]) -> Settings:

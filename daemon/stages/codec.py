@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import os
 import re
 import warnings
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from daemon.events import Compressed
-from daemon.stages.similarity import Reference
+from daemon.stages import requantize
+from daemon.stages.similarity import Reference, reduction
 from daemon.storage import FolderStore, ImageStore
 
 
@@ -31,6 +33,7 @@ class EncodeSettings:
     ssim_max_side: int = 512  # the luma is scored reduced to at most this many pixels a side; 0 = full resolution
     optimize: bool = False
     progressive: bool = False
+    jpeg_fast_path: bool = True  # daemon.stages.requantize, where it applies and the extension is built
     max_pixels: int = 50_000_000
 
 
@@ -104,6 +107,9 @@ Outcome = tuple[bytes, str, int, int, int | None, str, float | None]
 def _compress(data: bytes, settings: EncodeSettings) -> Outcome:
     """Return (payload, format, width, height, quality, note, score); quality is None when the original is kept,
     score None when the image was not scored."""
+    fast = _requantized(data, settings)
+    if fast is not None:
+        return fast
     kept = 1.0 if settings.ssim else None  # the original's own pixels: identical
     im, animated = _decode(data, settings.max_pixels)
     original_format = im.format or ""
@@ -119,24 +125,66 @@ def _compress(data: bytes, settings: EncodeSettings) -> Outcome:
     fmt = "WEBP" if im.mode == "RGBA" else "JPEG"
     if max(width, height) > _MAX_SIDE[fmt]:
         return data, original_format, width, height, None, f"too large for {fmt}, original kept", kept
-    if icc and icc[16:20] != _ICC_SPACE[im.mode]:
-        icc = None  # e.g. CMYK already converted to sRGB, whose untagged form is the web default
-
+    icc = _kept_icc(icc, im.mode)
     # Scored against the normalised pixels, the ones the encoder was given (already decoded: no second decode).
     reference = Reference(im, settings.ssim_max_side) if settings.ssim or settings.target_ssim else None
+    return _chosen(data, original_format, fmt, width, height, settings,
+                   lambda quality: _encode(im, fmt, quality, settings, icc), _scorer(reference),
+                   scorable=reference is not None and reference.factor is not None)
 
-    def score(payload: bytes) -> float | None:
-        return reference.score(decoded_output(payload, reference)) if reference else None
+
+def _requantized(data: bytes, settings: EncodeSettings) -> Outcome | None:
+    """The JPEG fast path (daemon.stages.requantize): what the Pillow path would give, without decoding pixels;
+    None where it does not apply."""
+    if not settings.jpeg_fast_path or settings.target_ratio > 0 or settings.target_ssim > 0:
+        return None  # a search encodes several times: from decoded pixels each costs less than entropy coding twice
+    source = requantize.eligible(data, settings.max_pixels)
+    if source is None:
+        return None
+    size = (source.width, source.height)
+    factor = reduction(size, settings.ssim_max_side) if settings.ssim else None
+    # The score's reduction as a JPEG decoder makes it: the extension makes both lumas so reduced from the
+    # coefficients it holds, decoding neither file again. Scored at full size, the pixels are needed anyway.
+    reduce = math.gcd(factor, 8) if factor else 0
+    if reduce == 1:
+        return None
+    encoder = requantize.Requantizer(data, size, settings.optimize, settings.progressive, settings.max_pixels,
+                                     _kept_icc(source.icc, source.mode), reduce)
+    reference = functools.cache(lambda: Reference(encoder.before(), settings.ssim_max_side, size))
+    try:
+        return _chosen(data, "JPEG", "JPEG", source.width, source.height, settings, encoder,
+                       lambda payload: reference().score(encoder.after(payload)) if reduce else None,
+                       scorable=factor is not None)
+    except requantize.RequantizeFailed:
+        return None  # damaged data: the Pillow path gives the result or error it always gave
+
+
+def _scorer(reference: Reference | None) -> Callable[[bytes], float | None]:
+    """The score of an encode, decoded as reduced as the score is, against `reference` (None: not scored)."""
+    return lambda payload: reference.score(decoded_output(payload, reference)) if reference else None
+
+
+def _kept_icc(icc: bytes | None, mode: str) -> bytes | None:
+    if icc and icc[16:20] != _ICC_SPACE[mode]:
+        return None  # e.g. CMYK already converted to sRGB, whose untagged form is the web default
+    return icc
+
+
+def _chosen(data: bytes, original_format: str, fmt: str, width: int, height: int, settings: EncodeSettings,
+            encode_payload: Callable[[int], bytes], score: Callable[[bytes], float | None], scorable: bool) -> Outcome:
+    """The encode the settings ask for (a quality, a target ratio or SSIM), scored, or the original when that
+    is not smaller."""
+    kept = 1.0 if settings.ssim else None
 
     def encode(quality: int) -> Encoded:
-        return Encoded(quality, _encode(im, fmt, quality, settings, icc), None)
+        return Encoded(quality, encode_payload(quality), None)
 
     def encode_scored(quality: int) -> Encoded:
-        payload = _encode(im, fmt, quality, settings, icc)
+        payload = encode_payload(quality)
         return Encoded(quality, payload, score(payload))
 
     note = ""
-    aiming = settings.target_ssim > 0 and reference is not None and reference.factor is not None
+    aiming = settings.target_ssim > 0 and scorable
     if settings.target_ratio > 0:
         budget = settings.target_ratio * len(data)
         found, met = _search_quality(encode, lambda e: len(e.payload) <= budget, lowest=False,

@@ -38,7 +38,8 @@ CODEC_ATTEMPTS = 3
 def encode_settings(settings: CompressSettings) -> EncodeSettings:
     return EncodeSettings(quality=settings.quality, target_ratio=settings.target_ratio, optimize=settings.optimize,
                           progressive=settings.progressive, max_pixels=settings.max_pixels,
-                          target_ssim=settings.target_ssim, ssim=settings.ssim, ssim_max_side=settings.ssim_max_side)
+                          target_ssim=settings.target_ssim, ssim=settings.ssim, ssim_max_side=settings.ssim_max_side,
+                          jpeg_fast_path=settings.jpeg_fast_path)
 
 
 class CompressStage(Follower):

@@ -60,12 +60,15 @@ def reduction(size: tuple[int, int], max_side: int) -> int | None:
 class Reference:
     """The luma an encode is scored against, made once per image for every encode tried (target_ssim's search)."""
 
-    def __init__(self, im: Image.Image, max_side: int) -> None:
-        self.size = im.size
-        self.factor = reduction(im.size, max_side)
-        self.plane: Plane | None = None if self.factor is None else _plane(luma(im), self.factor)
+    def __init__(self, im: Image.Image, max_side: int, size: tuple[int, int] | None = None) -> None:
+        """`im` is the image itself or, with the image's `size`, a JPEG of it decoded to `draft_size` (the fast
+        path, daemon.stages.requantize, never decodes the rest)."""
+        self.size = size or im.size
+        self.factor = reduction(self.size, max_side)
         # A JPEG decoder reduces by 2, 4 or 8 as it decodes, for a fraction of a full decode's cost.
         self.decoder_factor = math.gcd(self.factor or 1, 8)
+        reduced_by = 1 if im.size == self.size else self.decoder_factor
+        self.plane: Plane | None = None if self.factor is None else _plane(luma(im), self.factor // reduced_by)
 
     @property
     def draft_size(self) -> tuple[int, int]:
