@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test check bench install install-test install-check clean
+.PHONY: run test test-slow check bench install install-test install-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,12 @@ install-check: $(VENV)/.installed-check
 run: install
 	$(BIN)/imgpipe run
 
+# The slow suites (three daemons, kill -9 scenarios, fuzzing: about two minutes) run in CI, after the rest.
 test: install-test
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not slow"
+
+test-slow: install-test
+	$(BIN)/pytest -m slow
 
 check: install-check
 	$(BIN)/mypy

@@ -85,8 +85,9 @@ async def test_upload_progress_and_before_after(browser: Any, launch_daemon: Cal
             await expect(images).to_have_count(3)
             await expect(images.first).to_contain_text("Trail shoe")
             await expect(images.first.locator(".badge")).to_have_text("compressed")
-            await page.wait_for_function(
-                "[...document.querySelectorAll('#images img.thumb')].every(i => i.complete && i.naturalWidth === 640)")
+            # Properties, not wait_for_function: its string predicate needs eval, which the page's CSP refuses.
+            for thumb in await page.locator("#images img.thumb").all():
+                await expect(thumb).to_have_js_property("naturalWidth", 640)
             await images.first.get_by_role("button", name="Before / after").click()
             await expect(page.locator("#compare")).to_have_attribute("data-ready", "true")
             assert await page.eval_on_selector("#c-before", "i => [i.naturalWidth, i.naturalHeight]") == [640, 480]
@@ -160,7 +161,7 @@ async def test_csp_blocks_inline_script_and_the_token_stays_out_of_urls(
             await drop_file(page, "one.csv", csv_text([("Boot", [f"{origin.url}/img/shoe1.jpg"])]))
             await page.click("#upload-button")
             await expect(page.locator("#r-status")).to_have_text("completed", timeout=WAIT_MS)
-            await page.wait_for_function("document.querySelector('#images img.thumb').naturalWidth === 640")
+            await expect(page.locator("#images img.thumb").first).to_have_js_property("naturalWidth", 640)
             await page.reload()  # the token is kept for the tab, not put anywhere else
             await page.locator("#live").filter(has_text="live").wait_for()
             await expect(page.locator("#request-table tbody tr")).to_have_count(1)
