@@ -101,14 +101,15 @@ def test_a_postgresql_lock_whose_connection_is_lost_is_taken_again(
     monkeypatch.setattr(instance, "LOCK_CHECK_SECONDS", 0.05)
     with both_backends("postgresql", tmp_path) as url, exclusive(url):
         with connect_postgresql(url) as admin:
-            ended = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            ended = admin.execute("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
                                   "WHERE application_name = %s", (f"imgpipe pid {os.getpid()}",)).fetchall()
-            assert ended == [(True,)]
+            assert [terminated for _, terminated in ended] == [True]
             deadline = time.monotonic() + 10
-            # Held again, not only connected again: a session shows before its lock does.
+            # Held again by a new session: not only connected (a session shows before its lock does), and not the
+            # ended one (it shows, lock and all, until its backend has exited).
             while not admin.execute("SELECT 1 FROM pg_locks JOIN pg_stat_activity USING (pid) WHERE "
-                                    "locktype = 'advisory' AND granted AND application_name = %s",
-                                    (f"imgpipe pid {os.getpid()}",)).fetchall():
+                                    "locktype = 'advisory' AND granted AND application_name = %s AND pid != %s",
+                                    (f"imgpipe pid {os.getpid()}", ended[0][0])).fetchall():
                 assert time.monotonic() < deadline, "the lock was not taken again"
                 time.sleep(0.02)
         with pytest.raises(DatabaseInUse), exclusive(url):
