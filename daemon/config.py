@@ -233,7 +233,8 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
         if kind in (tuple[str, ...], tuple[float, ...]):
             item = str if kind == tuple[str, ...] else float
             items = [v.strip() for v in value.split(",") if v.strip()] if from_env else value
-            if not isinstance(items, list | tuple):
+            if not isinstance(items, list | tuple) or (from_env and value and not items):
+                # Blanks or bare commas are a slip, not an empty list: for server.tokens it would turn auth off.
                 raise ValueError
             return tuple(_coerce(key, item, v) for v in items)
     except (TypeError, ValueError):

@@ -133,6 +133,8 @@ def test_replace_changes_only_the_named_keys(settings: Settings) -> None:
     ("", {"IMGPIPE_WEBHOOKS_RETRY_SCHEDULE": "5,nan"}, "webhooks.retry_schedule: must be a finite number"),
     ("[server]\nport = 0\n", {}, "server.port: must be 1..65535, got 0"),
     ('[server]\ntokens = ["alpha", ""]\n', {}, "server.tokens: an empty token would let in anyone"),
+    ("", {"IMGPIPE_SERVER_TOKENS": " "}, "IMGPIPE_SERVER_TOKENS: expected list, got ' '"),
+    ("", {"IMGPIPE_WEBHOOKS_URLS": " , "}, "IMGPIPE_WEBHOOKS_URLS: expected list, got ' , '"),
     ("", {"IMGPIPE_WEBHOOKS_SECRET": "whsec_"}, "webhooks.secret: not a usable secret (webhook secret may not be empty)"),
     ('[webhooks]\ninbound_secret = "whsec_abcde"\n', {}, "webhooks.inbound_secret: not a usable secret"),
 ])
