@@ -32,6 +32,7 @@ from aiohttp import test_utils, web
 
 from daemon.app import INBOX, build_app
 from daemon.config import Settings, load_settings, replace
+from daemon.eventlog.store import EventLog, open_store
 from daemon.http_api import STATUS_VIEW
 from daemon.ingest.csvfile import COLUMNS
 from daemon.ingest.inbox import Inbox
@@ -283,6 +284,22 @@ def either_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Itera
 def both_backends() -> Callable[[str, Path], AbstractContextManager[str]]:
     """For a folder's conftest: `database_url` on the backend its parameter names."""
     return backend_database
+
+
+@pytest.fixture
+def postgres_url(tmp_path: Path, both_backends: Callable[[str, Path], AbstractContextManager[str]]) -> Iterator[str]:
+    """A PostgreSQL database of this test's own (for what only PostgreSQL has: claims, leadership, clusters)."""
+    with both_backends("postgresql", tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+async def postgres_eventlog(postgres_url: str) -> AsyncIterator[EventLog]:
+    """An open store on `postgres_url`."""
+    log = open_store(postgres_url)
+    await log.open()
+    yield log
+    await log.close()
 
 
 @pytest.fixture

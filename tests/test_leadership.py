@@ -4,37 +4,20 @@ only while the daemon making it holds the lock), and where a new daemon's consum
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from daemon.cluster import LEADER_KEY, Leadership, NotLeader, adopt_checkpoint, per_node
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.store import EventLog, Tracking, open_store
+from daemon.eventlog.store import EventLog, Tracking
 from daemon.events import RequestDeleted
 from daemon.instance import connect_postgresql
 from daemon.testing import eventually
 
 
-@pytest.fixture
-def postgres_url(tmp_path: Path, both_backends: Callable[[str, Path], AbstractContextManager[str]]) -> Iterator[str]:
-    with both_backends("postgresql", tmp_path) as url:
-        yield url
-
-
-@pytest.fixture
-async def eventlog(postgres_url: str) -> AsyncIterator[EventLog]:
-    log = open_store(postgres_url)
-    await log.open()
-    yield log
-    await log.close()
-
-
-async def fenced_commit(eventlog: EventLog, leadership: Leadership, stream: str) -> None:
-    await eventlog.commit([(stream, [RequestDeleted()])], apply=leadership.fence)
+async def fenced_commit(postgres_eventlog: EventLog, leadership: Leadership, stream: str) -> None:
+    await postgres_eventlog.commit([(stream, [RequestDeleted()])], apply=leadership.fence)
 
 
 def leader_lock_holders(url: str) -> int:
@@ -45,7 +28,7 @@ def leader_lock_holders(url: str) -> int:
 
 
 async def test_a_deposed_leaders_commit_is_refused_and_the_new_leaders_lands(
-        eventlog: EventLog, postgres_url: str) -> None:
+        postgres_eventlog: EventLog, postgres_url: str) -> None:
     """While a holds the lock its fenced commits land; once its lock connection ends they are refused, and b,
     which took the lock, commits."""
     a, b = Leadership(postgres_url, "a", []), Leadership(postgres_url, "b", [])
@@ -54,9 +37,9 @@ async def test_a_deposed_leaders_commit_is_refused_and_the_new_leaders_lands(
     try:
         assert await asyncio.to_thread(a.try_lock, a_connection)
         assert not await asyncio.to_thread(b.try_lock, b_connection)
-        await fenced_commit(eventlog, a, "r1")
+        await fenced_commit(postgres_eventlog, a, "r1")
         with pytest.raises(NotLeader):
-            await fenced_commit(eventlog, b, "r2")
+            await fenced_commit(postgres_eventlog, b, "r2")
 
         await asyncio.to_thread(a_connection.close)  # the server drops a's lock with its session
 
@@ -65,12 +48,12 @@ async def test_a_deposed_leaders_commit_is_refused_and_the_new_leaders_lands(
 
         await eventually(released, "a's lock to be released")
         with pytest.raises(NotLeader):
-            await fenced_commit(eventlog, a, "r3")
+            await fenced_commit(postgres_eventlog, a, "r3")
         assert await asyncio.to_thread(b.try_lock, b_connection)
-        await fenced_commit(eventlog, b, "r4")
+        await fenced_commit(postgres_eventlog, b, "r4")
     finally:
         await asyncio.to_thread(b_connection.close)
-    assert [s for s in ("r1", "r2", "r3", "r4") if await eventlog.read_stream(s)] == ["r1", "r4"]
+    assert [s for s in ("r1", "r2", "r3", "r4") if await postgres_eventlog.read_stream(s)] == ["r1", "r4"]
 
 
 class Downloads(Follower):
@@ -78,13 +61,13 @@ class Downloads(Follower):
     types = frozenset({"ImageRequested"})
 
 
-async def test_a_new_daemons_consumer_starts_where_the_furthest_of_its_kind_is(eventlog: EventLog) -> None:
+async def test_a_new_daemons_consumer_starts_where_the_furthest_of_its_kind_is(postgres_eventlog: EventLog) -> None:
     """A consumer seen for the first time takes the furthest checkpoint of its kind; one with a checkpoint keeps it."""
-    await eventlog.commit([], Tracking("stage.download@a", 40, ()))
-    await eventlog.commit([], Tracking("stage.download@b", 70, ()))
-    await eventlog.commit([], Tracking("stage.compress@c", 90, ()))
-    await eventlog.commit([], Tracking("stage.download@d", 10, ()))
+    await postgres_eventlog.commit([], Tracking("stage.download@a", 40, ()))
+    await postgres_eventlog.commit([], Tracking("stage.download@b", 70, ()))
+    await postgres_eventlog.commit([], Tracking("stage.compress@c", 90, ()))
+    await postgres_eventlog.commit([], Tracking("stage.download@d", 10, ()))
     for node in ("c", "d"):
-        await adopt_checkpoint(eventlog, per_node(Downloads(eventlog), node))
-    assert (await eventlog.load_tracking("stage.download@c"))[0] == 70
-    assert (await eventlog.load_tracking("stage.download@d"))[0] == 10
+        await adopt_checkpoint(postgres_eventlog, per_node(Downloads(postgres_eventlog), node))
+    assert (await postgres_eventlog.load_tracking("stage.download@c"))[0] == 70
+    assert (await postgres_eventlog.load_tracking("stage.download@d"))[0] == 10

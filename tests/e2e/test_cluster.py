@@ -15,7 +15,7 @@ import uuid
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,12 +160,6 @@ def rows(database_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
     with connect_postgresql(database_url) as connection:
         return [tuple(row) for row in connection.execute(sql.replace("?", "%s"), params).fetchall()]
-
-
-@pytest.fixture
-def postgres_url(tmp_path: Path, both_backends: Callable[[str, Path], AbstractContextManager[str]]) -> Iterator[str]:
-    with both_backends("postgresql", tmp_path) as url:
-        yield url
 
 
 async def test_three_daemons_share_a_batch_and_a_killed_one_loses_nothing(
