@@ -9,8 +9,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# setup.py builds the optional JPEG fast path (daemon/stages/_requantize.c): rebuilt when its source changes.
-BUILD_INPUTS := pyproject.toml setup.py daemon/stages/_requantize.c
+# setup.py builds the optional extensions (daemon/stages/_requantize.c, _similarity.c): rebuilt when they change.
+BUILD_INPUTS := pyproject.toml setup.py daemon/stages/_requantize.c daemon/stages/_similarity.c
 
 $(VENV)/.installed: $(BUILD_INPUTS) | $(BIN)/python
 	$(BIN)/pip install -q -e .

@@ -81,7 +81,7 @@ class CompressSettings:
     target_ratio: float = 0.0
     target_ssim: float = 0.0  # 0: off; else per image the lowest quality whose SSIM reaches it
     ssim: bool = True  # score every output (SSIM on luma against its decoded original)
-    ssim_max_side: int = 512  # the luma is scored reduced to at most this many pixels a side; 0: full resolution
+    ssim_max_side: int = 256  # the luma is scored reduced to at most this many pixels a side; 0: full resolution
     optimize: bool = False
     progressive: bool = False
     jpeg_fast_path: bool = True  # JPEG in, JPEG out requantized without decoding where it can (daemon.stages.requantize)

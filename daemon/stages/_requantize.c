@@ -128,39 +128,45 @@ static inline double requantize_block_scored(JCOEF *coef, const float *factor, c
 
 /* The N x N pixels (N = 8 / reduce, at most 4) that stand for an 8x8 block at 1/reduce of its size: each the mean
  * of the reduce x reduce pixels the full inverse DCT would give (before rounding), which is what libjpeg's scaled
- * IDCT computes. weight[p] holds, for output pixel p, each coefficient's share: a dot product of 64 per pixel,
- * which the compiler vectorises. Writes row by row at `out`, `stride` bytes apart. */
-static void reduced_block(const JCOEF *coef, const float *step, int n, const float weight[16][DCTSIZE2],
+ * IDCT computes. The 2-D basis is separable: the block's 8 rows of frequencies are first reduced to N rows (whole
+ * rows at a time, which the compiler vectorises), then each of those to N pixels; at N = 1 only the DC term is left
+ * (the block's mean). Writes row by row at `out`, `stride` bytes apart. */
+static void reduced_block(const JCOEF *coef, const float *step, int n, const float basis[4][DCTSIZE],
                           unsigned char *out, size_t stride) {
+    if (n == 1) {
+        int level = (int)((float)coef[0] * step[0] * basis[0][0] * basis[0][0] + 128.5f);
+        out[0] = (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
+        return;
+    }
     float value[DCTSIZE2];
+#pragma omp simd
     for (int k = 0; k < DCTSIZE2; k++) value[k] = (float)coef[k] * step[k];
-    for (int y = 0; y < n; y++)
+    for (int y = 0; y < n; y++) {
+        float row[DCTSIZE] = {0};  /* the frequencies across, of output row y */
+        for (int v = 0; v < DCTSIZE; v++) {
+            float weight = basis[y][v];
+#pragma omp simd
+            for (int u = 0; u < DCTSIZE; u++) row[u] += weight * value[v * DCTSIZE + u];
+        }
         for (int x = 0; x < n; x++) {
-            const float *w = weight[y * n + x];
             float sum = 0;
 #pragma omp simd reduction(+ : sum)
-            for (int k = 0; k < DCTSIZE2; k++) sum += w[k] * value[k];
+            for (int u = 0; u < DCTSIZE; u++) sum += row[u] * basis[x][u];
             int level = (int)(sum + 128.5f);
             out[(size_t)y * stride + (size_t)x] = (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
         }
+    }
 }
 
-/* weight[y * n + x][v * 8 + u] for reduced_block: basis(y, v) * basis(x, u), basis(x, u) being the mean over output
- * pixel x's span of C(u) cos((2i + 1) u pi / 16) / 2. */
-static void reduced_weights(int n, float weight[16][DCTSIZE2]) {
-    double basis[8][8];
+/* basis[x][u] for reduced_block: the mean over output pixel x's span of C(u) cos((2i + 1) u pi / 16) / 2. */
+static void reduced_basis(int n, float basis[4][DCTSIZE]) {
     for (int x = 0; x < n; x++)
         for (int u = 0; u < DCTSIZE; u++) {
             double sum = 0;
             for (int i = x * (DCTSIZE / n); i < (x + 1) * (DCTSIZE / n); i++)
                 sum += (u == 0 ? 0.70710678118654752 : 1.0) * cos((2 * i + 1) * u * 3.14159265358979324 / 16) / 2;
-            basis[x][u] = sum / (DCTSIZE / n);
+            basis[x][u] = (float)(sum / (DCTSIZE / n));
         }
-    for (int y = 0; y < n; y++)
-        for (int x = 0; x < n; x++)
-            for (int v = 0; v < DCTSIZE; v++)
-                for (int u = 0; u < DCTSIZE; u++)
-                    weight[y * n + x][v * DCTSIZE + u] = (float)(basis[y][v] * basis[x][u]);
 }
 
 /* Requantizes one component's blocks; for the luma (`luma`: its job, else NULL) also the score and planes asked. */
@@ -173,8 +179,8 @@ static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, j
         factor[k] = old_step[k] / new_step[k];
     }
     int n = luma != NULL && luma->reduce ? DCTSIZE / luma->reduce : 0;
-    float weight[16][DCTSIZE2];
-    if (n > 0) reduced_weights(n, weight);
+    float basis[4][DCTSIZE];
+    if (n > 0) reduced_basis(n, basis);
     for (JDIMENSION row = 0; row < component->height_in_blocks; row += component->v_samp_factor) {
         JBLOCKARRAY rows = (*src->mem->access_virt_barray)((j_common_ptr)src, array, row,
                                                           (JDIMENSION)component->v_samp_factor, TRUE);
@@ -183,7 +189,7 @@ static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, j
             if (n > 0) {
                 size_t stride = luma->plane_width, top = (size_t)(row + r) * (size_t)n * stride;
                 for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
-                    reduced_block(blocks[b], old_step, n, weight, luma->before + top + (size_t)b * n, stride);
+                    reduced_block(blocks[b], old_step, n, basis, luma->before + top + (size_t)b * n, stride);
             }
             if (luma != NULL && luma->score) {
                 for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
@@ -195,7 +201,7 @@ static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, j
             if (n > 0) {
                 size_t stride = luma->plane_width, top = (size_t)(row + r) * (size_t)n * stride;
                 for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
-                    reduced_block(blocks[b], new_step, n, weight, luma->after + top + (size_t)b * n, stride);
+                    reduced_block(blocks[b], new_step, n, basis, luma->after + top + (size_t)b * n, stride);
             }
         }
     }

@@ -30,7 +30,7 @@ class EncodeSettings:
     target_ratio: float = 0.0  # 0 = off; else output at most this share of the input bytes
     target_ssim: float = 0.0  # 0 = off; else the lowest quality whose score reaches it
     ssim: bool = True  # score each output against its decoded original (daemon.stages.similarity)
-    ssim_max_side: int = 512  # the luma is scored reduced to at most this many pixels a side; 0 = full resolution
+    ssim_max_side: int = 256  # the luma is scored reduced to at most this many pixels a side; 0 = full resolution
     optimize: bool = False
     progressive: bool = False
     jpeg_fast_path: bool = True  # daemon.stages.requantize, where it applies and the extension is built

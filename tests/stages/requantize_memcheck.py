@@ -1,4 +1,5 @@
-"""Runs the JPEG fast path's extension over valid and damaged JPEGs, for .ci/run to watch under valgrind.
+"""Runs the C extensions (the JPEG fast path over valid and damaged JPEGs, the SSIM score over planes of several
+shapes) for .ci/run to watch under valgrind.
 
 Not a test module (pytest does not collect it): `valgrind ... python tests/stages/requantize_memcheck.py`. Exits 1
 if the extension is missing or answers wrongly; valgrind's own exit code reports bad memory use or a leak."""
@@ -10,7 +11,7 @@ import sys
 
 from PIL import Image, ImageCms
 
-from daemon.stages import requantize  # and nothing else of ours: other imports bring their own leaks at exit
+from daemon.stages import _similarity, requantize  # nothing else of ours: other imports bring their own leaks at exit
 
 
 def jpeg(width: int, height: int, grain: float, mode: str = "RGB", **options: object) -> bytes:
@@ -42,7 +43,23 @@ def main() -> int:
             size = im.size
         for reduce in (2, 4, 8):
             encoder = requantize.Requantizer(data, size, False, False, 50_000_000, None, reduce)
-            encoder.after(encoder(50)).tobytes()
+            after = encoder.after(encoder(50)).tobytes()
+            before = encoder.before().tobytes()
+            width, height = encoder.plane_size
+            if width >= 11 and height >= 11 and not 0 < _similarity.ssim(before, after, width, height) <= 1:
+                print("an SSIM out of range", file=sys.stderr)
+                return 1
+    for width, height in ((11, 11), (12, 40), (161, 97)):
+        plane = bytes(range(256)) * (width * height // 256) + bytes(width * height % 256)
+        if abs(_similarity.ssim(plane, plane, width, height) - 1) > 1e-6:
+            print("a plane's SSIM with itself is not 1", file=sys.stderr)
+            return 1
+    try:
+        _similarity.ssim(b"", b"", 10, 10)
+        print("a plane smaller than a window was scored", file=sys.stderr)
+        return 1
+    except ValueError:
+        pass
     data = photos[0]
     damaged = [data[: len(data) // 2], data[:300], data[:900] + bytes(b ^ 0x5A for b in data[900:]), b"\xff\xd8", b""]
     refused = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 from skimage import data as photographs
 from skimage.metrics import structural_similarity
 
+from daemon.stages import similarity
 from daemon.stages.codec import ORIGINAL_KEPT, Compressed, EncodeSettings, compress_file
 from daemon.stages.similarity import luma, reduction
 
@@ -89,20 +91,45 @@ def test_full_resolution_score_equals_scikit_image_on_other_kinds(tmp_path: Path
 
 @pytest.mark.parametrize("name", ("coffee", "rocket"))
 def test_the_default_scores_a_reduced_luma(tmp_path: Path, name: str) -> None:
-    """By default a photograph wider than 512 pixels is scored on its luma reduced by 2 (box), as scikit-image
-    scores those reduced planes; the reduced score is higher than the full one (coarse detail only)."""
+    """By default a photograph wider than 256 pixels is scored on its luma reduced by a power of two (box) to at
+    most 256 a side, as scikit-image scores those reduced planes; the reduced score is higher than the full one."""
     data = encoded(photograph(name), "JPEG", quality=90)
     result, output = compress(tmp_path, data, EncodeSettings())
-    assert reduction(photograph(name).size, 512) == 2
+    assert reduction(photograph(name).size, 256) == 4
 
     def reduced(luma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        height, width = (luma.shape[0] // 2) * 2, (luma.shape[1] // 2) * 2
-        return np.asarray(luma[:height, :width].reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3)))
+        height, width = (luma.shape[0] // 4) * 4, (luma.shape[1] // 4) * 4
+        return np.asarray(luma[:height, :width].reshape(height // 4, 4, width // 4, 4).mean(axis=(1, 3)))
 
     expected = independent(reduced(seen(data)), reduced(seen(output)))
     assert result.ssim is not None
     assert abs(result.ssim - expected) <= TOLERANCE
     assert result.ssim > independent(seen(data), seen(output))
+
+
+@pytest.mark.parametrize(("size", "max_side", "factor"), [
+    ((2000, 2000), 256, 8), ((1200, 800), 256, 8), ((600, 400), 256, 4), ((256, 100), 256, 1),
+    ((4000, 3000), 256, 16), ((3000, 30), 256, 2), ((600, 400), 0, 1), ((2000, 2000), 512, 4), ((10, 300), 256, None),
+])
+def test_reduction_is_a_power_of_two_up_to_eight(size: tuple[int, int], max_side: int, factor: int | None) -> None:
+    """The scale is what a JPEG decoder reduces by (2, 4, 8), then multiples of 8, never below one window a side."""
+    assert reduction(size, max_side) == factor
+
+
+@pytest.mark.skipif(similarity._compiled is None and os.environ.get("IMGPIPE_TEST_REQUIRE_REQUANTIZE") != "1",
+                    reason="the SSIM extension (daemon/stages/_similarity.c) was not built")
+@pytest.mark.parametrize("size", ((12, 11), (12, 31), (333, 250), (1024, 683)))
+def test_the_compiled_score_equals_numpys(size: tuple[int, int]) -> None:
+    """The extension's SSIM gives what the numpy version gives on a photograph and its quality-20 JPEG, any shape."""
+    assert similarity._compiled is not None, "the SSIM extension must be built here"
+    original = photograph("astronaut").resize(size)
+    distorted = Image.open(io.BytesIO(encoded(original, "JPEG", quality=20)))
+    reference, output = np.asarray(luma(original)), np.asarray(luma(distorted))
+    compiled = similarity.ssim(reference, output)
+    assert abs(compiled - similarity.numpy_ssim(reference, output)) < 1e-6
+    assert compiled < 0.99 and similarity.ssim(reference, reference) == pytest.approx(1.0, abs=1e-6)
+    assert abs(similarity.ssim(reference[:, 1:], output[:, 1:]) - similarity.numpy_ssim(reference[:, 1:],
+                                                                                        output[:, 1:])) < 1e-6
 
 
 def test_kept_originals_score_one_and_animations_are_not_scored(tmp_path: Path) -> None:
