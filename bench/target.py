@@ -1,6 +1,6 @@
 """make bench's target scenario: compress.target_ssim against plain quality, on the throughput scenario's photos.
 
-For each way of scoring (the default, a luma of at most 512 pixels a side, and full resolution): every distinct
+For each way of scoring (the default, a luma of at most 256 pixels a side, and full resolution): every distinct
 photo is compressed at plain quality (--quality, 50), then again with target_ssim set to the mean score that
 quality reached, through the codec the daemon's workers run (compress_file), in a pool of --workers. Reports the
 bytes each way saved, the scores, and the qualities the target chose.

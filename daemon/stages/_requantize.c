@@ -169,7 +169,12 @@ static void reduced_basis(int n, float basis[4][DCTSIZE]) {
         }
 }
 
-/* Requantizes one component's blocks; for the luma (`luma`: its job, else NULL) also the score and planes asked. */
+/* Requantizes one component's blocks; for the luma (`luma`: its job, else NULL) also the score and planes asked.
+ * Compiled for AVX2 too, chosen at load time where the CPU has it (twice the coefficients per instruction, and
+ * the clamps in one each), with the block loops inlined into each version. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, jpeg_component_info *component,
                                  const JQUANT_TBL *old_table, const JQUANT_TBL *new_table, struct job *luma) {
     float factor[DCTSIZE2], old_step[DCTSIZE2], new_step[DCTSIZE2];
