@@ -171,6 +171,9 @@ async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Pat
     variants: dict[str, tuple[str, dict[str, str]]] = {b: (b, {}) for b in backends}
     if args.compare_scoring:
         variants[unscored] = (backends[0], {"IMGPIPE_COMPRESS_SSIM": "false"})
+    pillow_path = f"{backends[0]}_pillow_path"
+    if args.compare_pillow_path:  # the codec as it was before the JPEG fast path, against the same ceiling
+        variants[pillow_path] = (backends[0], {"IMGPIPE_COMPRESS_JPEG_FAST_PATH": "false"})
     rounds: list[dict[str, Any]] = []
     async with Origin(files) as origin:
         for k in range(args.rounds):
@@ -209,6 +212,8 @@ async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Pat
     compared = {f"{b}_vs_{backends[0]}": versus(rounds, b, backends[0]) for b in backends[1:]}
     if args.compare_scoring:
         compared[f"{backends[0]}_vs_{unscored}"] = versus(rounds, backends[0], unscored)
+    if args.compare_pillow_path:
+        compared[f"{backends[0]}_vs_{pillow_path}"] = versus(rounds, backends[0], pillow_path)
     for variant, figures in by_backend.items():
         print(f"throughput {kind} {variant} / ceiling: CPU median {figures['cpu_ratio']['median']} "
               f"({figures['cpu_ratio']['lowest']}-{figures['cpu_ratio']['highest']}), wall median "
@@ -255,6 +260,8 @@ async def main() -> None:
                              "one daemon and two, alternated")
     parser.add_argument("--compare-scoring", action=argparse.BooleanOptionalAction, default=True,
                         help="throughput: also run the first backend with the SSIM score off in every round")
+    parser.add_argument("--compare-pillow-path", action=argparse.BooleanOptionalAction, default=False,
+                        help="throughput: also run the first backend with the JPEG fast path off in every round")
     parser.add_argument("--settle-max", type=float, default=420.0,
                         help="seconds to wait at most for file creation to cost what it does with no recent deletions")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))

@@ -129,15 +129,10 @@ static inline double requantize_block_scored(JCOEF *coef, const float *factor, c
 /* The N x N pixels (N = 8 / reduce, at most 4) that stand for an 8x8 block at 1/reduce of its size: each the mean
  * of the reduce x reduce pixels the full inverse DCT would give (before rounding), which is what libjpeg's scaled
  * IDCT computes. The 2-D basis is separable: the block's 8 rows of frequencies are first reduced to N rows (whole
- * rows at a time, which the compiler vectorises), then each of those to N pixels; at N = 1 only the DC term is left
- * (the block's mean). Writes row by row at `out`, `stride` bytes apart. */
+ * rows at a time, which the compiler vectorises), then each of those to N pixels (N = 1: reduced_row). Writes row
+ * by row at `out`, `stride` bytes apart. */
 static void reduced_block(const JCOEF *coef, const float *step, int n, const float basis[4][DCTSIZE],
                           unsigned char *out, size_t stride) {
-    if (n == 1) {
-        int level = (int)((float)coef[0] * step[0] * basis[0][0] * basis[0][0] + 128.5f);
-        out[0] = (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
-        return;
-    }
     float value[DCTSIZE2];
 #pragma omp simd
     for (int k = 0; k < DCTSIZE2; k++) value[k] = (float)coef[k] * step[k];
@@ -156,6 +151,24 @@ static void reduced_block(const JCOEF *coef, const float *step, int n, const flo
             out[(size_t)y * stride + (size_t)x] = (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
         }
     }
+}
+
+/* A row of blocks (block row `row`) into `plane`. At N = 1 (the default score's scale) each pixel is its block's
+ * DC, written here without a call per block. */
+static inline void reduced_row(JBLOCKROW blocks, JDIMENSION count, const float *step, int n,
+                               const float basis[4][DCTSIZE], const struct job *luma, JDIMENSION row,
+                               unsigned char *plane) {
+    size_t stride = luma->plane_width;
+    unsigned char *out = plane + (size_t)row * (size_t)n * stride;
+    if (n == 1) {
+        float scale = step[0] * basis[0][0] * basis[0][0];
+        for (JDIMENSION b = 0; b < count; b++) {
+            int level = (int)((float)blocks[b][0] * scale + 128.5f);
+            out[b] = (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
+        }
+        return;
+    }
+    for (JDIMENSION b = 0; b < count; b++) reduced_block(blocks[b], step, n, basis, out + (size_t)b * n, stride);
 }
 
 /* basis[x][u] for reduced_block: the mean over output pixel x's span of C(u) cos((2i + 1) u pi / 16) / 2. */
@@ -191,11 +204,7 @@ static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, j
                                                           (JDIMENSION)component->v_samp_factor, TRUE);
         for (int r = 0; r < component->v_samp_factor && row + r < component->height_in_blocks; r++) {
             JBLOCKROW blocks = rows[r];
-            if (n > 0) {
-                size_t stride = luma->plane_width, top = (size_t)(row + r) * (size_t)n * stride;
-                for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
-                    reduced_block(blocks[b], old_step, n, basis, luma->before + top + (size_t)b * n, stride);
-            }
+            if (n > 0) reduced_row(blocks, component->width_in_blocks, old_step, n, basis, luma, row + r, luma->before);
             if (luma != NULL && luma->score) {
                 for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
                     luma->ssim_sum += requantize_block_scored(blocks[b], factor, old_step, new_step);
@@ -203,11 +212,7 @@ static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, j
             } else {
                 for (JDIMENSION b = 0; b < component->width_in_blocks; b++) requantize_block(blocks[b], factor);
             }
-            if (n > 0) {
-                size_t stride = luma->plane_width, top = (size_t)(row + r) * (size_t)n * stride;
-                for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
-                    reduced_block(blocks[b], new_step, n, basis, luma->after + top + (size_t)b * n, stride);
-            }
+            if (n > 0) reduced_row(blocks, component->width_in_blocks, new_step, n, basis, luma, row + r, luma->after);
         }
     }
 }
