@@ -87,6 +87,16 @@ def parse_iso(at: str) -> float:
     return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
 
 
+# The version before the rows an append inserted, and their positions: called once its transaction has ended.
+Inserted = Callable[[], tuple[int, list[int]]]
+
+
+def refused_unless(condition: str) -> str:
+    """A SELECT that fails with a division by zero unless `condition` (an SQL boolean, never NULL) holds: it refuses
+    a commit without a result to wait for, so it goes out with the commit's other statements (Backend.check)."""
+    return f"SELECT 1 / ({condition})::integer"
+
+
 class Backend(ABC):
     """What one kind of database does differently. Methods run on the store's threads unless said otherwise."""
 
@@ -115,9 +125,16 @@ class Backend(ABC):
 
     @abstractmethod
     def insert_events(self, stream: str, expected_version: int | None,
-                      rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:
+                      rows: Sequence[tuple[str, str, str]]) -> Inserted:
         """Append (type, data, recorded_at) rows to `stream` after its newest version (StreamConflict if that is not
-        `expected_version`, when given): the version before them and their positions, in order (writer)."""
+        `expected_version`, when given). Returns what gives the version before them and their positions, in order,
+        once the transaction has ended: a backend may read them only then (writer)."""
+
+    def check(self, sql: str, params: Sequence[Any], refusal: Callable[[], Exception | None]) -> None:
+        """In the appending transaction: run `sql`, a statement that fails with a division by zero when the commit
+        must not be made (`refused_unless`). The transaction then rolls back, and `refusal()` (which may read the
+        database) is raised from the commit; when it returns None, the database's error is (writer)."""
+        raise NotImplementedError("checks need PostgreSQL: only daemons that share a database make them")
 
     def snapshot(self) -> AbstractContextManager[Any]:
         """A read transaction that sees one moment of the database, for queries made of several statements."""
@@ -172,8 +189,8 @@ class EventLog:
         self._readers = ThreadPoolExecutor(backend.readers, thread_name_prefix="eventlog-reader")
         self._subscribers: list[tuple[asyncio.Event, frozenset[str] | None]] = []
         self.head = 0
-        self._appended_head = 0
-        self._appended: list[RecordedEvent] = []  # in the open transaction (writer thread)
+        # In the open transaction (writer thread): each append's stream, events, time and what gives its positions.
+        self._appended: list[tuple[str, Sequence[Event], str, Inserted]] = []
         self._committed: deque[RecordedEvent] = deque()  # handed from the writer thread to the loop
         self._recent: list[RecordedEvent] = []  # consecutive positions, newest last (loop thread)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -333,37 +350,36 @@ class EventLog:
             self._notify()
 
     # writing ---------------------------------------------------------------------------------
-    def _append_sync(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
-        """Append inside the open appending transaction; returns the last position (writer thread)."""
-        if not events:
-            return self.head
-        at = now_iso()
-        current, positions = self.backend.insert_events(stream, expected_version,
-                                                        [(e.type, e.to_json(), at) for e in events])
-        self._appended_head = max(self._appended_head, positions[-1])
-        self._appended.extend(RecordedEvent(position, stream, current + 1 + i, at, event)
-                              for i, (position, event) in enumerate(zip(positions, events, strict=True)))
-        return positions[-1]
+    def _append_sync(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> None:
+        """Append inside the open appending transaction (writer thread)."""
+        if events:
+            at = now_iso()
+            inserted = self.backend.insert_events(stream, expected_version, [(e.type, e.to_json(), at) for e in events])
+            self._appended.append((stream, events, at, inserted))
 
-    def _write_sync(self, body: Callable[[], T]) -> T:
-        """Run `body` in an appending transaction; `head` moves only once it has committed (writer thread)."""
-        self._appended_head = self.head
+    def _write_sync(self, body: Callable[[], T]) -> tuple[T, int]:
+        """Run `body` in an appending transaction; `head` moves only once it has committed. What `body` returned and
+        the last position appended (the head when nothing was) (writer thread)."""
         self._appended = []
         try:
             with self.backend.appending():
                 result = body()
-        except BaseException:
+            appended, last = [], self.head
+            for stream, events, at, inserted in self._appended:
+                current, positions = inserted()
+                appended += [RecordedEvent(position, stream, current + 1 + i, at, event)
+                             for i, (position, event) in enumerate(zip(positions, events, strict=True))]
+                last = max(last, positions[-1])
+        finally:
             self._appended = []
-            raise
         # Before `head` moves, so a reader that sees the new head finds its events in memory.
-        self._committed.extend(self._appended)
-        self._appended = []
-        self.head = max(self.head, self._appended_head)
-        return result
+        self._committed.extend(appended)
+        self.head = max(self.head, last)
+        return result, last
 
-    async def _write(self, body: Callable[[], T], types: Iterable[str]) -> T:
+    async def _write(self, body: Callable[[], T], types: Iterable[str]) -> tuple[T, int]:
         try:
-            result: T = await self._on(self._writer, self._write_sync, body)
+            result: tuple[T, int] = await self._on(self._writer, self._write_sync, body)
         except Exception as exc:
             if is_disk_full(exc):
                 await self.space.hit("database", exc)
@@ -374,7 +390,8 @@ class EventLog:
 
     async def append(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
         """Append `events` to `stream` (at `expected_version`, when given: else StreamConflict); the last position."""
-        return await self._write(lambda: self._append_sync(stream, events, expected_version), {e.type for e in events})
+        _, last = await self._write(lambda: self._append_sync(stream, events, expected_version), {e.type for e in events})
+        return last
 
     async def decide(self, stream: str, types: frozenset[str] | None,
                      decide: Callable[[list[RecordedEvent]], tuple[Sequence[Event], T]]) -> tuple[int, T]:
@@ -389,23 +406,25 @@ class EventLog:
             if not events:
                 return self.head, result
             try:
-                return await self._write(lambda: self._append_unmoved_sync(stream, events, version, types),
-                                         {e.type for e in events}), result
+                _, last = await self._write(lambda: self._append_unmoved_sync(stream, events, version, types),
+                                            {e.type for e in events})
+                return last, result
             except StreamConflict:
                 continue
         raise StreamConflict(f"stream {stream} kept moving while a command was decided on it")
 
     def _append_unmoved_sync(self, stream: str, events: Sequence[Event], version: int,
-                             types: frozenset[str] | None) -> int:
+                             types: frozenset[str] | None) -> None:
         """Append `events` unless `stream` has events of `types` after `version` (StreamConflict) (writer)."""
         if types is None:
-            return self._append_sync(stream, events, expected_version=version)
+            self._append_sync(stream, events, expected_version=version)
+            return
         self.backend.lock()  # nothing of `types` can land between this look and the append
         wanted = sorted(types)
         if execute(f"SELECT 1 FROM events WHERE stream = ? AND version > ? AND type IN ({placeholders(len(wanted))}) "
                    "LIMIT 1", (stream, version, *wanted)).fetchone():
             raise StreamConflict(f"stream {stream} has events of {', '.join(wanted)} after version {version}")
-        return self._append_sync(stream, events)
+        self._append_sync(stream, events)
 
     async def commit(self, results: Sequence[tuple[str, Sequence[Event]]], tracking: Tracking | None = None,
                      apply: Callable[[], None] | None = None, verify: bool = False) -> bool:
@@ -424,7 +443,8 @@ class EventLog:
                 self._save_tracking_sync(tracking)
             return True
 
-        return await self._write(body, {e.type for _, events in results for e in events})
+        made, _ = await self._write(body, {e.type for _, events in results for e in events})
+        return made
 
     # reading ---------------------------------------------------------------------------------
     async def read_after(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent]:
@@ -565,7 +585,8 @@ class EventLog:
             return sum(len(execute("DELETE FROM events WHERE stream = ? AND type != 'RequestDeleted' RETURNING 1",
                                    (stream,)).fetchall()) for stream in streams)
 
-        return await self._write(purge, ())
+        purged, _ = await self._write(purge, ())
+        return purged
 
 
 @dataclass
