@@ -29,7 +29,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from daemon.eventlog.models import ROWS_PER_INSERT, execute
-from daemon.eventlog.store import STREAM_VERSION, Backend, Inserted, conflict
+from daemon.eventlog.store import SAVE_CHECKPOINT, STREAM_VERSION, Backend, Inserted, Tracking, conflict
 from daemon.instance import DatabaseUnreachable, connect_postgresql, postgresql_parameters
 
 SCHEMA = (
@@ -105,6 +105,21 @@ class PostgresBackend(Backend):
             if refusal is None:
                 raise
             raise refusal from exc
+
+    def save_tracking(self, tracking: Tracking) -> None:
+        # One statement rather than three: the handled positions and the pruning in a data-modifying WITH.
+        consumer, checkpoint = tracking.consumer, tracking.checkpoint
+        handled = [p for p in tracking.handled if p > checkpoint]
+        parts: list[str] = []
+        params: list[Any] = []
+        if handled:
+            parts.append("handled AS (INSERT INTO tracking (consumer, position) SELECT ?, unnest(?::bigint[]) "
+                         "ON CONFLICT DO NOTHING)")
+            params += [consumer, handled]
+        if tracking.prune:
+            parts.append("pruned AS (DELETE FROM tracking WHERE consumer = ? AND position <= ?)")
+            params += [consumer, checkpoint]
+        execute(f"WITH {', '.join(parts)} {SAVE_CHECKPOINT}" if parts else SAVE_CHECKPOINT, [*params, consumer, checkpoint])
 
     def check(self, sql: str, params: Sequence[Any], refusal: Callable[[], Exception | None]) -> None:
         self._checks.append((execute(sql, params), refusal))

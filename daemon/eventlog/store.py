@@ -130,6 +130,16 @@ class Backend(ABC):
         `expected_version`, when given). Returns what gives the version before them and their positions, in order,
         once the transaction has ended: a backend may read them only then (writer)."""
 
+    def save_tracking(self, tracking: Tracking) -> None:
+        """In the appending transaction: record the handled positions above the checkpoint, forget those at or below
+        it (unless there are none) and move the checkpoint (writer)."""
+        consumer, checkpoint = tracking.consumer, tracking.checkpoint
+        insert_rows("INSERT INTO tracking (consumer, position)",
+                    [(consumer, p) for p in tracking.handled if p > checkpoint], " ON CONFLICT DO NOTHING")
+        if tracking.prune:
+            execute("DELETE FROM tracking WHERE consumer = ? AND position <= ?", (consumer, checkpoint))
+        execute(SAVE_CHECKPOINT, (consumer, checkpoint))
+
     def check(self, sql: str, params: Sequence[Any], refusal: Callable[[], Exception | None]) -> None:
         """In the appending transaction: run `sql`, a statement that fails with a division by zero when the commit
         must not be made (`refused_unless`). The transaction then rolls back, and `refusal()` (which may read the
@@ -431,6 +441,8 @@ class EventLog:
         """Append each (stream, events) of `results`, run `apply` (a view's own table writes) and record `tracking`,
         all in one transaction. With `verify` (the last try's outcome is unknown: its connection was lost), a commit
         whose tracking record is already there is not made again. False when it was not made for that reason."""
+        results = _runs(results)
+
         def body() -> bool:
             if verify and (self._tracked_sync(tracking) if tracking is not None and tracking.handled
                            else self._appended_already_sync(results)):
@@ -440,7 +452,7 @@ class EventLog:
             if apply is not None:
                 apply()
             if tracking is not None:
-                self._save_tracking_sync(tracking)
+                self.backend.save_tracking(tracking)
             return True
 
         made, _ = await self._write(body, {e.type for _, events in results for e in events})
@@ -553,16 +565,6 @@ class EventLog:
                 return False
         return any(events for _, events in results)
 
-    @staticmethod
-    def _save_tracking_sync(tracking: Tracking) -> None:
-        consumer, checkpoint = tracking.consumer, tracking.checkpoint
-        insert_rows("INSERT INTO tracking (consumer, position)",
-                    [(consumer, p) for p in tracking.handled if p > checkpoint], " ON CONFLICT DO NOTHING")
-        if tracking.prune:
-            execute("DELETE FROM tracking WHERE consumer = ? AND position <= ?", (consumer, checkpoint))
-        execute("INSERT INTO checkpoints (consumer, position) VALUES (?, ?) "
-                "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position", (consumer, checkpoint))
-
     async def reset_views(self, tables: Sequence[type[peewee.Model]], consumers: Iterable[str]) -> None:
         """Drop and recreate the views' `tables` and forget `consumers`' progress, in one transaction (replay)."""
         def reset() -> None:
@@ -589,6 +591,17 @@ class EventLog:
         return purged
 
 
+def _runs(results: Sequence[tuple[str, Sequence[Event]]]) -> list[tuple[str, Sequence[Event]]]:
+    """`results` with each run of results on one stream joined (a page of one request's images): one append each."""
+    runs: list[tuple[str, list[Event]]] = []
+    for stream, events in results:
+        if runs and runs[-1][0] == stream:
+            runs[-1][1].extend(events)
+        elif events:
+            runs.append((stream, list(events)))
+    return list(runs)
+
+
 @dataclass
 class _Away:
     """The database found unreachable: since when, how many operations failed, and set once it answers again."""
@@ -599,6 +612,8 @@ class _Away:
 
 
 EVENT_COLUMNS = "position, stream, version, recorded_at, type, data"
+SAVE_CHECKPOINT = ("INSERT INTO checkpoints (consumer, position) VALUES (?, ?) "
+                   "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position")
 # The newest row by the (stream, version) index, not MAX(): PostgreSQL, until it has analysed a new table, would scan
 # every event of the stream for MAX, a cost growing with the square of a request's size.
 STREAM_VERSION = "SELECT version FROM events WHERE stream = ? ORDER BY version DESC LIMIT 1"
