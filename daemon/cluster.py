@@ -23,7 +23,7 @@ import structlog
 from daemon.config import Settings
 from daemon.eventlog.follower import Fenced, Follower
 from daemon.eventlog.models import execute
-from daemon.eventlog.store import EventLog
+from daemon.eventlog.store import EventLog, refused_unless
 from daemon.instance import DatabaseUnreachable, connect_postgresql, is_postgresql, without_password
 
 log = structlog.get_logger("cluster")
@@ -33,6 +33,12 @@ LEADER_KEY = "hashtextextended('imgpipe-leader/' || current_database() || '/' ||
 # starts them: so no commit of a deposed leader can land after the new one has read its tracking.
 FENCE_KEY = "hashtextextended('imgpipe-leader-fence/' || current_database() || '/' || current_schema(), 0)"
 CHECK_SECONDS = 1.0
+# Refuses the commit unless this daemon's lock connection (pid, key) still holds the leader lock, checked only once
+# the fence lock is taken (the check reads the lock's result; before it, a new leader could take both unseen).
+FENCE = refused_unless(
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE fence.taken AND locktype = 'advisory' AND granted "
+    "AND mode = 'ExclusiveLock' AND objsubid = 1 AND pid = ? AND ((classid::bigint << 32) | objid::bigint) = ?) "
+    f"FROM (SELECT pg_advisory_xact_lock_shared({FENCE_KEY}) IS NOT NULL AS taken OFFSET 0) AS fence")
 
 
 def node_of(settings: Settings) -> str | None:
@@ -72,8 +78,10 @@ class NotLeader(Fenced):
 class Leadership:
     """Runs `followers` while this daemon holds the leader lock, and only then; their commits are fenced (`fence`)."""
 
-    def __init__(self, database_url: str, node: str, followers: Sequence[Follower]) -> None:
+    def __init__(self, database_url: str, node: str, followers: Sequence[Follower],
+                 eventlog: EventLog | None = None) -> None:
         self.database_url, self.node, self.followers = database_url, node, followers
+        self.eventlog = eventlog or followers[0].eventlog  # the followers' (they share one)
         self.leading = False
         self._tasks: list[asyncio.Task[None]] = []
         self._ran = False
@@ -83,15 +91,11 @@ class Leadership:
             follower.fence = self.fence
 
     def fence(self) -> None:
-        """(writer thread, in the commit's transaction) NotLeader unless the lock is still this daemon's. The shared
-        fence lock makes a new leader wait for this transaction before it reads the tracking."""
-        execute(f"SELECT pg_advisory_xact_lock_shared({FENCE_KEY})")
-        row = execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND mode = 'ExclusiveLock' "
-            "AND objsubid = 1 AND pid = ? AND ((classid::bigint << 32) | objid::bigint) = ?)",
-            self._holder or (0, 0)).fetchone()
-        if not row[0]:
-            raise NotLeader(f"{self.node} no longer holds the leader lock")
+        """(writer thread, in the commit's transaction) The commit fails with NotLeader unless the lock is still this
+        daemon's. The shared fence lock makes a new leader wait for this transaction before it reads the tracking.
+        One statement with no answer to wait for: it goes out with the rest of the commit."""
+        self.eventlog.backend.check(FENCE, self._holder or (0, 0),
+                                    lambda: NotLeader(f"{self.node} no longer holds the leader lock"))
 
     async def run(self) -> None:
         """Try for the lock, then watch its connection, every CHECK_SECONDS until cancelled."""

@@ -31,7 +31,7 @@ async def test_a_deposed_leaders_commit_is_refused_and_the_new_leaders_lands(
         postgres_eventlog: EventLog, postgres_url: str) -> None:
     """While a holds the lock its fenced commits land; once its lock connection ends they are refused, and b,
     which took the lock, commits."""
-    a, b = Leadership(postgres_url, "a", []), Leadership(postgres_url, "b", [])
+    a, b = Leadership(postgres_url, "a", [], postgres_eventlog), Leadership(postgres_url, "b", [], postgres_eventlog)
     a_connection: Any = await asyncio.to_thread(connect_postgresql, postgres_url)
     b_connection: Any = await asyncio.to_thread(connect_postgresql, postgres_url)
     try:

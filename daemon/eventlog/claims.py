@@ -30,7 +30,7 @@ import structlog
 
 from daemon.eventlog.follower import LeaseLost
 from daemon.eventlog.models import execute, placeholders
-from daemon.eventlog.store import DatabaseAway, EventLog, RecordedEvent
+from daemon.eventlog.store import DatabaseAway, EventLog, RecordedEvent, refused_unless
 from daemon.events import Event, ImageDownloaded, ImageRequested, ImageRequeued, names
 
 log = structlog.get_logger("claims")
@@ -149,24 +149,35 @@ class Claims:
         return item in self.held
 
     # settling ------------------------------------------------------------------------------------------
-    def settle_sync(self, works: Sequence[Work]) -> set[int]:
-        """(writer thread, in the commit's transaction) Settle this node's claims on `works`; the items whose
-        claim it no longer holds (another daemon took them over)."""
-        # One statement, its rows from RETURNING: the commit may run in a pipeline, where rowcount is unknown.
-        keys = ", ".join(["(?, ?::integer, ?::integer, ?::bigint)"] * len(works))
-        settled = {int(item) for item, in execute(
-            f"UPDATE claims SET settled = TRUE WHERE owner = ? AND NOT settled AND (stream, product, idx, item) IN "
-            f"(VALUES {keys}) RETURNING item",
-            (self.node, *(v for w in works for v in (w.stream, w.product, w.index, w.item)))).fetchall()}
-        return {work.item for work in works} - settled
-
     def guard_sync(self, settling: Sequence[tuple[int, Work, Sequence[Event]]]) -> None:
-        """(writer thread, in the commit's transaction) Settle the claims of (position, work, results); LeaseLost
-        for the positions whose results may not be committed, as their claim is another daemon's now."""
-        lost = self.settle_sync([work for _, work, _ in settling])
-        refused = {position for position, work, results in settling if work.item in lost and results}
-        if refused:
-            raise LeaseLost(refused)
+        """(writer thread, in the commit's transaction) Settle this node's claims of (position, work, results); the
+        commit fails with LeaseLost for the positions whose results may not be committed, as their claim is another
+        daemon's now. One statement with no answer to wait for: it goes out with the rest of the commit."""
+        works = [work for _, work, _ in settling]
+        keys = ", ".join(["(?, ?::integer, ?::integer, ?::bigint)"] * len(works))
+        params = [self.node, *(v for w in works for v in (w.stream, w.product, w.index, w.item))]
+        settle = (f"UPDATE claims SET settled = TRUE WHERE owner = ? AND NOT settled AND (stream, product, idx, item) "
+                  f"IN (VALUES {keys})")
+        kept = [work.item for _, work, results in settling if results]  # lost without results is no loss
+        if not kept:
+            execute(settle, params)
+            return
+        # Every item with results must be among those settled (a data-modifying WITH runs to its end).
+        rows = ", ".join(["(?::bigint)"] * len(kept))
+        check = refused_unless(f"NOT EXISTS (SELECT 1 FROM (VALUES {rows}) AS kept (item) "
+                               "WHERE kept.item NOT IN (SELECT item FROM settled))")
+        self.eventlog.backend.check(f"WITH settled AS ({settle} RETURNING item) {check}", [*params, *kept],
+                                    lambda: self._lost_sync(settling))
+
+    def _lost_sync(self, settling: Sequence[tuple[int, Work, Sequence[Event]]]) -> LeaseLost | None:
+        """(writer thread, after the refused commit) LeaseLost for the positions with results whose claim is no
+        longer this node's; None if none is (then the commit failed for another reason, and is tried again)."""
+        items = [work.item for _, work, _ in settling]
+        held = {int(item) for item, in execute(
+            f"SELECT item FROM claims WHERE owner = ? AND NOT settled AND item IN ({placeholders(len(items))})",
+            (self.node, *items)).fetchall()}
+        refused = {position for position, work, results in settling if results and work.item not in held}
+        return LeaseLost(refused) if refused else None
 
     def settled(self, items: Sequence[int]) -> None:
         """After the commit: these claims are no longer renewed."""

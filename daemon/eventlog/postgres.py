@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from daemon.eventlog.models import ROWS_PER_INSERT, execute
-from daemon.eventlog.store import STREAM_VERSION, Backend, conflict
+from daemon.eventlog.store import SAVE_CHECKPOINT, STREAM_VERSION, Backend, Inserted, Tracking, conflict
 from daemon.instance import DatabaseUnreachable, connect_postgresql, postgresql_parameters
 
 SCHEMA = (
@@ -45,6 +46,7 @@ LOG_KEY = "'imgpipe-log/' || current_database() || '/' || current_schema()"
 POLL_SECONDS = 1.0
 RAISED_AS_PEEWEE: AbstractContextManager[None] = getattr(peewee, "__exception_wrapper__")  # driver errors as peewee's
 RECONNECT_SECONDS = 1.0
+DIVISION_BY_ZERO = "22012"  # the SQLSTATE of a failed check (store.refused_unless)
 
 
 class PostgresBackend(Backend):
@@ -57,6 +59,8 @@ class PostgresBackend(Backend):
         self._stopped = threading.Event()
         self._watcher: threading.Thread | None = None
         self._locked = False  # the appending transaction holds the log's lock (writer thread)
+        # The appending transaction's checks (writer thread): each one's cursor and what to raise if it failed.
+        self._checks: list[tuple[Any, Callable[[], Exception | None]]] = []
         self.sender = uuid.uuid4().hex  # the NOTIFY payload of this store's appends
 
     def connect(self) -> peewee.Database:
@@ -80,19 +84,55 @@ class PostgresBackend(Backend):
 
     @contextmanager
     def appending(self) -> Iterator[None]:
-        # In psycopg's pipeline mode, statements whose results nobody reads (BEGIN, the lock, view and checkpoint
-        # writes, COMMIT) go out together: a commit takes two round trips, or one without appends, not one per
-        # statement. Their errors arrive at the next read or at the end, raised as peewee's like all others.
+        # In psycopg's pipeline mode, statements whose results nobody reads before COMMIT go out together: BEGIN,
+        # the lock, the INSERTs (their RETURNING is read after COMMIT), the checks (which fail the transaction rather
+        # than answer), view and checkpoint writes, COMMIT. A commit takes one round trip, not one per statement.
+        # Errors arrive at the next read or at the end, raised as peewee's like all others.
         self._locked = False
+        self._checks = []
         connection: psycopg.Connection[Any] = self.db.connection()  # type: ignore[no-untyped-call]
         try:
-            with RAISED_AS_PEEWEE, connection.pipeline(), self.db.atomic():
-                yield
-        finally:
-            if not connection.closed and connection.info.transaction_status != TransactionStatus.IDLE:
-                # A failed statement aborts the rest of its pipeline, the ROLLBACK that followed it included.
-                with contextlib.suppress(psycopg.Error):
-                    connection.rollback()
+            try:
+                with RAISED_AS_PEEWEE, connection.pipeline(), self.db.atomic():
+                    yield
+            finally:
+                if not connection.closed and connection.info.transaction_status != TransactionStatus.IDLE:
+                    # A failed statement aborts the rest of its pipeline, the ROLLBACK that followed it included.
+                    with contextlib.suppress(psycopg.Error):
+                        connection.rollback()
+        except Exception as exc:
+            refusal = self._refusal(exc)
+            if refusal is None:
+                raise
+            raise refusal from exc
+
+    def save_tracking(self, tracking: Tracking) -> None:
+        # One statement rather than three: the handled positions and the pruning in a data-modifying WITH.
+        consumer, checkpoint = tracking.consumer, tracking.checkpoint
+        handled = [p for p in tracking.handled if p > checkpoint]
+        parts: list[str] = []
+        params: list[Any] = []
+        if handled:
+            parts.append("handled AS (INSERT INTO tracking (consumer, position) SELECT ?, unnest(?::bigint[]) "
+                         "ON CONFLICT DO NOTHING)")
+            params += [consumer, handled]
+        if tracking.prune:
+            parts.append("pruned AS (DELETE FROM tracking WHERE consumer = ? AND position <= ?)")
+            params += [consumer, checkpoint]
+        execute(f"WITH {', '.join(parts)} {SAVE_CHECKPOINT}" if parts else SAVE_CHECKPOINT, [*params, consumer, checkpoint])
+
+    def check(self, sql: str, params: Sequence[Any], refusal: Callable[[], Exception | None]) -> None:
+        self._checks.append((execute(sql, params), refusal))
+
+    def _refusal(self, exc: Exception) -> Exception | None:
+        """(after the rollback) What the check that failed the transaction raises, if a check did."""
+        if _sqlstate(exc) != DIVISION_BY_ZERO:
+            return None
+        for cursor, refusal in self._checks:
+            # The failed one has no result; those before it have theirs, those after it were skipped.
+            if cursor.pgresult is None:
+                return refusal()
+        return None
 
     def lock(self) -> None:
         if not self._locked:
@@ -103,28 +143,30 @@ class PostgresBackend(Backend):
             self._locked = True
 
     def insert_events(self, stream: str, expected_version: int | None,
-                      rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:
+                      rows: Sequence[tuple[str, str, str]]) -> Inserted:
         self.lock()
-        current: int | None = None
-        positions: list[int] = []
+        cursors: list[Any] = []
         for start in range(0, len(rows), ROWS_PER_INSERT):
             chunk = rows[start:start + ROWS_PER_INSERT]
             values = ", ".join(["(?::integer, ?, ?, ?)"] * len(chunk))
-            # The stream's version read and the rows inserted in one statement: one round trip per append.
-            cursor = execute(
+            # The stream's version read and the rows inserted in one statement, which reads no answer back.
+            cursors.append(execute(
                 "INSERT INTO events (stream, version, type, data, recorded_at) "
                 "SELECT ?, newest.version + r.n, r.type, r.data, r.recorded_at FROM (SELECT COALESCE(("
                 f"{STREAM_VERSION}), 0) AS version) AS newest, (VALUES {values}) AS r (n, type, data, recorded_at) "
                 "ORDER BY r.n RETURNING version, position",
-                [stream, stream, *(v for n, row in enumerate(chunk, start=1) for v in (n, *row))])
-            inserted = sorted((int(v), int(p)) for v, p in cursor.fetchall())
-            if current is None:
-                current = inserted[0][0] - 1
-                if expected_version is not None and current != expected_version:
-                    raise conflict(stream, current, expected_version)  # rolls the transaction back
-            positions += [p for _, p in inserted]
-        assert current is not None
-        return current, positions
+                [stream, stream, *(v for n, row in enumerate(chunk, start=1) for v in (n, *row))]))
+
+        @functools.cache
+        def inserted() -> tuple[int, list[int]]:
+            found = sorted((int(v), int(p)) for cursor in cursors for v, p in cursor.fetchall())
+            return found[0][0] - 1, [p for _, p in found]
+
+        if expected_version is not None:
+            current = inserted()[0]  # read now, a round trip: a conflict must roll this transaction back
+            if current != expected_version:
+                raise conflict(stream, current, expected_version)
+        return inserted
 
     def snapshot(self) -> AbstractContextManager[Any]:
         # READ COMMITTED, the default, gives each statement its own moment.
@@ -183,3 +225,11 @@ class PostgresBackend(Backend):
                     on_connection(str(exc).strip().partition("\n")[0] or type(exc).__name__)
                     lost = True
                     self._stopped.wait(RECONNECT_SECONDS)
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error, raised by psycopg or wrapped by peewee (which keeps the original first)."""
+    for candidate in (exc, exc.__context__, *exc.args):
+        if isinstance(candidate, psycopg.Error):
+            return candidate.sqlstate
+    return None

@@ -9,7 +9,7 @@ import peewee
 from playhouse.db_url import connect
 
 from daemon.eventlog.models import execute, insert_rows
-from daemon.eventlog.store import Backend, conflict, stream_version
+from daemon.eventlog.store import Backend, Inserted, conflict, stream_version
 
 SCHEMA = (
     # AUTOINCREMENT: positions are never reused (also after the newest rows are deleted), so a checkpoint can never
@@ -58,7 +58,7 @@ class SqliteBackend(Backend):
             yield
 
     def insert_events(self, stream: str, expected_version: int | None,
-                      rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:
+                      rows: Sequence[tuple[str, str, str]]) -> Inserted:
         current = stream_version(stream)
         if expected_version is not None and current != expected_version:
             raise conflict(stream, current, expected_version)
@@ -66,4 +66,5 @@ class SqliteBackend(Backend):
                              [(stream, current + i, *row) for i, row in enumerate(rows, start=1)])
         # Inside an IMMEDIATE transaction the rows got consecutive rowids ending at the last one.
         last = int(cursor.lastrowid)
-        return current, list(range(last - len(rows) + 1, last + 1))
+        positions = list(range(last - len(rows) + 1, last + 1))
+        return lambda: (current, positions)

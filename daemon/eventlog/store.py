@@ -87,6 +87,16 @@ def parse_iso(at: str) -> float:
     return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
 
 
+# The version before the rows an append inserted, and their positions: called once its transaction has ended.
+Inserted = Callable[[], tuple[int, list[int]]]
+
+
+def refused_unless(condition: str) -> str:
+    """A SELECT that fails with a division by zero unless `condition` (an SQL boolean, never NULL) holds: it refuses
+    a commit without a result to wait for, so it goes out with the commit's other statements (Backend.check)."""
+    return f"SELECT 1 / ({condition})::integer"
+
+
 class Backend(ABC):
     """What one kind of database does differently. Methods run on the store's threads unless said otherwise."""
 
@@ -115,9 +125,26 @@ class Backend(ABC):
 
     @abstractmethod
     def insert_events(self, stream: str, expected_version: int | None,
-                      rows: Sequence[tuple[str, str, str]]) -> tuple[int, list[int]]:
+                      rows: Sequence[tuple[str, str, str]]) -> Inserted:
         """Append (type, data, recorded_at) rows to `stream` after its newest version (StreamConflict if that is not
-        `expected_version`, when given): the version before them and their positions, in order (writer)."""
+        `expected_version`, when given). Returns what gives the version before them and their positions, in order,
+        once the transaction has ended: a backend may read them only then (writer)."""
+
+    def save_tracking(self, tracking: Tracking) -> None:
+        """In the appending transaction: record the handled positions above the checkpoint, forget those at or below
+        it (unless there are none) and move the checkpoint (writer)."""
+        consumer, checkpoint = tracking.consumer, tracking.checkpoint
+        insert_rows("INSERT INTO tracking (consumer, position)",
+                    [(consumer, p) for p in tracking.handled if p > checkpoint], " ON CONFLICT DO NOTHING")
+        if tracking.prune:
+            execute("DELETE FROM tracking WHERE consumer = ? AND position <= ?", (consumer, checkpoint))
+        execute(SAVE_CHECKPOINT, (consumer, checkpoint))
+
+    def check(self, sql: str, params: Sequence[Any], refusal: Callable[[], Exception | None]) -> None:
+        """In the appending transaction: run `sql`, a statement that fails with a division by zero when the commit
+        must not be made (`refused_unless`). The transaction then rolls back, and `refusal()` (which may read the
+        database) is raised from the commit; when it returns None, the database's error is (writer)."""
+        raise NotImplementedError("checks need PostgreSQL: only daemons that share a database make them")
 
     def snapshot(self) -> AbstractContextManager[Any]:
         """A read transaction that sees one moment of the database, for queries made of several statements."""
@@ -172,8 +199,8 @@ class EventLog:
         self._readers = ThreadPoolExecutor(backend.readers, thread_name_prefix="eventlog-reader")
         self._subscribers: list[tuple[asyncio.Event, frozenset[str] | None]] = []
         self.head = 0
-        self._appended_head = 0
-        self._appended: list[RecordedEvent] = []  # in the open transaction (writer thread)
+        # In the open transaction (writer thread): each append's stream, events, time and what gives its positions.
+        self._appended: list[tuple[str, Sequence[Event], str, Inserted]] = []
         self._committed: deque[RecordedEvent] = deque()  # handed from the writer thread to the loop
         self._recent: list[RecordedEvent] = []  # consecutive positions, newest last (loop thread)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -333,37 +360,36 @@ class EventLog:
             self._notify()
 
     # writing ---------------------------------------------------------------------------------
-    def _append_sync(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
-        """Append inside the open appending transaction; returns the last position (writer thread)."""
-        if not events:
-            return self.head
-        at = now_iso()
-        current, positions = self.backend.insert_events(stream, expected_version,
-                                                        [(e.type, e.to_json(), at) for e in events])
-        self._appended_head = max(self._appended_head, positions[-1])
-        self._appended.extend(RecordedEvent(position, stream, current + 1 + i, at, event)
-                              for i, (position, event) in enumerate(zip(positions, events, strict=True)))
-        return positions[-1]
+    def _append_sync(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> None:
+        """Append inside the open appending transaction (writer thread)."""
+        if events:
+            at = now_iso()
+            inserted = self.backend.insert_events(stream, expected_version, [(e.type, e.to_json(), at) for e in events])
+            self._appended.append((stream, events, at, inserted))
 
-    def _write_sync(self, body: Callable[[], T]) -> T:
-        """Run `body` in an appending transaction; `head` moves only once it has committed (writer thread)."""
-        self._appended_head = self.head
+    def _write_sync(self, body: Callable[[], T]) -> tuple[T, int]:
+        """Run `body` in an appending transaction; `head` moves only once it has committed. What `body` returned and
+        the last position appended (the head when nothing was) (writer thread)."""
         self._appended = []
         try:
             with self.backend.appending():
                 result = body()
-        except BaseException:
+            appended, last = [], self.head
+            for stream, events, at, inserted in self._appended:
+                current, positions = inserted()
+                appended += [RecordedEvent(position, stream, current + 1 + i, at, event)
+                             for i, (position, event) in enumerate(zip(positions, events, strict=True))]
+                last = max(last, positions[-1])
+        finally:
             self._appended = []
-            raise
         # Before `head` moves, so a reader that sees the new head finds its events in memory.
-        self._committed.extend(self._appended)
-        self._appended = []
-        self.head = max(self.head, self._appended_head)
-        return result
+        self._committed.extend(appended)
+        self.head = max(self.head, last)
+        return result, last
 
-    async def _write(self, body: Callable[[], T], types: Iterable[str]) -> T:
+    async def _write(self, body: Callable[[], T], types: Iterable[str]) -> tuple[T, int]:
         try:
-            result: T = await self._on(self._writer, self._write_sync, body)
+            result: tuple[T, int] = await self._on(self._writer, self._write_sync, body)
         except Exception as exc:
             if is_disk_full(exc):
                 await self.space.hit("database", exc)
@@ -374,7 +400,8 @@ class EventLog:
 
     async def append(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> int:
         """Append `events` to `stream` (at `expected_version`, when given: else StreamConflict); the last position."""
-        return await self._write(lambda: self._append_sync(stream, events, expected_version), {e.type for e in events})
+        _, last = await self._write(lambda: self._append_sync(stream, events, expected_version), {e.type for e in events})
+        return last
 
     async def decide(self, stream: str, types: frozenset[str] | None,
                      decide: Callable[[list[RecordedEvent]], tuple[Sequence[Event], T]]) -> tuple[int, T]:
@@ -389,29 +416,33 @@ class EventLog:
             if not events:
                 return self.head, result
             try:
-                return await self._write(lambda: self._append_unmoved_sync(stream, events, version, types),
-                                         {e.type for e in events}), result
+                _, last = await self._write(lambda: self._append_unmoved_sync(stream, events, version, types),
+                                            {e.type for e in events})
+                return last, result
             except StreamConflict:
                 continue
         raise StreamConflict(f"stream {stream} kept moving while a command was decided on it")
 
     def _append_unmoved_sync(self, stream: str, events: Sequence[Event], version: int,
-                             types: frozenset[str] | None) -> int:
+                             types: frozenset[str] | None) -> None:
         """Append `events` unless `stream` has events of `types` after `version` (StreamConflict) (writer)."""
         if types is None:
-            return self._append_sync(stream, events, expected_version=version)
+            self._append_sync(stream, events, expected_version=version)
+            return
         self.backend.lock()  # nothing of `types` can land between this look and the append
         wanted = sorted(types)
         if execute(f"SELECT 1 FROM events WHERE stream = ? AND version > ? AND type IN ({placeholders(len(wanted))}) "
                    "LIMIT 1", (stream, version, *wanted)).fetchone():
             raise StreamConflict(f"stream {stream} has events of {', '.join(wanted)} after version {version}")
-        return self._append_sync(stream, events)
+        self._append_sync(stream, events)
 
     async def commit(self, results: Sequence[tuple[str, Sequence[Event]]], tracking: Tracking | None = None,
                      apply: Callable[[], None] | None = None, verify: bool = False) -> bool:
         """Append each (stream, events) of `results`, run `apply` (a view's own table writes) and record `tracking`,
         all in one transaction. With `verify` (the last try's outcome is unknown: its connection was lost), a commit
         whose tracking record is already there is not made again. False when it was not made for that reason."""
+        results = _runs(results)
+
         def body() -> bool:
             if verify and (self._tracked_sync(tracking) if tracking is not None and tracking.handled
                            else self._appended_already_sync(results)):
@@ -421,10 +452,11 @@ class EventLog:
             if apply is not None:
                 apply()
             if tracking is not None:
-                self._save_tracking_sync(tracking)
+                self.backend.save_tracking(tracking)
             return True
 
-        return await self._write(body, {e.type for _, events in results for e in events})
+        made, _ = await self._write(body, {e.type for _, events in results for e in events})
+        return made
 
     # reading ---------------------------------------------------------------------------------
     async def read_after(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent]:
@@ -533,16 +565,6 @@ class EventLog:
                 return False
         return any(events for _, events in results)
 
-    @staticmethod
-    def _save_tracking_sync(tracking: Tracking) -> None:
-        consumer, checkpoint = tracking.consumer, tracking.checkpoint
-        insert_rows("INSERT INTO tracking (consumer, position)",
-                    [(consumer, p) for p in tracking.handled if p > checkpoint], " ON CONFLICT DO NOTHING")
-        if tracking.prune:
-            execute("DELETE FROM tracking WHERE consumer = ? AND position <= ?", (consumer, checkpoint))
-        execute("INSERT INTO checkpoints (consumer, position) VALUES (?, ?) "
-                "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position", (consumer, checkpoint))
-
     async def reset_views(self, tables: Sequence[type[peewee.Model]], consumers: Iterable[str]) -> None:
         """Drop and recreate the views' `tables` and forget `consumers`' progress, in one transaction (replay)."""
         def reset() -> None:
@@ -565,7 +587,19 @@ class EventLog:
             return sum(len(execute("DELETE FROM events WHERE stream = ? AND type != 'RequestDeleted' RETURNING 1",
                                    (stream,)).fetchall()) for stream in streams)
 
-        return await self._write(purge, ())
+        purged, _ = await self._write(purge, ())
+        return purged
+
+
+def _runs(results: Sequence[tuple[str, Sequence[Event]]]) -> list[tuple[str, Sequence[Event]]]:
+    """`results` with each run of results on one stream joined (a page of one request's images): one append each."""
+    runs: list[tuple[str, list[Event]]] = []
+    for stream, events in results:
+        if runs and runs[-1][0] == stream:
+            runs[-1][1].extend(events)
+        elif events:
+            runs.append((stream, list(events)))
+    return list(runs)
 
 
 @dataclass
@@ -578,6 +612,8 @@ class _Away:
 
 
 EVENT_COLUMNS = "position, stream, version, recorded_at, type, data"
+SAVE_CHECKPOINT = ("INSERT INTO checkpoints (consumer, position) VALUES (?, ?) "
+                   "ON CONFLICT (consumer) DO UPDATE SET position = excluded.position")
 # The newest row by the (stream, version) index, not MAX(): PostgreSQL, until it has analysed a new table, would scan
 # every event of the stream for MAX, a cost growing with the square of a request's size.
 STREAM_VERSION = "SELECT version FROM events WHERE stream = ? ORDER BY version DESC LIMIT 1"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import peewee
 
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.models import BaseModel, execute, insert_rows
+from daemon.eventlog.models import BaseModel, execute, insert_rows, placeholders
 from daemon.eventlog.store import RecordedEvent
 from daemon.events import (
     Event,
@@ -142,15 +142,16 @@ class StatusView(Follower):
 
 def apply(records: Iterable[RecordedEvent]) -> None:
     """Fold events into the status tables, in order (pure: only the events' own data and times). A run of image
-    events updates each request's row once, with their counts summed."""
-    counts: dict[str, _Counts] = {}
+    events is written in one statement per set of columns it changes and one for the requests' rows (their counts
+    summed), not a statement per event."""
+    run = _Run()
     for record in records:
         if isinstance(record.event, ImageEvent):
-            _apply_image(record, counts)
+            run.add(record)
         else:
-            _update_requests(counts)  # before an event that reads or sets the same row
+            run.write()  # before an event that reads or sets the same rows
             _apply_request(record)
-    _update_requests(counts)
+    run.write()
 
 
 def _apply_request(record: RecordedEvent) -> None:
@@ -214,21 +215,61 @@ class _Counts:
     failed: int = 0
 
 
-def _apply_image(record: RecordedEvent, counts: dict[str, _Counts]) -> None:
-    event = record.event
-    assert isinstance(event, ImageEvent)
-    changes = _image_changes(event)
-    execute(_image_update(tuple(changes)), (*changes.values(), record.stream, event.product, event.index))
-    request = counts.setdefault(record.stream, _Counts(record.recorded_at))
-    request.updated_at = record.recorded_at
-    request.done += isinstance(event, ImageCompressed)
-    request.failed += isinstance(event, ImageFailed)
+@dataclass
+class _Run:
+    """A run of image events folded in memory: each image's changes (a later event's over an earlier one's, as
+    applying them in turn would leave them) and each request's counts."""
+
+    images: dict[tuple[str, int, int], dict[str, Any]] = field(default_factory=dict)
+    requests: dict[str, _Counts] = field(default_factory=dict)
+
+    def add(self, record: RecordedEvent) -> None:
+        event = record.event
+        assert isinstance(event, ImageEvent)
+        self.images.setdefault((record.stream, event.product, event.index), {}).update(_image_changes(event))
+        request = self.requests.setdefault(record.stream, _Counts(record.recorded_at))
+        request.updated_at = record.recorded_at
+        request.done += isinstance(event, ImageCompressed)
+        request.failed += isinstance(event, ImageFailed)
+
+    def write(self) -> None:
+        by_columns: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+        for key, changes in self.images.items():
+            columns = tuple(sorted(changes, key=_IMAGE_COLUMNS.index))
+            by_columns.setdefault(columns, []).append((*key, *(changes[c] for c in columns)))
+        for columns, rows in by_columns.items():
+            _update_from_values(StatusImage, ("request_id", "product", "index"), columns, rows)
+        _update_from_values(StatusRequest, ("request_id",), ("updated_at", "done", "failed"),
+                            [(rid, c.updated_at, c.done, c.failed) for rid, c in self.requests.items()],
+                            _REQUEST_ASSIGNMENTS)
+        self.images.clear()
+        self.requests.clear()
 
 
-def _update_requests(counts: dict[str, _Counts]) -> None:
-    for rid, request in counts.items():
-        execute(_REQUEST_UPDATE, (request.updated_at, request.done, request.failed, rid))
-    counts.clear()
+ROWS_PER_UPDATE = 1000  # x at most 14 columns: within SQLite's 32,766 parameters per statement
+
+
+def _update_from_values(table: type[BaseModel], keys: tuple[str, ...], columns: tuple[str, ...],
+                        rows: Sequence[tuple[Any, ...]], assignments: str = "") -> None:
+    """Update `table`'s rows by their `keys` from `rows` (keys, then columns; `v.<column>` in `assignments`, by
+    default each column set to its value): a statement per ROWS_PER_UPDATE rows."""
+    for start in range(0, len(rows), ROWS_PER_UPDATE):
+        chunk = rows[start:start + ROWS_PER_UPDATE]
+        execute(_update_sql(table, keys, columns, len(chunk), assignments), [v for row in chunk for v in row])
+
+
+@functools.lru_cache(maxsize=256)
+def _update_sql(table: type[BaseModel], keys: tuple[str, ...], columns: tuple[str, ...], rows: int,
+                assignments: str) -> str:
+    """`WITH v AS (VALUES ...) UPDATE ... FROM v`, which both databases run. The first row is cast to the columns'
+    types: PostgreSQL would take a column of NULLs or strings in VALUES as text, which an integer column refuses."""
+    name, fields = table._meta.table_name, table._meta.fields
+    names = ", ".join(f'"{c}"' for c in (*keys, *columns))
+    first = ", ".join(f"CAST(? AS {_SQL_TYPES[fields[c].field_type]})" for c in (*keys, *columns))
+    values = ", ".join([f"({first})", *[f"({placeholders(len(keys) + len(columns))})"] * (rows - 1)])
+    on = " AND ".join(f'{name}."{k}" = v."{k}"' for k in keys)
+    sets = assignments or ", ".join(f'"{c}" = v."{c}"' for c in columns)
+    return f"WITH v ({names}) AS (VALUES {values}) UPDATE {name} SET {sets} FROM v WHERE {on}"
 
 
 def _queue_redelivery(rid: str, message_id: str, at: str) -> None:
@@ -242,19 +283,15 @@ def _queue_redelivery(rid: str, message_id: str, at: str) -> None:
                               queued_at=at).on_conflict_ignore().execute()
 
 
-# Hand-written: these two run for every image event (see eventlog.models.execute).
-# queued -> processing with the first image event, in the same statement.
-_REQUEST_UPDATE = (
-    'UPDATE view_status_requests SET updated_at = ?, '
-    "status = CASE WHEN status = 'queued' THEN 'processing' ELSE status END, "
-    'done = done + ?, failed = failed + ? WHERE request_id = ?'
+# Hand-written: these run for every batch of image events (see eventlog.models.execute).
+_IMAGE_COLUMNS = [f.column_name for f in StatusImage._meta.sorted_fields]
+_SQL_TYPES = {"VARCHAR": "VARCHAR", "TEXT": "TEXT", "INT": "INTEGER", "DOUBLE": "DOUBLE PRECISION"}
+# The counts add to the request's; queued -> processing with the first image event, in the same statement.
+_REQUEST_ASSIGNMENTS = (
+    'updated_at = v.updated_at, done = view_status_requests.done + v.done, '
+    "failed = view_status_requests.failed + v.failed, status = CASE WHEN view_status_requests.status = 'queued' "
+    "THEN 'processing' ELSE view_status_requests.status END"
 )
-
-
-@functools.cache
-def _image_update(columns: tuple[str, ...]) -> str:
-    assignments = ", ".join(f'"{c}" = ?' for c in columns)
-    return f'UPDATE view_status_images SET {assignments} WHERE request_id = ? AND product = ? AND "index" = ?'
 
 
 def _image_changes(event: ImageEvent) -> dict[str, Any]:

@@ -69,6 +69,38 @@ async def test_an_expired_claim_passes_to_another_daemon_and_the_old_holder_cann
     assert sum(r.type == "ImageFailed" for r in await postgres_eventlog.read_stream("r1")) == 1
 
 
+async def test_a_commit_settling_several_claims_is_refused_for_exactly_the_lost_ones_with_results(
+        postgres_eventlog: EventLog) -> None:
+    """Of three images settled in one commit, the one lost with an outcome is named and nothing lands; committed again
+    without that outcome, the held one and the one lost without an outcome (a cancelled image) settle."""
+    a, b = await opened(postgres_eventlog, "a"), await opened(postgres_eventlog, "b")
+    held, lost, quiet = [await requested(postgres_eventlog, stream) for stream in ("r1", "r2", "r3")]
+    for record in (held, lost, quiet):
+        assert await a.claim(record)
+    await expire(postgres_eventlog)
+    await a.renew()
+    await postgres_eventlog.write_beside(lambda: execute(
+        "UPDATE claims SET lease_until = now() - interval '1 second' WHERE stream <> 'r1'"))
+    assert await b.claim(lost) and await b.claim(quiet)
+    outcomes: list[tuple[int, Work, list[Event]]] = [(held.position, work_of(held), failed()),
+                                                     (lost.position, work_of(lost), failed()),
+                                                     (quiet.position, work_of(quiet), [])]
+
+    def guard() -> None:
+        a.guard_sync(outcomes)
+
+    with pytest.raises(LeaseLost) as refused:
+        await postgres_eventlog.commit([("r1", failed()), ("r2", failed())], apply=guard)
+    assert refused.value.positions == {lost.position}
+    assert not [r for r in await postgres_eventlog.read_stream("r1") if r.type == "ImageFailed"]
+    outcomes[1] = (lost.position, work_of(lost), [])
+    await postgres_eventlog.commit([("r1", failed())], apply=guard)
+    assert [r.type for r in await postgres_eventlog.read_stream("r1")][-1] == "ImageFailed"
+    rows = await postgres_eventlog.query(lambda: execute("SELECT stream, owner, settled FROM claims ORDER BY stream")
+                                         .fetchall())
+    assert [tuple(row) for row in rows] == [("r1", "a", True), ("r2", "b", False), ("r3", "b", False)]
+
+
 async def test_renewing_keeps_a_claim_from_expiring(postgres_eventlog: EventLog) -> None:
     """A renewal pushes the lease a whole lease ahead, so another daemon is still refused."""
     a, b = await opened(postgres_eventlog, "a"), await opened(postgres_eventlog, "b")

@@ -165,6 +165,19 @@ async def test_recent_events_are_read_from_memory_as_the_database_has_them(event
         assert eventlog.read_stream_recent(stream) == await eventlog.query(eventlog.read_stream_sync, stream)
 
 
+async def test_a_commit_of_several_results_keeps_their_order_in_the_log_and_in_memory(eventlog: EventLog) -> None:
+    """Results on one stream next to each other, and apart, land in the order given, as memory has them too."""
+    assert await eventlog.commit([("a", [failed(0)]), ("a", [failed(1), failed(2)]), ("b", [failed(3)]), ("a", []),
+                                  ("a", [failed(4)])], Tracking("test.consumer", 0, (7, 8, 9)))
+    assert [(r.stream, r.version, r.event) for r in await eventlog.query(eventlog.read_after_sync, 0, None, 10)] == [
+        ("a", 1, failed(0)), ("a", 2, failed(1)), ("a", 3, failed(2)), ("b", 1, failed(3)), ("a", 4, failed(4))]
+    for memory, database in await pages(eventlog, 0):
+        assert memory == database
+    assert await eventlog.load_tracking("test.consumer") == (0, {7, 8, 9})
+    assert await eventlog.commit([], Tracking("test.consumer", 8, (10,)))
+    assert await eventlog.load_tracking("test.consumer") == (8, {9, 10})
+
+
 async def test_memory_does_not_answer_for_events_it_never_saw(settings: Settings, helpers: Any) -> None:
     """Events from before a restart, or written past the store, and streams begun before either, are read from
     the database."""
