@@ -228,8 +228,15 @@ class PostgresBackend(Backend):
 
 
 def _sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error, raised by psycopg or wrapped by peewee (which keeps the original first)."""
-    for candidate in (exc, exc.__context__, *exc.args):
+    """The SQLSTATE of a database error, raised by psycopg or wrapped by peewee, once or more (peewee keeps the
+    original as `orig` and raises from it; a statement's error re-raised at the pipeline's end is wrapped twice)."""
+    seen: set[int] = set()
+    candidates: list[object] = [exc]
+    while candidates:
+        candidate = candidates.pop()
         if isinstance(candidate, psycopg.Error):
             return candidate.sqlstate
+        if isinstance(candidate, BaseException) and id(candidate) not in seen:
+            seen.add(id(candidate))
+            candidates += [candidate.__context__, candidate.__cause__, getattr(candidate, "orig", None)]
     return None

@@ -129,7 +129,8 @@ async def test_a_database_lost_mid_batch_pauses_the_work_which_completes_once_it
     # One episode, logged as a warning and its end; no error and no traceback for it.
     assert len(events_named(log_lines, "database_connection_lost")) == len(
         events_named(log_lines, "database_connection_back")) >= 1
-    assert [e for e in log_lines if e.get("level") == "error"] == []
+    errors = [e for e in log_lines if e.get("level") == "error"]
+    assert errors == [], json.dumps(errors)
     password = urllib.parse.urlsplit(daemon_url).password
     assert password and password not in json.dumps(log_lines) + daemon.stderr()
 

@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import peewee
+import psycopg
 import pytest
 from structlog.testing import capture_logs
 
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower
 from daemon.eventlog.models import ROWS_PER_INSERT, BaseModel, execute
+from daemon.eventlog.postgres import DIVISION_BY_ZERO, _sqlstate
 from daemon.eventlog.store import (
     SCHEMA_VERSION,
     EventLog,
@@ -373,3 +375,21 @@ async def test_a_view_table_gets_the_columns_a_newer_release_added(settings: Set
         await new.close()
     assert rows == [("kept", None)]
     assert [e["columns"] for e in logs if e["event"] == "view_columns_added"] == [["view_test_shelf.score"]]
+
+
+def test_a_refused_check_is_recognised_however_often_peewee_wrapped_it(postgres_url: str) -> None:
+    """A check's division by zero reads as a refusal whether psycopg raised it or peewee wrapped it once or twice
+    (as it is when the pipeline raises it at a later statement), and nothing else does."""
+    with psycopg.connect(postgres_url) as connection:
+        with pytest.raises(psycopg.Error) as raised:
+            connection.execute("SELECT 1 / 0")
+    once = peewee.DataError(raised.value, *raised.value.args)
+    try:
+        try:
+            raise once
+        except peewee.DataError as inner:
+            raise peewee.DataError(inner, *inner.args) from inner
+    except peewee.DataError as outer:
+        twice = outer
+    assert [_sqlstate(e) for e in (raised.value, once, twice)] == [DIVISION_BY_ZERO] * 3
+    assert _sqlstate(peewee.DataError("division by zero")) is None
