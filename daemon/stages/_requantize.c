@@ -6,9 +6,9 @@
  *     -> (bytes, float | None, bytes | None, bytes | None)
  * With score, the float is the luma's SSIM between the source and its requantized self over 8x8 blocks, computed
  * from the coefficients (see requantize_block_scored), else None.
- * With reduce n (2, 4 or 8), the two last are the luma of the source and of the output as 8-bit planes of
- * ceil(width / n) x ceil(height / n), made from the coefficients as libjpeg's scaled inverse DCT would (see
- * reduced_block), without another entropy decoding of either file.
+ * With reduce n (2, 4 or 8; not with score), the two last are the luma of the source and of the output as 8-bit
+ * planes of ceil(width / n) x ceil(height / n), made from the coefficients as libjpeg's scaled inverse DCT would (see
+ * reduced_block, dc_level), without another entropy decoding of either file.
  * Raises JpegError (a ValueError) with libjpeg's message for anything it cannot or should not take: corrupt or
  * truncated data (libjpeg's warnings count as errors), over max_pixels, not 8-bit YCbCr 4:2:0 or greyscale.
  * Callers fall back to decoding, which then gives the user its own result or error. */
@@ -129,8 +129,8 @@ static inline double requantize_block_scored(JCOEF *coef, const float *factor, c
 /* The N x N pixels (N = 8 / reduce, at most 4) that stand for an 8x8 block at 1/reduce of its size: each the mean
  * of the reduce x reduce pixels the full inverse DCT would give (before rounding), which is what libjpeg's scaled
  * IDCT computes. The 2-D basis is separable: the block's 8 rows of frequencies are first reduced to N rows (whole
- * rows at a time, which the compiler vectorises), then each of those to N pixels (N = 1: reduced_row). Writes row
- * by row at `out`, `stride` bytes apart. */
+ * rows at a time, which the compiler vectorises), then each of those to N pixels (N = 1: dc_level). Writes row by
+ * row at `out`, `stride` bytes apart. */
 static void reduced_block(const JCOEF *coef, const float *step, int n, const float basis[4][DCTSIZE],
                           unsigned char *out, size_t stride) {
     float value[DCTSIZE2];
@@ -153,22 +153,19 @@ static void reduced_block(const JCOEF *coef, const float *step, int n, const flo
     }
 }
 
-/* A row of blocks (block row `row`) into `plane`. At N = 1 (the default score's scale) each pixel is its block's
- * DC, written here without a call per block. */
+/* A row of blocks (block row `row`) into `plane`, N > 1 (N = 1 is dc_level, in the requantizing loop). */
 static inline void reduced_row(JBLOCKROW blocks, JDIMENSION count, const float *step, int n,
                                const float basis[4][DCTSIZE], const struct job *luma, JDIMENSION row,
                                unsigned char *plane) {
     size_t stride = luma->plane_width;
     unsigned char *out = plane + (size_t)row * (size_t)n * stride;
-    if (n == 1) {
-        float scale = step[0] * basis[0][0] * basis[0][0];
-        for (JDIMENSION b = 0; b < count; b++) {
-            int level = (int)((float)blocks[b][0] * scale + 128.5f);
-            out[b] = (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
-        }
-        return;
-    }
     for (JDIMENSION b = 0; b < count; b++) reduced_block(blocks[b], step, n, basis, out + (size_t)b * n, stride);
+}
+
+/* A block at 1/8 of its size: its mean, DC * step / 8 (+128), what libjpeg's 1/8 scaled IDCT gives. */
+static inline unsigned char dc_level(JCOEF dc, float step) {
+    int level = (int)((float)dc * step * 0.125f + 128.5f);
+    return (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
 }
 
 /* basis[x][u] for reduced_block: the mean over output pixel x's span of C(u) cos((2i + 1) u pi / 16) / 2. */
@@ -204,15 +201,24 @@ static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, j
                                                           (JDIMENSION)component->v_samp_factor, TRUE);
         for (int r = 0; r < component->v_samp_factor && row + r < component->height_in_blocks; r++) {
             JBLOCKROW blocks = rows[r];
-            if (n > 0) reduced_row(blocks, component->width_in_blocks, old_step, n, basis, luma, row + r, luma->before);
-            if (luma != NULL && luma->score) {
+            if (n > 1) reduced_row(blocks, component->width_in_blocks, old_step, n, basis, luma, row + r, luma->before);
+            if (n == 1) {
+                /* One pass over the row: a separate one for the DCs first cost a millisecond of cache misses. */
+                unsigned char *before = luma->before + (size_t)(row + r) * luma->plane_width;
+                unsigned char *after = luma->after + (size_t)(row + r) * luma->plane_width;
+                for (JDIMENSION b = 0; b < component->width_in_blocks; b++) {
+                    before[b] = dc_level(blocks[b][0], old_step[0]);
+                    requantize_block(blocks[b], factor);
+                    after[b] = dc_level(blocks[b][0], new_step[0]);
+                }
+            } else if (luma != NULL && luma->score) {
                 for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
                     luma->ssim_sum += requantize_block_scored(blocks[b], factor, old_step, new_step);
                 luma->ssim_blocks += component->width_in_blocks;
             } else {
                 for (JDIMENSION b = 0; b < component->width_in_blocks; b++) requantize_block(blocks[b], factor);
             }
-            if (n > 0) reduced_row(blocks, component->width_in_blocks, new_step, n, basis, luma, row + r, luma->after);
+            if (n > 1) reduced_row(blocks, component->width_in_blocks, new_step, n, basis, luma, row + r, luma->after);
         }
     }
 }
@@ -309,6 +315,10 @@ static PyObject *requantize(PyObject *module, PyObject *args, PyObject *kwargs) 
     }
     if (reduce != 0 && reduce != 2 && reduce != 4 && reduce != 8) {
         PyErr_Format(PyExc_ValueError, "reduce must be 0 (no planes), 2, 4 or 8, got %d", reduce);
+        goto done;
+    }
+    if (score && reduce) {
+        PyErr_SetString(PyExc_ValueError, "score and reduce are two ways to score: ask for one");
         goto done;
     }
     if ((unsigned long long)data.len > (unsigned long long)(unsigned long)-1 || icc.len > 0x7fffffff) {
