@@ -153,15 +153,6 @@ static void reduced_block(const JCOEF *coef, const float *step, int n, const flo
     }
 }
 
-/* A row of blocks (block row `row`) into `plane`, N > 1 (N = 1 is dc_level, in the requantizing loop). */
-static inline void reduced_row(JBLOCKROW blocks, JDIMENSION count, const float *step, int n,
-                               const float basis[4][DCTSIZE], const struct job *luma, JDIMENSION row,
-                               unsigned char *plane) {
-    size_t stride = luma->plane_width;
-    unsigned char *out = plane + (size_t)row * (size_t)n * stride;
-    for (JDIMENSION b = 0; b < count; b++) reduced_block(blocks[b], step, n, basis, out + (size_t)b * n, stride);
-}
-
 /* A block at 1/8 of its size: its mean, DC * step / 8 (+128), what libjpeg's 1/8 scaled IDCT gives. */
 static inline unsigned char dc_level(JCOEF dc, float step) {
     int level = (int)((float)dc * step * 0.125f + 128.5f);
@@ -201,15 +192,22 @@ static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, j
                                                           (JDIMENSION)component->v_samp_factor, TRUE);
         for (int r = 0; r < component->v_samp_factor && row + r < component->height_in_blocks; r++) {
             JBLOCKROW blocks = rows[r];
-            if (n > 1) reduced_row(blocks, component->width_in_blocks, old_step, n, basis, luma, row + r, luma->before);
-            if (n == 1) {
-                /* One pass over the row: a separate one for the DCs first cost a millisecond of cache misses. */
-                unsigned char *before = luma->before + (size_t)(row + r) * luma->plane_width;
-                unsigned char *after = luma->after + (size_t)(row + r) * luma->plane_width;
+            if (n > 0) {
+                /* Block by block in one pass over the row: a separate pass for the planes first cost about a
+                 * millisecond per photo in cache misses. */
+                size_t stride = luma->plane_width;
+                unsigned char *before = luma->before + (size_t)(row + r) * (size_t)n * stride;
+                unsigned char *after = luma->after + (size_t)(row + r) * (size_t)n * stride;
                 for (JDIMENSION b = 0; b < component->width_in_blocks; b++) {
-                    before[b] = dc_level(blocks[b][0], old_step[0]);
-                    requantize_block(blocks[b], factor);
-                    after[b] = dc_level(blocks[b][0], new_step[0]);
+                    if (n == 1) {
+                        before[b] = dc_level(blocks[b][0], old_step[0]);
+                        requantize_block(blocks[b], factor);
+                        after[b] = dc_level(blocks[b][0], new_step[0]);
+                    } else {
+                        reduced_block(blocks[b], old_step, n, basis, before + (size_t)b * n, stride);
+                        requantize_block(blocks[b], factor);
+                        reduced_block(blocks[b], new_step, n, basis, after + (size_t)b * n, stride);
+                    }
                 }
             } else if (luma != NULL && luma->score) {
                 for (JDIMENSION b = 0; b < component->width_in_blocks; b++)
@@ -218,7 +216,6 @@ static void requantize_component(j_decompress_ptr src, jvirt_barray_ptr array, j
             } else {
                 for (JDIMENSION b = 0; b < component->width_in_blocks; b++) requantize_block(blocks[b], factor);
             }
-            if (n > 1) reduced_row(blocks, component->width_in_blocks, new_step, n, basis, luma, row + r, luma->after);
         }
     }
 }
