@@ -2,8 +2,9 @@
 
 For each of make bench's photo sets (smooth, grain; 2000x2000, quality 90) the ways to quality 50 alternate for
 --rounds rounds over the same images; ms/image (CPU time of this process) is the median round's mean. The ways: the
-codec's core alone (requantize, with its coefficient score, or Pillow's decode + encode) and the whole codec as the daemon runs it
-(compress_file with default settings, the SSIM score included), on the fast path and forced onto Pillow's. Also
+codec's core alone (requantize, with its coefficient score, or Pillow's decode + encode) and the whole codec as the
+daemon runs it (compress_file with default settings, the SSIM score included), on the fast path and forced onto
+Pillow's. Also
 reported: mean output bytes, mean SSIM against the decoded original at full resolution, and how a score from
 reduced decodes of both files (libjpeg's 1/2, 1/4, 1/8 scaling, daemon.stages.requantize.reduced) and one from the
 DCT coefficients while requantizing (requantize_scored) compare with it, and what the reduced decodes cost.
