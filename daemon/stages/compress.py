@@ -45,6 +45,9 @@ def encode_settings(settings: CompressSettings) -> EncodeSettings:
 class CompressStage(Follower):
     name = "stage.compress"
     types = names(ImageDownloaded)
+    # One commit (a hop to the writer thread, a transaction) per image was the stage's largest cost in the daemon:
+    # results wait up to this long to share one, while the work queued in the pool keeps the workers busy.
+    batch_window = 0.1
 
     def __init__(self, eventlog: EventLog, pool: CodecPool, bodies: Bodies, images: ImageStore,
                  settings: CompressSettings, cancellations: Cancellations, metrics: Metrics,
@@ -54,8 +57,15 @@ class CompressStage(Follower):
         self.pool, self.bodies, self.images = pool, bodies, images
         self.cancellations, self.metrics = cancellations, metrics
         self.encode = encode_settings(settings)
-        # Enough queued work that no worker waits for the loop between two images.
-        self.concurrency = 2 * pool_size(settings)
+        # Enough queued work that no worker waits for the loop between two images, nor while results wait for
+        # `batch_window` (an image takes 15-40 ms); the bodies themselves are bounded by the download backlog.
+        self.concurrency = 8 * pool_size(settings)
+        self._keep_busy = 2 * pool_size(settings)
+
+    def in_a_hurry(self) -> bool:
+        # Too little queued to keep the workers busy through a batch window (the end of a batch, or a slow
+        # download): commit and read more work at once.
+        return self.pool.outstanding < self._keep_busy
 
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         event = record.event
