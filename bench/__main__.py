@@ -25,6 +25,7 @@ appends (bench/backends.py): appends per second through `EventLog.append` on eac
 load (bench/load.py): concurrent uploads while clients poll /status at a fixed rate; see there.
 scale (bench/scale.py): one daemon with every codec worker against two daemons with half each, sharing PostgreSQL
 and a SeaweedFS bucket; coordination efficiency and claim latency; see there.
+memory (bench/memory.py, only with --scenario memory): peak RSS of each process over 2,000 heavy photos.
 
 Prints the results and writes them to bench/results/latest.json as
 {"filesystem": {...}, "throughput": {...}, "target": {...}, "appends": {...}, "load": {...}, "scale": {...}}.
@@ -63,6 +64,7 @@ from bench.harness import (
     upload,
 )
 from bench.load import add_load_arguments, run_load
+from bench.memory import add_memory_arguments, run_memory
 from bench.scale import add_scale_arguments, run_scale
 from bench.target import run_target
 from daemon.stages.codec import EncodeSettings, decoded_output
@@ -246,8 +248,8 @@ async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Pat
 
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench")
-    parser.add_argument("--scenario", choices=("all", "throughput", "target", "appends", "load", "scale"),
-                        default="all")
+    parser.add_argument("--scenario", default="all",
+                        choices=("all", "throughput", "target", "appends", "load", "scale", "memory"))
     parser.add_argument("--images", type=int, default=int(os.environ.get("BENCH_IMAGES", 200)))
     parser.add_argument("--size", type=int, default=2000)
     parser.add_argument("--distinct", type=int, default=24, help="distinct generated photos, served round-robin")
@@ -268,6 +270,7 @@ async def main() -> None:
     add_backend_arguments(parser)
     add_load_arguments(parser)
     add_scale_arguments(parser)
+    add_memory_arguments(parser)
     args = parser.parse_args()
 
     photos: dict[tuple[int, int, str], list[bytes]] = {}  # the scenarios share them when their sizes agree
@@ -302,6 +305,10 @@ async def main() -> None:
             results["scale"] = await run_scale(photos_of(args.size, args.scale_images or args.images), args, folder,
                                                where)
             print(json.dumps({"scale": results["scale"]}, indent=2), flush=True)
+        if args.scenario == "memory":
+            results["memory"] = await run_memory(photos_of(args.size, args.memory_images, args.memory_photos), args,
+                                                 folder)
+            print(json.dumps({"memory": results["memory"]}, indent=2), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if results.get("load", {}).get("errors"):

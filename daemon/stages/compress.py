@@ -45,6 +45,9 @@ def encode_settings(settings: CompressSettings) -> EncodeSettings:
 class CompressStage(Follower):
     name = "stage.compress"
     types = names(ImageDownloaded)
+    # One commit (a hop to the writer thread, a transaction) per image was the stage's largest cost in the daemon:
+    # results wait up to this long to share one, while the work queued in the pool keeps the workers busy.
+    batch_window = 0.1
 
     def __init__(self, eventlog: EventLog, pool: CodecPool, bodies: Bodies, images: ImageStore,
                  settings: CompressSettings, cancellations: Cancellations, metrics: Metrics,
@@ -54,8 +57,17 @@ class CompressStage(Follower):
         self.pool, self.bodies, self.images = pool, bodies, images
         self.cancellations, self.metrics = cancellations, metrics
         self.encode = encode_settings(settings)
-        # Enough queued work that no worker waits for the loop between two images.
-        self.concurrency = 2 * pool_size(settings)
+        # Enough queued work that no worker waits for the loop between two images, nor while results wait for
+        # `batch_window` (an image takes 15-40 ms); the bodies themselves are bounded by the download backlog.
+        self.concurrency = 8 * pool_size(settings)
+        self._keep_busy = 2 * pool_size(settings)
+        self._settling = 0  # images of the last commit that `committed` has yet to see
+        self._spent: list[tuple[Path, int]] = []  # their bodies, recycled together after the last
+
+    def in_a_hurry(self) -> bool:
+        # Too little queued to keep the workers busy through a batch window (the end of a batch, or a slow
+        # download): commit and read more work at once.
+        return self.pool.outstanding < self._keep_busy
 
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         event = record.event
@@ -132,7 +144,9 @@ class CompressStage(Follower):
         return self.claims is None or event.node in ("", self.claims.node)
 
     def guard(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
-        """The image's outcome settles its claim, and is refused if another daemon took the image over."""
+        """The image's outcome settles its claim, and is refused if another daemon took the image over. (Writer
+        thread, in every commit's transaction: it also tells `committed` how many images the commit settles.)"""
+        self._settling = len(finished)
         if self.claims is None:
             return
         settling = [(record.position, downloaded_work(record), results) for record, results in finished
@@ -141,14 +155,26 @@ class CompressStage(Follower):
             self.claims.guard_sync(settling)
 
     async def committed(self, record: RecordedEvent, results: Sequence[Event]) -> None:
-        """The body's image is settled in the log: it becomes a recycled file, and makes room for a download."""
+        """The body's image is settled in the log: it becomes a recycled file, and makes room for a download. The
+        bodies of one commit go together, after its last image: one hop to a thread per commit, not per image."""
         event = record.event
         assert isinstance(event, ImageDownloaded)
+        self._settling -= 1
         self.metrics.settled(results)
-        if not self._mine(event):
+        if self._mine(event):
+            if self.claims is not None:
+                self.claims.settled([event.item])
+            self._spent.append((self.bodies.path(record.stream, event.product, event.index), event.bytes))
+        if self._settling > 0 or not self._spent:
             return
-        if self.claims is not None:
-            self.claims.settled([event.item])
-        path = self.bodies.path(record.stream, event.product, event.index)
-        await asyncio.to_thread(self.bodies.recycle, path, event.bytes)
-        self.bodies.released(path)
+        spent, self._spent = self._spent, []
+        try:
+            await asyncio.to_thread(self._recycle_spent, spent)
+        finally:
+            for path, _ in spent:
+                self.bodies.released(path)
+
+    def _recycle_spent(self, spent: list[tuple[Path, int]]) -> None:
+        """(thread)"""
+        for path, size in spent:
+            self.bodies.recycle(path, size)

@@ -35,7 +35,9 @@ from daemon.stages.bodies import Bodies, BodyWriter
 log = structlog.get_logger("download")
 
 TRANSIENT_STATUS = frozenset({408, 425, 429})  # and every 5xx: proxies and CDNs use the whole range (520-527)
-FLUSH_BYTES = 1024 * 1024
+# Chunks are written in batches of this much: one hop to a thread for most photos (up to 2 MB), and at most
+# 2 x concurrency x this much in memory.
+FLUSH_BYTES = 2 * 1024 * 1024
 
 
 class DownloadError(Exception):
@@ -80,7 +82,7 @@ async def fetch(client: aiohttp.ClientSession, url: str, body: BodyWriter, setti
             if response.content_length is not None and response.content_length > limit:
                 raise DownloadError(f"image is {response.content_length} bytes, over the limit of {limit} bytes")
             size = 0
-            pending: list[bytes] = []  # written in ~1 MB batches: one thread hop for a typical photo
+            pending: list[bytes] = []
             pending_bytes = 0
             try:
                 async for chunk in response.content.iter_any():

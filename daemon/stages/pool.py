@@ -175,6 +175,11 @@ class CodecPool:
         self._deadlines: asyncio.TimerHandle | None = None
 
     @property
+    def outstanding(self) -> int:
+        """Jobs sent to a worker or waiting for one."""
+        return len(self._queued) + sum(len(w.jobs) for w in self._workers)
+
+    @property
     def pids(self) -> set[int]:
         return {w.process.pid for w in self._workers if w.process.pid is not None}
 

@@ -363,6 +363,19 @@ async def test_downloads_wait_while_the_backlog_is_full(make_settings: Callable[
     assert body["status"] == "completed" and body["progress"]["done"] == 5
 
 
+async def test_a_commit_of_several_images_recycles_every_body_and_frees_its_place(
+        make_settings: Callable[..., Settings], origin: Origin) -> None:
+    """The bodies of the images one compress commit settles become recycled files together, and each frees its place."""
+    async with daemon_app(make_settings(download={"backlog": 4})) as app:
+        await submit(app, [[f"{origin.url}/img/photo.jpg"] * 4])
+        followers = {f.name.partition("@")[0]: f for f in app[FOLLOWERS]}
+        await followers["stage.download"].run_until_idle()
+        assert len(bodies_on_disk(app)) == 4 and app[BODIES].vacancies == 0
+        await followers["stage.compress"].run_until_idle()
+        assert bodies_on_disk(app) == [] and app[BODIES].vacancies == 4
+        assert len(list(app[BODIES].recycled_folder.iterdir())) == 4
+
+
 async def test_downloads_waiting_to_try_again_keep_their_place_in_the_backlog(
         make_settings: Callable[..., Settings], origin: Origin) -> None:
     """With backlog 2 and an origin answering 503 to the first two requests for each name, the two downloads
