@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from bench.backends import Databases
-from bench.harness import Daemon, new_workdir, upload
+from bench.harness import Daemon, cpu_seconds, database_server_pids, descendants, new_workdir, upload
 from daemon.s3server import BUCKET, SeaweedFS
 from daemon.testing import Listener, Origin
 
@@ -74,13 +74,24 @@ async def run_side(side: str, urls: list[str], args: argparse.Namespace, scratch
             daemons.append(await stack.enter_async_context(Daemon(folder, workers, args.quality, database, env)))
         client = await stack.enter_async_context(aiohttp.ClientSession())
         listener = await stack.enter_async_context(Listener([204]))
+        before = cpu_by_part(daemons)
         start = time.perf_counter()
         await upload(client, daemons[0].base, urls, webhook_url=listener.url)
         await listener.wait_for(1, timeout=3600)
         elapsed = time.perf_counter() - start
+        after = cpu_by_part(daemons)
     per_daemon = [claim_latencies(daemon.workdir / "daemon.log") for daemon in daemons]
     return {"elapsed_s": elapsed, "claims": [ms for samples in per_daemon for ms in samples],
-            "claims_by_daemon": [len(samples) for samples in per_daemon]}
+            "claims_by_daemon": [len(samples) for samples in per_daemon],
+            "cpu_ms_per_image": {part: round(1000 * (after[part] - before[part]) / len(urls), 2) for part in after}}
+
+
+def cpu_by_part(daemons: list[Daemon]) -> dict[str, float]:
+    """CPU seconds so far of the daemons' main processes (summed), their pools, and the PostgreSQL server (all of
+    it, whoever it serves): the split that shows where a second daemon's cost goes."""
+    return {"daemon_main": sum(cpu_seconds(d.pid) for d in daemons),
+            "pool": sum(cpu_seconds(p) for d in daemons for p in descendants(d.pid)),
+            "database_server": sum(cpu_seconds(p) for p in database_server_pids())}
 
 
 async def run_scale(photos: list[bytes], args: argparse.Namespace, scratch: Path, where: Databases) -> dict[str, Any]:
@@ -102,11 +113,14 @@ async def run_scale(photos: list[bytes], args: argparse.Namespace, scratch: Path
                     result = await run_side(side, urls, args, scratch, where, store, k)
                     round_[side] = {"images_per_s": round(n / result["elapsed_s"], 2),
                                     "elapsed_s": round(result["elapsed_s"], 3),
-                                    "claims_by_daemon": result["claims_by_daemon"]}
+                                    "claims_by_daemon": result["claims_by_daemon"],
+                                    "cpu_ms_per_image": result["cpu_ms_per_image"]}
                     claims[side] += result["claims"]
                 round_["efficiency"] = round(round_["one"]["elapsed_s"] / round_["two"]["elapsed_s"], 3)
                 print(f"scale round {k + 1}: one daemon {round_['one']['images_per_s']} img/s, two daemons "
-                      f"{round_['two']['images_per_s']} img/s, efficiency {round_['efficiency']}", file=sys.stderr)
+                      f"{round_['two']['images_per_s']} img/s, efficiency {round_['efficiency']}; CPU ms/image one "
+                      f"{round_['one']['cpu_ms_per_image']}, two {round_['two']['cpu_ms_per_image']}, claims "
+                      f"{round_['two']['claims_by_daemon']}", file=sys.stderr)
                 rounds.append(round_)
     finally:
         store.stop()

@@ -13,6 +13,7 @@ are also kept in memory as committed, so a consumer close behind the head reads 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import threading
 import time
@@ -203,6 +204,9 @@ class EventLog:
         self._appended: list[tuple[str, Sequence[Event], str, Inserted]] = []
         self._committed: deque[RecordedEvent] = deque()  # handed from the writer thread to the loop
         self._recent: list[RecordedEvent] = []  # consecutive positions, newest last (loop thread)
+        self._remote_head = 0  # the newest position another process appended, as last heard (loop)
+        self._fetched = 0  # every event up to here was read from the database once another process appended (loop)
+        self._fetching: asyncio.Task[None] | None = None  # reading another process's events into memory (loop)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._away: _Away | None = None  # the database found unreachable, until something reaches it again (loop)
         self._losses = 0  # connections found lost so far: each thread checks its own once after a new one
@@ -220,12 +224,15 @@ class EventLog:
                     log.info("view_columns_added", columns=added)
             return int(execute("SELECT MAX(position) FROM events").fetchone()[0] or 0)
 
-        self.head = await self._on(self._writer, create)
+        self.head = self._fetched = await self._on(self._writer, create)
         self.backend.watch(self._other_process_appended, self._watcher_connection)
 
     async def close(self) -> None:
         """Close every thread's connection (peewee keeps one per thread), then the threads."""
         self.backend.unwatch()
+        if self._fetching is not None:
+            self._fetching.cancel()
+            await asyncio.gather(self._fetching, return_exceptions=True)
         loop = asyncio.get_running_loop()
         for pool, workers in ((self._writer, 1), (self._readers, self.backend.readers)):
             # The barrier holds each task until all have started, so each runs on a thread of its own.
@@ -349,15 +356,59 @@ class EventLog:
                 wake.set()
 
     def _other_process_appended(self, position: int) -> None:
-        """(any thread) Another process's append: the types are not known here, so everyone looks."""
+        """(any thread) Another process's append."""
         assert self._loop is not None
         if position > self.head:  # our own appends come back too: those wake no one
             self._loop.call_soon_threadsafe(self._grown_to, position)
 
     def _grown_to(self, position: int) -> None:
-        if position > self.head:
-            self.head = position
-            self._notify()
+        """(loop) Another process appended up to `position`: its events are read once, into memory, and wake only
+        the consumers of their types, who read them from there (not each with a query of its own: with several
+        daemons on a database, every commit of one woke every consumer of the others)."""
+        self._remote_head = max(self._remote_head, position)
+        if position > self._known() and (self._fetching is None or self._fetching.done()):
+            self._fetching = asyncio.create_task(self._fetch_remote(), name="eventlog-remote")
+
+    def _known(self) -> int:
+        """(loop) The position up to which every event is in memory or was read by `_fetch_remote`."""
+        recent = self._recent_to_head() or self._recent
+        if recent and recent[0].position <= self._fetched + 1:
+            return max(self._fetched, recent[-1].position)
+        return self._fetched
+
+    async def _fetch_remote(self) -> None:
+        while self._remote_head > (after := self._known()):
+            target = self._remote_head
+            types: set[str] | None = None  # unknown: everyone looks
+            if target - after <= RECENT_EVENTS:
+                try:
+                    records = await self._on(self._readers, self.read_after_sync, after, None, target - after)
+                except DatabaseAway:
+                    pass  # logged once by the store; the woken consumers find out too
+                except Exception:
+                    log.exception("remote_events_unread", after=after, head=target)
+                else:
+                    types = self._remember(records, after)
+                    target = max(target, records[-1].position if records else target)
+            self._fetched = max(self._fetched, target)
+            self.head = max(self.head, target)
+            self._notify(types)
+
+    def _remember(self, records: list[RecordedEvent], after: int) -> set[str]:
+        """(loop) Every event after `after` read from the database, in position order, merged with those in memory
+        (our own appends among them); the types of those that were not in memory."""
+        recent = self._recent_to_head() or self._recent
+        split = bisect.bisect_right(recent, after, key=lambda r: r.position)
+        merged = {r.position: r for r in recent[split:]}
+        fresh = {r.type for r in records if r.position not in merged}
+        for record in records:
+            merged.setdefault(record.position, record)
+        del recent[split:]
+        for position in sorted(merged):
+            if recent and position != recent[-1].position + 1:
+                recent.clear()  # a gap: start again from this one
+            recent.append(merged[position])
+        return fresh
 
     # writing ---------------------------------------------------------------------------------
     def _append_sync(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> None:
@@ -499,6 +550,8 @@ class EventLog:
         committed = self._committed
         while committed:
             record = committed.popleft()
+            if recent and recent[0].position <= record.position <= recent[-1].position:
+                continue  # read from the database already, with another process's events (`_remember`)
             if recent and record.position != recent[-1].position + 1:
                 recent.clear()  # a gap (a rolled-back append, another process's): start again from this one
             recent.append(record)

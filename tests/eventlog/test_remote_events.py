@@ -1,0 +1,34 @@
+"""Another process's appends on a shared PostgreSQL log: read once into memory, waking only their consumers."""
+
+from __future__ import annotations
+
+import asyncio
+
+from daemon.eventlog.store import EventLog, open_store
+from daemon.events import ImageDownloaded, ImageRequested, RequestAccepted, names
+
+
+async def test_another_stores_events_are_read_once_into_memory_and_wake_only_their_consumers(
+        postgres_eventlog: EventLog, postgres_url: str) -> None:
+    """A second store's append wakes this store's consumers of its types (not the others), and their next page
+    comes from memory, our own appends interleaved in position order."""
+    other = open_store(postgres_url)
+    await other.open()
+    try:
+        requested = postgres_eventlog.subscribe(names(ImageRequested))
+        downloaded = postgres_eventlog.subscribe(names(ImageDownloaded))
+        start = postgres_eventlog.head
+        await postgres_eventlog.append("mine", [RequestAccepted(source="upload", source_name="a.csv", products=())])
+        await other.append("theirs", [ImageRequested(product=0, index=0, url="http://origin/a.jpg", stem="a")])
+        await other.append("theirs", [ImageRequested(product=0, index=1, url="http://origin/b.jpg", stem="b")])
+        async with asyncio.timeout(10):
+            while postgres_eventlog.head < other.head:
+                await requested.wait()
+                requested.clear()
+        assert not downloaded.is_set()
+        page = postgres_eventlog.read_recent(start, None, 10)
+        assert page is not None
+        assert [r.stream for r in page] == ["mine", "theirs", "theirs"]
+        assert [r.position for r in page] == list(range(start + 1, start + 4))
+    finally:
+        await other.close()
