@@ -47,8 +47,9 @@ class SeaweedFS:
         assert binary is not None
         self.folder.mkdir(parents=True, exist_ok=True)
         ports = iter(free_ports(7, but=self.s3_port))
+        # Volumes of 64 MB, up to 100 of them (made as they fill): a bench of thousands of images fits.
         command = [binary, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                   "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=16", "-iam=false",
+                   "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=100", "-iam=false",
                    "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={next(ports)}", "-s3.port.iceberg=0",
                    "-s3.port.lance=0"]
         for name in ("master", "volume", "filer"):
