@@ -46,7 +46,7 @@ from daemon.metrics import METRICS, Metrics, counting
 from daemon.metrics import add_routes as metrics_routes
 from daemon.network import AddressPolicy, GuardedConnector
 from daemon.openapi import add_routes as openapi_routes
-from daemon.stages import requantize
+from daemon.stages import requantize, similarity
 from daemon.stages.bodies import Bodies
 from daemon.stages.complete import CompleteStage
 from daemon.stages.compress import CompressStage
@@ -246,7 +246,8 @@ async def announce_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     log.info("daemon_started", url=settings.public_url, database=without_password(settings.database_url),
              inbox=str(settings.path("inbox")) if settings.inbox.enabled else None, daemon_cpu=app[DAEMON_CPU],
-             jpeg_fast_path=settings.compress.jpeg_fast_path and requantize.available())
+             jpeg_fast_path=settings.compress.jpeg_fast_path and requantize.available(),
+             ssim=("compiled" if similarity.compiled() else "numpy") if settings.compress.ssim else "off")
     yield
     log.info("daemon_stopped")
 

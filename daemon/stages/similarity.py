@@ -33,6 +33,11 @@ Plane = npt.NDArray[np.uint8]
 Floats = npt.NDArray[np.float32]
 
 
+def compiled() -> bool:
+    """True when the SSIM extension was built (else numpy scores, the same, slower)."""
+    return _compiled is not None
+
+
 def _kernel() -> Floats:
     offsets = np.arange(-RADIUS, RADIUS + 1, dtype=np.float64)
     weights = np.exp(-(offsets**2) / (2 * SIGMA**2))

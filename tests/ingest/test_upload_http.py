@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.config import Settings, replace
-from daemon.stages import requantize
+from daemon.stages import requantize, similarity
 
 STATUS_KEYS = {"request_id", "status", "source", "created_at", "updated_at", "completed_at", "progress", "products"}
 IMAGE_KEYS = {"input_url", "status", "output_url", "bytes_in", "bytes_out", "width", "height", "format", "attempts",
@@ -378,13 +378,14 @@ async def test_healthz_answers_ok(served: Any) -> None:
 
 
 async def test_daemon_started_is_logged_with_the_inbox_disabled(serve_app: Serve, http_settings: Settings) -> None:
-    """Start-up logs one daemon_started with the public URL and the JPEG path in use even when the inbox is disabled."""
+    """Start-up logs one daemon_started with the public URL, the JPEG path and the SSIM in use even when the inbox is
+    disabled."""
     with capture_logs() as logs:
         async with serve_app(http_settings) as served:
             assert (await served.client.get("/healthz")).status == 200
     started = [e for e in logs if e["event"] == "daemon_started"]
-    assert [(e["url"], e["inbox"], e["jpeg_fast_path"]) for e in started] == [
-        (http_settings.public_url, None, requantize.available())]
+    assert [(e["url"], e["inbox"], e["jpeg_fast_path"], e["ssim"]) for e in started] == [
+        (http_settings.public_url, None, requantize.available(), "compiled" if similarity.compiled() else "numpy")]
 
 
 async def test_unknown_route_and_wrong_method_answer_json(served: Any) -> None:
