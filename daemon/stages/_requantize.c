@@ -131,8 +131,41 @@ static inline double requantize_block_scored(JCOEF *coef, const float *factor, c
  * IDCT computes. The 2-D basis is separable: the block's 8 rows of frequencies are first reduced to N rows (whole
  * rows at a time, which the compiler vectorises), then each of those to N pixels (N = 1: dc_level). Writes row by
  * row at `out`, `stride` bytes apart. */
+/* reduced_block at N = 2 (a score of at most 512 a side on a 2000-pixel photo), from the basis's symmetry:
+ * basis[1][u] = (-1)^u basis[0][u], and basis[0][u] is 0 for u = 2, 4, 6. So only frequencies 0, 1, 3, 5, 7 count,
+ * each pixel is an even part plus or minus an odd part, and a block costs about 35 products instead of 160. */
+static void half_block(const JCOEF *coef, const float *step, const float b[DCTSIZE], unsigned char *out,
+                       size_t stride) {
+    static const int counted[5] = {0, 1, 3, 5, 7};
+    float left[5], right[5];  /* per counted row of frequencies v: across reduced to output columns 0 and 1 */
+    for (int r = 0; r < 5; r++) {
+        const JCOEF *c = coef + counted[r] * DCTSIZE;
+        const float *s = step + counted[r] * DCTSIZE;
+        float even = (float)c[0] * s[0] * b[0];
+        float odd = (float)c[1] * s[1] * b[1] + (float)c[3] * s[3] * b[3] + (float)c[5] * s[5] * b[5] +
+                    (float)c[7] * s[7] * b[7];
+        left[r] = even + odd;
+        right[r] = even - odd;
+    }
+    float even_left = b[0] * left[0], even_right = b[0] * right[0], odd_left = 0, odd_right = 0;
+    for (int r = 1; r < 5; r++) {
+        odd_left += b[counted[r]] * left[r];
+        odd_right += b[counted[r]] * right[r];
+    }
+    const float pixel[4] = {even_left + odd_left, even_right + odd_right, even_left - odd_left,
+                            even_right - odd_right};
+    for (int p = 0; p < 4; p++) {
+        int level = (int)(pixel[p] + 128.5f);
+        out[(size_t)(p / 2) * stride + (size_t)(p % 2)] = (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
+    }
+}
+
 static void reduced_block(const JCOEF *coef, const float *step, int n, const float basis[4][DCTSIZE],
                           unsigned char *out, size_t stride) {
+    if (n == 2) {
+        half_block(coef, step, basis[0], out, stride);
+        return;
+    }
     float value[DCTSIZE2];
 #pragma omp simd
     for (int k = 0; k < DCTSIZE2; k++) value[k] = (float)coef[k] * step[k];
