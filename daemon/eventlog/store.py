@@ -356,10 +356,11 @@ class EventLog:
                 wake.set()
 
     def _other_process_appended(self, position: int) -> None:
-        """(any thread) Another process's append."""
+        """(any thread) Another process's append, `position` being the log's newest when the watcher looked: not
+        compared with `head` here, since our own append may have passed another process's before the look (its
+        events would then never be read); `_grown_to` compares with what memory holds."""
         assert self._loop is not None
-        if position > self.head:  # our own appends come back too: those wake no one
-            self._loop.call_soon_threadsafe(self._grown_to, position)
+        self._loop.call_soon_threadsafe(self._grown_to, position)
 
     def _grown_to(self, position: int) -> None:
         """(loop) Another process appended up to `position`: its events are read once, into memory, and wake only

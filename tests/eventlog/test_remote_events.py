@@ -32,3 +32,26 @@ async def test_another_stores_events_are_read_once_into_memory_and_wake_only_the
         assert [r.position for r in page] == list(range(start + 1, start + 4))
     finally:
         await other.close()
+
+
+async def test_another_stores_event_behind_our_own_newer_append_is_still_read(
+        postgres_eventlog: EventLog, postgres_url: str) -> None:
+    """When our own append lands right after another store's, the watcher's look at the log's newest position finds
+    ours: the other store's event before it is still read and wakes its consumers."""
+    other = open_store(postgres_url)
+    await other.open()
+    postgres_eventlog.backend.unwatch()  # the look is made by hand below, once both appends are in
+    try:
+        requested = postgres_eventlog.subscribe(names(ImageRequested))
+        start = postgres_eventlog.head
+        await other.append("theirs", [ImageRequested(product=0, index=0, url="http://origin/a.jpg", stem="a")])
+        await postgres_eventlog.append("mine", [RequestAccepted(source="upload", source_name="a.csv", products=())])
+        assert postgres_eventlog.head == other.head + 1
+        requested.clear()
+        postgres_eventlog._other_process_appended(postgres_eventlog.head)  # what the watcher's look reports
+        async with asyncio.timeout(10):
+            await requested.wait()
+        page = postgres_eventlog.read_recent(start, None, 10)
+        assert page is not None and [r.stream for r in page] == ["theirs", "mine"]
+    finally:
+        await other.close()
