@@ -200,6 +200,8 @@ class EventLog:
         self._readers = ThreadPoolExecutor(backend.readers, thread_name_prefix="eventlog-reader")
         self._subscribers: list[tuple[asyncio.Event, frozenset[str] | None]] = []
         self.head = 0
+        self._head_lock = threading.Lock()
+        self._closing = False
         # In the open transaction (writer thread): each append's stream, events, time and what gives its positions.
         self._appended: list[tuple[str, Sequence[Event], str, Inserted]] = []
         self._committed: deque[RecordedEvent] = deque()  # handed from the writer thread to the loop
@@ -230,6 +232,7 @@ class EventLog:
     async def close(self) -> None:
         """Close every thread's connection (peewee keeps one per thread), then the threads."""
         self.backend.unwatch()
+        self._closing = True  # a look the watcher queued before it stopped starts no read now
         if self._fetching is not None:
             self._fetching.cancel()
             await asyncio.gather(self._fetching, return_exceptions=True)
@@ -367,6 +370,8 @@ class EventLog:
         the consumers of their types, who read them from there (not each with a query of its own: with several
         daemons on a database, every commit of one woke every consumer of the others)."""
         self._remote_head = max(self._remote_head, position)
+        if self._closing:
+            return
         if position > self._known() and (self._fetching is None or self._fetching.done()):
             self._fetching = asyncio.create_task(self._fetch_remote(), name="eventlog-remote")
 
@@ -392,7 +397,7 @@ class EventLog:
                     types = self._remember(records, after)
                     target = max(target, records[-1].position if records else target)
             self._fetched = max(self._fetched, target)
-            self.head = max(self.head, target)
+            self._move_head(target)
             self._notify(types)
 
     def _remember(self, records: list[RecordedEvent], after: int) -> set[str]:
@@ -436,8 +441,15 @@ class EventLog:
             self._appended = []
         # Before `head` moves, so a reader that sees the new head finds its events in memory.
         self._committed.extend(appended)
-        self.head = max(self.head, last)
+        self._move_head(last)
         return result, last
+
+    def _move_head(self, position: int) -> None:
+        """(writer thread or loop) `head` only ever moves forward: both move it, and a read-compare-write of one could
+        otherwise land after the other's and move it back (consumers at the lost head would wait for the next
+        event)."""
+        with self._head_lock:
+            self.head = max(self.head, position)
 
     async def _write(self, body: Callable[[], T], types: Iterable[str]) -> tuple[T, int]:
         try:
