@@ -227,6 +227,7 @@ class EventLog:
             return int(execute("SELECT MAX(position) FROM events").fetchone()[0] or 0)
 
         self.head = self._fetched = await self._on(self._writer, create)
+        self._closing = False
         self.backend.watch(self._other_process_appended, self._watcher_connection)
 
     async def close(self) -> None:
