@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 import peewee
 import structlog
 
+from daemon.eventlog.models import error_chain, sqlstate
 from daemon.storage import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -52,17 +53,13 @@ def is_disk_full(exc: BaseException) -> bool:
 def full_error(exc: BaseException) -> BaseException | None:
     """The error in `exc`'s chain that says the disk is full: `exc` itself, or what it was raised from or while
     handling (peewee's failed rollback after SQLite's "database or disk is full", a library's wrapper)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in FULL_ERRNOS or isinstance(current, StoreUnavailable):
-            return current
-        if isinstance(current, peewee.OperationalError | sqlite3.OperationalError) and SQLITE_FULL in str(current):
-            return current
-        if getattr(current, "sqlstate", None) in POSTGRES_FULL:  # psycopg's error, under peewee's
-            return current
-        current = current.__cause__ or current.__context__
+    for error in error_chain(exc):
+        if isinstance(error, OSError) and error.errno in FULL_ERRNOS or isinstance(error, StoreUnavailable):
+            return error
+        if isinstance(error, peewee.OperationalError | sqlite3.OperationalError) and SQLITE_FULL in str(error):
+            return error
+        if sqlstate(error) in POSTGRES_FULL:  # psycopg's error, under peewee's
+            return error
     return None
 
 

@@ -5,7 +5,7 @@ The log's own tables are created by its backend (daemon.eventlog.sqlite, daemon.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import peewee
@@ -24,6 +24,24 @@ def execute(sql: str, params: Sequence[Any] = ()) -> Any:
     if database.param != "?":
         sql = sql.replace("?", database.param)
     return database.execute_sql(sql, params)
+
+
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what it was raised from or while handling, down to the driver's own error: peewee wraps a
+    driver's error once or more (keeping it as `orig`), and a pipeline's error may surface at a later statement."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)
+        current = current.__cause__ or current.__context__ or (orig if isinstance(orig, BaseException) else None)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of the database error in `exc`'s chain (PostgreSQL's drivers give one), if any."""
+    return next((state for error in error_chain(exc) if isinstance(state := getattr(error, "sqlstate", None), str)),
+                None)
 
 
 def placeholders(count: int) -> str:

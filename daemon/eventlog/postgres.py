@@ -28,7 +28,7 @@ import peewee
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from daemon.eventlog.models import ROWS_PER_INSERT, execute
+from daemon.eventlog.models import ROWS_PER_INSERT, execute, sqlstate
 from daemon.eventlog.store import SAVE_CHECKPOINT, STREAM_VERSION, Backend, Inserted, Tracking, conflict
 from daemon.instance import DatabaseUnreachable, connect_postgresql, postgresql_parameters
 
@@ -126,7 +126,7 @@ class PostgresBackend(Backend):
 
     def _refusal(self, exc: Exception) -> Exception | None:
         """(after the rollback) What the check that failed the transaction raises, if a check did."""
-        if _sqlstate(exc) != DIVISION_BY_ZERO:
+        if sqlstate(exc) != DIVISION_BY_ZERO:
             return None
         for cursor, refusal in self._checks:
             # The failed one has no result; those before it have theirs, those after it were skipped.
@@ -226,17 +226,3 @@ class PostgresBackend(Backend):
                     lost = True
                     self._stopped.wait(RECONNECT_SECONDS)
 
-
-def _sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error, raised by psycopg or wrapped by peewee, once or more (peewee keeps the
-    original as `orig` and raises from it; a statement's error re-raised at the pipeline's end is wrapped twice)."""
-    seen: set[int] = set()
-    candidates: list[object] = [exc]
-    while candidates:
-        candidate = candidates.pop()
-        if isinstance(candidate, psycopg.Error):
-            return candidate.sqlstate
-        if isinstance(candidate, BaseException) and id(candidate) not in seen:
-            seen.add(id(candidate))
-            candidates += [candidate.__context__, candidate.__cause__, getattr(candidate, "orig", None)]
-    return None

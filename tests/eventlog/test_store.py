@@ -13,8 +13,8 @@ from structlog.testing import capture_logs
 
 from daemon.config import Settings
 from daemon.eventlog.follower import Follower
-from daemon.eventlog.models import ROWS_PER_INSERT, BaseModel, execute
-from daemon.eventlog.postgres import DIVISION_BY_ZERO, _sqlstate
+from daemon.eventlog.models import ROWS_PER_INSERT, BaseModel, execute, sqlstate
+from daemon.eventlog.postgres import DIVISION_BY_ZERO
 from daemon.eventlog.store import (
     SCHEMA_VERSION,
     EventLog,
@@ -391,5 +391,5 @@ def test_a_refused_check_is_recognised_however_often_peewee_wrapped_it(postgres_
             raise peewee.DataError(inner, *inner.args) from inner
     except peewee.DataError as outer:
         twice = outer
-    assert [_sqlstate(e) for e in (raised.value, once, twice)] == [DIVISION_BY_ZERO] * 3
-    assert _sqlstate(peewee.DataError("division by zero")) is None
+    assert [sqlstate(e) for e in (raised.value, once, twice)] == [DIVISION_BY_ZERO] * 3
+    assert sqlstate(peewee.DataError("division by zero")) is None

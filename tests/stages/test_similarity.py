@@ -116,12 +116,12 @@ def test_reduction_is_a_power_of_two_up_to_eight(size: tuple[int, int], max_side
     assert reduction(size, max_side) == factor
 
 
-@pytest.mark.skipif(similarity._compiled is None and os.environ.get("IMGPIPE_TEST_REQUIRE_REQUANTIZE") != "1",
+@pytest.mark.skipif(not similarity.compiled() and os.environ.get("IMGPIPE_TEST_REQUIRE_REQUANTIZE") != "1",
                     reason="the SSIM extension (daemon/stages/_similarity.c) was not built")
 @pytest.mark.parametrize("size", ((12, 11), (12, 31), (333, 250), (1024, 683)))
 def test_the_compiled_score_equals_numpys(size: tuple[int, int]) -> None:
     """The extension's SSIM gives what the numpy version gives on a photograph and its quality-20 JPEG, any shape."""
-    assert similarity._compiled is not None, "the SSIM extension must be built here"
+    assert similarity.compiled(), "the SSIM extension must be built here"
     original = photograph("astronaut").resize(size)
     distorted = Image.open(io.BytesIO(encoded(original, "JPEG", quality=20)))
     reference, output = np.asarray(luma(original)), np.asarray(luma(distorted))
