@@ -126,11 +126,12 @@ static inline double requantize_block_scored(JCOEF *coef, const float *factor, c
     return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2));
 }
 
-/* The N x N pixels (N = 8 / reduce, at most 4) that stand for an 8x8 block at 1/reduce of its size: each the mean
- * of the reduce x reduce pixels the full inverse DCT would give (before rounding), which is what libjpeg's scaled
- * IDCT computes. The 2-D basis is separable: the block's 8 rows of frequencies are first reduced to N rows (whole
- * rows at a time, which the compiler vectorises), then each of those to N pixels (N = 1: dc_level). Writes row by
- * row at `out`, `stride` bytes apart. */
+/* A sample from the inverse DCT (centred on 0) as an 8-bit level: shifted, rounded and clamped as libjpeg does. */
+static inline unsigned char pixel_level(float sample) {
+    int level = (int)(sample + 128.5f);
+    return (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
+}
+
 /* reduced_block at N = 2 (a score of at most 512 a side on a 2000-pixel photo), from the basis's symmetry:
  * basis[1][u] = (-1)^u basis[0][u], and basis[0][u] is 0 for u = 2, 4, 6. So only frequencies 0, 1, 3, 5, 7 count,
  * each pixel is an even part plus or minus an odd part, and a block costs about 35 products instead of 160. */
@@ -154,12 +155,14 @@ static void half_block(const JCOEF *coef, const float *step, const float b[DCTSI
     }
     const float pixel[4] = {even_left + odd_left, even_right + odd_right, even_left - odd_left,
                             even_right - odd_right};
-    for (int p = 0; p < 4; p++) {
-        int level = (int)(pixel[p] + 128.5f);
-        out[(size_t)(p / 2) * stride + (size_t)(p % 2)] = (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
-    }
+    for (int p = 0; p < 4; p++) out[(size_t)(p / 2) * stride + (size_t)(p % 2)] = pixel_level(pixel[p]);
 }
 
+/* The N x N pixels (N = 8 / reduce, at most 4) that stand for an 8x8 block at 1/reduce of its size: each the mean
+ * of the reduce x reduce pixels the full inverse DCT would give (before rounding), which is what libjpeg's scaled
+ * IDCT computes. The 2-D basis is separable: the block's 8 rows of frequencies are first reduced to N rows (whole
+ * rows at a time, which the compiler vectorises), then each of those to N pixels (N = 1: dc_level). Writes row by
+ * row at `out`, `stride` bytes apart. */
 static void reduced_block(const JCOEF *coef, const float *step, int n, const float basis[4][DCTSIZE],
                           unsigned char *out, size_t stride) {
     if (n == 2) {
@@ -180,17 +183,13 @@ static void reduced_block(const JCOEF *coef, const float *step, int n, const flo
             float sum = 0;
 #pragma omp simd reduction(+ : sum)
             for (int u = 0; u < DCTSIZE; u++) sum += row[u] * basis[x][u];
-            int level = (int)(sum + 128.5f);
-            out[(size_t)y * stride + (size_t)x] = (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
+            out[(size_t)y * stride + (size_t)x] = pixel_level(sum);
         }
     }
 }
 
 /* A block at 1/8 of its size: its mean, DC * step / 8 (+128), what libjpeg's 1/8 scaled IDCT gives. */
-static inline unsigned char dc_level(JCOEF dc, float step) {
-    int level = (int)((float)dc * step * 0.125f + 128.5f);
-    return (unsigned char)(level < 0 ? 0 : level > 255 ? 255 : level);
-}
+static inline unsigned char dc_level(JCOEF dc, float step) { return pixel_level((float)dc * step * 0.125f); }
 
 /* basis[x][u] for reduced_block: the mean over output pixel x's span of C(u) cos((2i + 1) u pi / 16) / 2. */
 static void reduced_basis(int n, float basis[4][DCTSIZE]) {
