@@ -167,15 +167,13 @@ async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Pat
     defaults = EncodeSettings()
     score_max_side = defaults.ssim_max_side if defaults.ssim else None
     backends = backends_of(args)
-    # Each backend's daemon scores its images (the default); with --compare-scoring the first backend's also runs
-    # with scoring off in every round, so the score's cost is measured side by side.
-    unscored = f"{backends[0]}_unscored"
+    # Each backend's daemon runs the default settings; the first backend's also runs, in every round, with one
+    # setting changed for each comparison asked for, so what that setting costs is measured side by side:
+    # --compare-scoring, the score off; --compare-pillow-path, the codec as before the JPEG fast path.
     variants: dict[str, tuple[str, dict[str, str]]] = {b: (b, {}) for b in backends}
-    if args.compare_scoring:
-        variants[unscored] = (backends[0], {"IMGPIPE_COMPRESS_SSIM": "false"})
-    pillow_path = f"{backends[0]}_pillow_path"
-    if args.compare_pillow_path:  # the codec as it was before the JPEG fast path, against the same ceiling
-        variants[pillow_path] = (backends[0], {"IMGPIPE_COMPRESS_JPEG_FAST_PATH": "false"})
+    changed = {f"{backends[0]}_unscored": (args.compare_scoring, {"IMGPIPE_COMPRESS_SSIM": "false"}),
+               f"{backends[0]}_pillow_path": (args.compare_pillow_path, {"IMGPIPE_COMPRESS_JPEG_FAST_PATH": "false"})}
+    variants |= {name: (backends[0], setting) for name, (asked, setting) in changed.items() if asked}
     rounds: list[dict[str, Any]] = []
     async with Origin(files) as origin:
         for k in range(args.rounds):
@@ -212,10 +210,7 @@ async def throughput(photos: list[bytes], args: argparse.Namespace, scratch: Pat
             rounds.append(round_)
     by_backend = {variant: summary([r[variant] for r in rounds], n) for variant in variants}
     compared = {f"{b}_vs_{backends[0]}": versus(rounds, b, backends[0]) for b in backends[1:]}
-    if args.compare_scoring:
-        compared[f"{backends[0]}_vs_{unscored}"] = versus(rounds, backends[0], unscored)
-    if args.compare_pillow_path:
-        compared[f"{backends[0]}_vs_{pillow_path}"] = versus(rounds, backends[0], pillow_path)
+    compared |= {f"{backends[0]}_vs_{name}": versus(rounds, backends[0], name) for name in changed if name in variants}
     for variant, figures in by_backend.items():
         print(f"throughput {kind} {variant} / ceiling: CPU median {figures['cpu_ratio']['median']} "
               f"({figures['cpu_ratio']['lowest']}-{figures['cpu_ratio']['highest']}), wall median "
