@@ -42,6 +42,12 @@ class Fenced(Exception):
     (another daemon may be running it); nothing was written, and whoever runs the consumer here stops it soon."""
 
 
+class Passed(Exception):
+    """Raised by `handle`: the event is another daemon's work. Nothing was done and nothing needs recording: it
+    gets no tracking record of its own (the next commit's checkpoint moves past it), and were it read again after
+    a restart, it would be passed again."""
+
+
 @dataclass(frozen=True)
 class Retry(Exception):
     """Raised by `handle`: commit `events` now (without finishing), then handle again after `defer` s."""
@@ -95,7 +101,7 @@ class Follower:
         self._progress = asyncio.Condition()
         self._waiters = 0
         self._bursts = False  # driven by run_until_idle (tests, replay), not by run
-        self._waited_on = asyncio.Event()
+        self._window_cut = asyncio.Event()  # ends a batch window early
         # True while this consumer runs in another daemon on the same database (daemon.cluster): `caught_up`
         # then waits on its stored tracking instead of this idle copy.
         self.elsewhere = False
@@ -133,6 +139,10 @@ class Follower:
     def in_a_hurry(self) -> bool:
         """True while batching by `batch_window` would hold up something someone waits for (checked on each wake-up)."""
         return False
+
+    def end_window(self) -> None:
+        """End the batch window now, if one is open: what `in_a_hurry` watches has changed (loop)."""
+        self._window_cut.set()
 
     def startable(self, busy: int, deferred: int = 0) -> int:
         """How many more events to start now, with `busy` in flight and `deferred` more waiting to try again
@@ -190,7 +200,7 @@ class Follower:
         if self._bursts:
             return self._checkpoint >= position
         self._waiters += 1
-        self._waited_on.set()
+        self._window_cut.set()
         # The position may hold an event of a type this follower does not take, whose append did not wake it:
         # looking at the log once moves the cursor (and with nothing in flight, the checkpoint) past it.
         self._wake.set()
@@ -286,10 +296,10 @@ class Follower:
     async def _gather_batch(self) -> None:
         if self._waiters or self.in_a_hurry():
             return
-        self._waited_on.clear()
+        self._window_cut.clear()
         try:
             async with asyncio.timeout(self.batch_window):
-                await self._waited_on.wait()
+                await self._window_cut.wait()
         except TimeoutError:
             pass
 
@@ -319,6 +329,9 @@ class Follower:
                     self._state.deferred.discard(record.position)
                 attempt += 1
                 continue
+            except Passed:
+                await self._pass(record.position)
+                return
             except asyncio.CancelledError:
                 raise
             except DatabaseAway:  # not the event's fault: no attempt spent, logged once by the store
@@ -332,6 +345,14 @@ class Follower:
                 continue
             self._finish(_Outcome(record, results))
             return
+
+    async def _pass(self, position: int) -> None:
+        # No commit: the in-memory mark moves up to whatever of ours is still in flight (finished or not).
+        state = self._state
+        del state.in_flight[position]
+        state.handled += 1
+        self._wake.set()
+        await self._advance(min(state.in_flight, default=self._cursor + 1) - 1)
 
     def _finish(self, done: _Outcome) -> None:
         self._state.done.append(done)

@@ -12,7 +12,7 @@ import structlog
 from daemon.config import CompressSettings
 from daemon.control.cancellations import Cancellations
 from daemon.eventlog.claims import Claims, downloaded_work
-from daemon.eventlog.follower import Follower, Retry
+from daemon.eventlog.follower import Follower, Passed, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import (
     IMAGE_TERMINAL,
@@ -73,7 +73,7 @@ class CompressStage(Follower):
         event = record.event
         assert isinstance(event, ImageDownloaded)
         if not self._mine(event):
-            return ()  # its body is on another daemon's disk
+            raise Passed  # its body is on another daemon's disk
         if self.claims is not None and event.item:
             self.claims.hold(downloaded_work(record))  # renewed while it waits here, after a restart too
         if self.cancellations.is_cancelled(record.stream):
@@ -103,6 +103,8 @@ class CompressStage(Follower):
                 log.warning("image_failed", request_id=record.stream, error=error, **where)
                 return [ImageFailed(**where, stage="compress", error=error)]
             raise Retry(defer=0.2 * attempt) from None
+        if self.in_a_hurry():  # the workers are about to run dry: commit and start more now, not after the window
+            self.end_window()
         self.metrics.compress_seconds.observe(seconds)
         # vars(): its fields are plain values, and asdict's deep copy showed up in every image's profile.
         return [ImageCompressed(product=event.product, index=event.index, **vars(result))]

@@ -17,7 +17,7 @@ import structlog
 from daemon.config import DownloadSettings
 from daemon.control.cancellations import Cancellations, RequestCancelled
 from daemon.eventlog.claims import Claims, work_of
-from daemon.eventlog.follower import Follower, Retry
+from daemon.eventlog.follower import Follower, Passed, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent
 from daemon.events import (
     Event,
@@ -158,7 +158,7 @@ class DownloadStage(Follower):
         if self.cancellations.is_cancelled(record.stream):
             return ()
         if self.claims is not None and not await self.claims.claim(record):
-            return ()  # another daemon does it
+            raise Passed  # another daemon does it
         where = {"product": event.product, "index": event.index}
         target = self.bodies.path(record.stream, event.product, event.index)
         if attempt == 1 and record.position <= self.head_at_start:

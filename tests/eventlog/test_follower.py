@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from daemon.config import Settings
 from daemon.eventlog import store
-from daemon.eventlog.follower import Follower, Retry
+from daemon.eventlog.follower import Follower, Passed, Retry
 from daemon.eventlog.store import EventLog, RecordedEvent, open_store
 from daemon.events import Event
 from daemon.testing import eventually
@@ -404,6 +404,61 @@ async def test_wait_for_cuts_a_linger_short(settings: Settings) -> None:
         await asyncio.gather(task, return_exceptions=True)
     finally:
         await eventlog.close()
+
+
+async def test_end_window_cuts_a_linger_short(settings: Settings) -> None:
+    """A follower that ends its own batch_window (its workers about to run dry) commits at once."""
+    eventlog = await open_log(settings)
+    try:
+        follower = Batcher(eventlog, batch_window=60.0)
+        task = asyncio.create_task(follower.run())
+        (first,) = await ping(eventlog, 1)
+        assert await follower.wait_for(first, timeout=10)  # now idle, waiting for a wake-up
+        (second,) = await ping(eventlog, 2)  # wakes it: it would linger for a minute
+
+        async def committed() -> bool:
+            follower.end_window()  # again until it lands: a window opened after the call would not see it
+            return follower.commits == [[first], [second]]
+
+        await eventually(committed, "the commit of ping 2 without waiting out the window", timeout=10)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await eventlog.close()
+
+
+class Passer(Recorder):
+    """Passes the odd pings by (another daemon's work), answers the even ones."""
+
+    name = "test.passer"
+
+    async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
+        if record.event.n % 2:  # type: ignore[attr-defined]
+            self.calls.append((record.event.n, attempt))  # type: ignore[attr-defined]
+            raise Passed
+        return await super().handle(record, attempt)
+
+
+async def test_a_passed_event_gets_no_tracking_record_and_is_passed_again_after_a_restart(settings: Settings,
+                                                                                          helpers: Any) -> None:
+    """Passed events are not committed: the checkpoint moves past them in memory, and in the database with the next
+    commit; those after the last commit are read again after a restart, and passed again."""
+    eventlog = await open_log(settings)
+    positions = await ping(eventlog, 1, 2, 3)
+    follower = Passer(eventlog)
+    assert await follower.run_until_idle() == 3
+    assert follower.checkpoint == eventlog.head  # past ping 3 and the pong of ping 2
+    assert tracking(helpers, settings, Passer.name) == (positions[1], [])  # the commit of ping 2, nothing of 3
+    await eventlog.close()
+
+    eventlog = await open_log(settings)
+    try:
+        again = Passer(eventlog)
+        assert await again.run_until_idle() == 1
+        assert again.calls == [(3, 1)]
+    finally:
+        await eventlog.close()
+    assert pongs(helpers, settings) == {2: 1}
 
 
 class Untidy(Recorder):
