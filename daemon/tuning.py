@@ -4,7 +4,8 @@
   fresh pages in at the next download's chunks; fixed trim and mmap thresholds keep freed memory for reuse.
 - CPUs: the daemon's threads (event loop, event-log threads, file helpers) hand work to each other many times
   per image and share the GIL anyway; on one CPU each hand-off wakes the next thread there instead of
-  interrupting a codec worker on another. The codec workers keep every CPU.
+  interrupting a codec worker on another. The codec workers keep every CPU. Daemons on one machine (several
+  nodes of a cluster) take different CPUs while there are enough, by a lock file per CPU.
 
 Only the daemon's process is tuned; the codec workers start from a fresh forkserver with the defaults. What each
 buys is measured by `make bench` (docs/performance.md).
@@ -15,12 +16,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
+import tempfile
 from collections.abc import Iterator, Set
+from pathlib import Path
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 TRIM_THRESHOLD = 64 * 1024 * 1024
+CPU_LOCKS = Path(tempfile.gettempdir()) / "imgpipe-cpus"  # one lock file per CPU a daemon's threads are on
 MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
@@ -55,18 +60,20 @@ def allowed_cpus() -> frozenset[int] | None:
 
 @contextlib.contextmanager
 def on_one_cpu(enabled: bool = True) -> Iterator[int | None]:
-    """Confine every thread of this process, and those they start, to one allowed CPU (the highest: the
-    kernel tends to route interrupts to the lowest); on exit give every thread back the CPUs it had.
+    """Confine every thread of this process, and those they start, to one allowed CPU (the highest no other daemon
+    holds: the kernel tends to route interrupts to the lowest); on exit give every thread back the CPUs it had.
     Yields the CPU, or None when there was nothing to do (disabled, one CPU, not Linux)."""
     cpus = allowed_cpus()
     if not enabled or cpus is None or len(cpus) < 2 or not os.path.isdir("/proc/self/task"):
         yield None
         return
-    cpu = max(cpus)
+    cpu, lock = claim_cpu(cpus)
     before = _set_every_thread({cpu})
     try:
         yield cpu
     finally:
+        if lock is not None:
+            os.close(lock)
         for tid, mask in before.items():
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(tid, mask)
@@ -75,6 +82,26 @@ def on_one_cpu(enabled: bool = True) -> Iterator[int | None]:
             if tid not in before:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(tid, cpus)
+
+
+def claim_cpu(cpus: Set[int], folder: Path = CPU_LOCKS) -> tuple[int, int | None]:
+    """The highest of `cpus` whose lock no other process holds, and the descriptor that holds it now (the lock ends
+    when it is closed or the process ends, kill -9 included); the highest, with no lock, when every one is held.
+    Two daemons pinned to one CPU would take turns on it while another CPU ran only codec workers."""
+    with contextlib.suppress(OSError):
+        folder.mkdir(exist_ok=True)
+    for cpu in sorted(cpus, reverse=True):
+        try:
+            lock = os.open(folder / f"cpu-{cpu}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # no such folder, another user's file: not ours to take
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            continue
+        return cpu, lock
+    return max(cpus), None
 
 
 def _set_every_thread(mask: Set[int]) -> dict[int, set[int]]:

@@ -17,7 +17,7 @@ from daemon.app import DAEMON_CPU, POOL
 from daemon.config import CompressSettings
 from daemon.stages.pool import CodecPool
 from daemon.testing import daemon_app, eventually, pipeline_settings
-from daemon.tuning import on_one_cpu
+from daemon.tuning import claim_cpu, on_one_cpu
 
 CPUS = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
 needs_two_cpus = pytest.mark.skipif(len(CPUS) < 2 or not os.path.isdir("/proc/self/task"),
@@ -78,7 +78,7 @@ async def test_the_daemons_threads_share_one_cpu_while_its_codec_workers_use_eve
     all; when it stops, every thread has every CPU back."""
     async with daemon_app(pipeline_settings(tmp_path)) as app:
         cpu = app[DAEMON_CPU]
-        assert cpu == max(CPUS)
+        assert cpu in CPUS
         assert set(thread_cpus().values()) == {frozenset({cpu})}
         started_meanwhile = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True)
         started_meanwhile.start()
@@ -87,6 +87,39 @@ async def test_the_daemons_threads_share_one_cpu_while_its_codec_workers_use_eve
         assert len(workers) == 2
         assert {frozenset(os.sched_getaffinity(pid)) for pid in workers} == {CPUS}
     assert set(thread_cpus().values()) == {CPUS}
+
+
+def test_daemons_on_one_machine_take_different_cpus_while_there_are_enough(tmp_path: Path) -> None:
+    """Each claim takes the highest CPU nobody holds; with every one held, the highest unlocked; a CPU whose
+    holder let go is free again."""
+    first, first_lock = claim_cpu({0, 1}, tmp_path)
+    second, second_lock = claim_cpu({0, 1}, tmp_path)
+    third, third_lock = claim_cpu({0, 1}, tmp_path)
+    assert (first, second, third) == (1, 0, 1)
+    assert first_lock is not None and second_lock is not None and third_lock is None
+    os.close(first_lock)
+    again, again_lock = claim_cpu({0, 1}, tmp_path)
+    assert again == 1 and again_lock is not None
+    os.close(again_lock)
+    os.close(second_lock)
+
+
+def test_a_cpu_held_by_a_killed_daemon_is_free_again(tmp_path: Path) -> None:
+    """A process that held a CPU's lock and died by SIGKILL leaves the CPU to the next daemon."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from daemon.tuning import claim_cpu; print(claim_cpu({0, 1}, Path(sys.argv[1]))[0], "
+                               "flush=True); time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "1"
+        cpu, lock = claim_cpu({0, 1}, tmp_path)
+        assert cpu == 0 and lock is not None
+        os.close(lock)
+    finally:
+        holder.kill()
+        holder.wait()
+    cpu, lock = claim_cpu({0, 1}, tmp_path)
+    assert cpu == 1 and lock is not None
+    os.close(lock)
 
 
 @needs_two_cpus
