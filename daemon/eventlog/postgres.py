@@ -5,10 +5,10 @@
   first append, and appends commit one after the other, in position order. It costs what SQLite's single writer
   costs anyway: appends do not run in parallel. Readers never wait for it, nor do transactions that only write
   views and checkpoints.
-- Wake-ups: each appending transaction sends one NOTIFY, in the statement that takes the lock; its payload names the
-  sending store, never rows (payloads are capped near 8 KB). A thread LISTENs on a connection of its own, reads the
-  head after another store's NOTIFY and also once a second, since a connection pooler in transaction mode drops
-  LISTEN.
+- Wake-ups: each appending transaction sends one NOTIFY, after its last INSERT; its payload names the sending store
+  and the newest position (never rows: payloads are capped near 8 KB). A thread LISTENs on a connection of its
+  own and passes on the positions other stores announce, and reads the head once a second as well, since a
+  connection pooler in transaction mode drops LISTEN.
 - A lost connection: the store drops it (the next job connects again) and pauses the work until the server
   answers; the LISTEN thread reconnects every RECONNECT_SECONDS and says when it is back.
 - Connections: one per store thread (a writer and `readers` readers), one for LISTEN, one for the instance lock.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -95,6 +96,10 @@ class PostgresBackend(Backend):
             try:
                 with RAISED_AS_PEEWEE, connection.pipeline(), self.db.atomic():
                     yield
+                    if self._locked:
+                        # Sent at COMMIT. While the lock is held nobody else appends: the newest position is ours.
+                        execute("SELECT pg_notify(?, ? || ' ' || (SELECT MAX(position) FROM events))",
+                                (self._keys()[1], self.sender))
             finally:
                 if not connection.closed and connection.info.transaction_status != TransactionStatus.IDLE:
                     # A failed statement aborts the rest of its pipeline, the ROLLBACK that followed it included.
@@ -136,10 +141,8 @@ class PostgresBackend(Backend):
 
     def lock(self) -> None:
         if not self._locked:
-            # Before the transaction draws its first position, held until COMMIT (see the module's docstring); the
-            # NOTIFY goes out at COMMIT, with this store's name, so that its own LISTEN can tell it apart.
-            key, channel = self._keys()
-            execute("SELECT pg_advisory_xact_lock(?), pg_notify(?, ?)", (key, channel, self.sender))
+            # Before the transaction draws its first position, held until COMMIT (see the module's docstring).
+            execute("SELECT pg_advisory_xact_lock(?)", (self._keys()[0],))
             self._locked = True
 
     def insert_events(self, stream: str, expected_version: int | None,
@@ -217,12 +220,29 @@ class PostgresBackend(Backend):
                         head = connection.execute("SELECT MAX(position) FROM events").fetchone()[0]
                         if head:
                             on_head(int(head))
-                        for notify in connection.notifies(timeout=POLL_SECONDS):
-                            if notify.payload != self.sender:
-                                break  # another process appended: read the head now
+                        self._hear(connection, on_head)
             except Exception as exc:  # psycopg.OperationalError and the like: the connection is gone
                 if not self._stopped.is_set():
                     on_connection(str(exc).strip().partition("\n")[0] or type(exc).__name__)
                     lost = True
                     self._stopped.wait(RECONNECT_SECONDS)
 
+    def _hear(self, connection: psycopg.Connection[Any], on_head: Callable[[int], None]) -> None:
+        """(thread) Pass on the positions other stores announce, those that arrived together as one, until
+        POLL_SECONDS have passed or a notice names no position (an older imgpipe's): then the caller reads the head."""
+        until = time.monotonic() + POLL_SECONDS
+        while not self._stopped.is_set() and (left := until - time.monotonic()) > 0:
+            heard = [n.payload for n in connection.notifies(timeout=left, stop_after=1)]
+            if not heard:
+                return
+            heard += [n.payload for n in connection.notifies(timeout=0)]
+            newest = 0
+            for payload in heard:
+                sender, _, position = payload.partition(" ")
+                if sender == self.sender:
+                    continue
+                if not position.isdigit():
+                    return
+                newest = max(newest, int(position))
+            if newest:
+                on_head(newest)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from daemon.eventlog import postgres
+from daemon.eventlog.postgres import PostgresBackend
 from daemon.eventlog.store import EventLog, open_store
 from daemon.events import ImageDownloaded, ImageRequested, RequestAccepted, names
+from daemon.instance import connect_postgresql
 
 
 async def test_another_stores_events_are_read_once_into_memory_and_wake_only_their_consumers(
@@ -53,5 +58,40 @@ async def test_another_stores_event_behind_our_own_newer_append_is_still_read(
             await requested.wait()
         page = postgres_eventlog.read_recent(start, None, 10)
         assert page is not None and [r.stream for r in page] == ["theirs", "mine"]
+    finally:
+        await other.close()
+
+
+async def test_an_append_announced_without_a_position_is_still_read(
+        postgres_eventlog: EventLog, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NOTIFY that names only its sender (an older imgpipe's) makes the watcher look the head up, so the append
+    it announces is read as soon as it is heard, not at the watcher's next look of its own."""
+    monkeypatch.setattr(postgres, "POLL_SECONDS", 3.0)  # its next look of its own: 3 s after the first
+    other = open_store(postgres_url)
+    await other.open()
+    try:
+        requested = postgres_eventlog.subscribe(names(ImageRequested))
+        backend = other.backend
+        assert isinstance(backend, PostgresBackend)
+        channel = backend._keys()[1]
+
+        def append_as_an_older_store() -> None:
+            with other.db.atomic():
+                other.backend.insert_events("theirs", None, [(
+                    "ImageRequested", '{"product": 0, "index": 0, "url": "http://origin/a.jpg", "stem": "a"}',
+                    "2026-12-06T00:00:00.000Z")])
+
+        postgres_eventlog.backend.unwatch()
+        await asyncio.to_thread(append_as_an_older_store)  # no NOTIFY at all: unseen until the look below
+        requested.clear()
+        postgres_eventlog.backend.watch(postgres_eventlog._other_process_appended, lambda reason: None)
+        async with asyncio.timeout(10):
+            await requested.wait()  # the watcher's first look
+        requested.clear()
+        await asyncio.to_thread(append_as_an_older_store)
+        with connect_postgresql(postgres_url) as notifier:
+            notifier.execute("SELECT pg_notify(%s, 'an-older-store')", (channel,))
+        async with asyncio.timeout(1.5):
+            await requested.wait()
     finally:
         await other.close()
