@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -228,21 +227,15 @@ class PostgresBackend(Backend):
                     self._stopped.wait(RECONNECT_SECONDS)
 
     def _hear(self, connection: psycopg.Connection[Any], on_head: Callable[[int], None]) -> None:
-        """(thread) Pass on the positions other stores announce, those that arrived together as one, until
-        POLL_SECONDS have passed or a notice names no position (an older imgpipe's): then the caller reads the head."""
-        until = time.monotonic() + POLL_SECONDS
-        while not self._stopped.is_set() and (left := until - time.monotonic()) > 0:
-            heard = [n.payload for n in connection.notifies(timeout=left, stop_after=1)]
-            if not heard:
+        """(thread) Pass on the positions other stores announce, for POLL_SECONDS or until a notice names no position
+        (an older imgpipe's): then the caller reads the head. One generator for the whole wait: this store's own
+        notices (one per commit) cost a comparison each."""
+        for notify in connection.notifies(timeout=POLL_SECONDS):
+            sender, _, position = notify.payload.partition(" ")
+            if sender == self.sender:
+                continue
+            if not position.isdigit():
                 return
-            heard += [n.payload for n in connection.notifies(timeout=0)]
-            newest = 0
-            for payload in heard:
-                sender, _, position = payload.partition(" ")
-                if sender == self.sender:
-                    continue
-                if not position.isdigit():
-                    return
-                newest = max(newest, int(position))
-            if newest:
-                on_head(newest)
+            on_head(int(position))
+            if self._stopped.is_set():
+                return
