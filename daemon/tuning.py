@@ -25,8 +25,8 @@ from pathlib import Path
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 TRIM_THRESHOLD = 64 * 1024 * 1024
-CPU_LOCKS = Path(tempfile.gettempdir()) / "imgpipe-cpus"  # one lock file per CPU a daemon's threads are on
 MMAP_THRESHOLD = 4 * 1024 * 1024
+CPU_LOCKS = Path(tempfile.gettempdir()) / "imgpipe-cpus"  # one lock file per CPU a daemon's threads are on
 
 
 def keep_freed_memory() -> bool:
