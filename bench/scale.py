@@ -107,7 +107,7 @@ async def run_scale(photos: list[bytes], args: argparse.Namespace, scratch: Path
     try:
         async with Origin(files) as origin:
             urls = [f"{origin.url}/img/{name}" for name in files]
-            for k in range(args.rounds):
+            for k in range(args.rounds or 8):
                 round_: dict[str, Any] = {"order": list(SIDES if k % 2 == 0 else SIDES[::-1])}
                 for side in round_["order"]:
                     result = await run_side(side, urls, args, scratch, where, store, k)
