@@ -51,6 +51,7 @@ from PIL import Image
 
 from bench.backends import Databases, add_backend_arguments, backends_of, databases, run_appends
 from bench.harness import (
+    DEFAULT_ROUNDS,
     PHOTO_SETS,
     Daemon,
     cpu_mark,
@@ -154,8 +155,6 @@ def versus(rounds: list[dict[str, Any]], backend: str, baseline: str) -> dict[st
     ratios = [round(r[baseline]["pipeline_s"] / r[backend]["pipeline_s"], 3) for r in rounds]
     return {**spread(ratios), "rounds": ratios}
 
-
-DEFAULT_ROUNDS = 8
 
 
 def rotated(variants: list[str], k: int) -> list[str]:
@@ -271,9 +270,9 @@ async def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quality", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=0,
-                        help="throughput: rounds of the ceiling and every variant, their order rotating (default: 8, "
-                             "or the next multiple of the variants); scale: rounds of one daemon and two, alternated "
-                             "(default 8)")
+                        help=f"throughput: rounds of the ceiling and every variant, their order rotating (default: "
+                             f"{DEFAULT_ROUNDS}, or the next multiple of the variants); scale: rounds of one daemon and "
+                             f"two, alternated (default {DEFAULT_ROUNDS})")
     parser.add_argument("--compare-scoring", action=argparse.BooleanOptionalAction, default=True,
                         help="throughput: also run the first backend with the SSIM score off in every round")
     parser.add_argument("--compare-pillow-path", action=argparse.BooleanOptionalAction, default=False,

@@ -28,6 +28,7 @@ ACTIVE = ("queued", "processing")
 
 # The bench's image sets: a photograph's grain (the standard deviation of luma noise added to daemon.testing's
 # photo) decides how many coefficients survive quantisation, so how heavy decoding and encoding it are.
+DEFAULT_ROUNDS = 8  # throughput and scale, without --rounds
 PHOTO_SETS = {"smooth": 0.0, "grain": 10.0}  # at 2000x2000, quality 90: about 0.9 MB and 1.5 MB
 
 

@@ -28,7 +28,15 @@ from typing import Any
 import aiohttp
 
 from bench.backends import Databases
-from bench.harness import Daemon, cpu_seconds, database_server_pids, descendants, new_workdir, upload
+from bench.harness import (
+    DEFAULT_ROUNDS,
+    Daemon,
+    cpu_seconds,
+    database_server_pids,
+    descendants,
+    new_workdir,
+    upload,
+)
 from daemon.s3server import BUCKET, SeaweedFS
 from daemon.testing import Listener, Origin
 
@@ -107,7 +115,7 @@ async def run_scale(photos: list[bytes], args: argparse.Namespace, scratch: Path
     try:
         async with Origin(files) as origin:
             urls = [f"{origin.url}/img/{name}" for name in files]
-            for k in range(args.rounds or 8):
+            for k in range(args.rounds or DEFAULT_ROUNDS):
                 round_: dict[str, Any] = {"order": list(SIDES if k % 2 == 0 else SIDES[::-1])}
                 for side in round_["order"]:
                     result = await run_side(side, urls, args, scratch, where, store, k)
