@@ -90,7 +90,8 @@ class Follower:
     def __init__(self, eventlog: EventLog) -> None:
         self.eventlog = eventlog
         self.space = eventlog.space
-        self._wake = eventlog.subscribe(self.types)
+        self._wake = asyncio.Event()  # set by appends of `types` while the follower runs (and subscribes)
+        self._subscribed = False
         self._state = _State()
         self._cursor = 0
         self._checkpoint = 0
@@ -245,13 +246,17 @@ class Follower:
     def reset(self) -> None:
         """Forget the in-memory progress, so `run` starts again from the stored tracking (a consumer that runs
         again after it ran in another daemon)."""
+        self._unsubscribe()
         self._state = _State()
-        self._wake = self.eventlog.subscribe(self.types)
+        self._wake = asyncio.Event()
         self._loaded = False
         self._cursor = self._checkpoint = 0
         self._skip, self._tracked = set(), set()
 
     async def _load(self) -> None:
+        if not self._subscribed:  # from the first run on: a follower that does not run here wants no events read
+            self.eventlog.subscribe(self.types, self._wake)
+            self._subscribed = True
         if self._loaded:
             return
         self._checkpoint, self._skip = await self.eventlog.load_tracking(self.name)
@@ -461,7 +466,12 @@ class Follower:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._state.in_flight.clear()
-        self.eventlog.unsubscribe(self._wake)
+        self._unsubscribe()
+
+    def _unsubscribe(self) -> None:
+        if self._subscribed:
+            self.eventlog.unsubscribe(self._wake)
+            self._subscribed = False
 
 
 def _passed_sync(consumer: str, types: frozenset[str], position: int) -> bool:

@@ -5,10 +5,11 @@
   first append, and appends commit one after the other, in position order. It costs what SQLite's single writer
   costs anyway: appends do not run in parallel. Readers never wait for it, nor do transactions that only write
   views and checkpoints.
-- Wake-ups: each appending transaction sends one NOTIFY, after its last INSERT; its payload names the sending store
-  and the newest position (never rows: payloads are capped near 8 KB). A thread LISTENs on a connection of its
-  own and passes on the positions other stores announce, and reads the head once a second as well, since a
-  connection pooler in transaction mode drops LISTEN.
+- Wake-ups: each appending transaction sends one NOTIFY, after its last INSERT; its payload names the sending store,
+  the newest position, how many events the transaction appended and their types (never rows: payloads are capped
+  near 8 KB). A thread LISTENs on a connection of its own and passes on what other stores announce (a store with
+  no consumer of those types need not read them), and reads the head once a second as well, since a connection
+  pooler in transaction mode drops LISTEN.
 - A lost connection: the store drops it (the next job connects again) and pauses the work until the server
   answers; the LISTEN thread reconnects every RECONNECT_SECONDS and says when it is back.
 - Connections: one per store thread (a writer and `readers` readers), one for LISTEN, one for the instance lock.
@@ -29,7 +30,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from daemon.eventlog.models import ROWS_PER_INSERT, execute, sqlstate
-from daemon.eventlog.store import SAVE_CHECKPOINT, STREAM_VERSION, Backend, Inserted, Tracking, conflict
+from daemon.eventlog.store import SAVE_CHECKPOINT, STREAM_VERSION, Backend, Inserted, OnHead, Tracking, conflict
 from daemon.instance import DatabaseUnreachable, connect_postgresql, postgresql_parameters
 
 SCHEMA = (
@@ -59,6 +60,7 @@ class PostgresBackend(Backend):
         self._stopped = threading.Event()
         self._watcher: threading.Thread | None = None
         self._locked = False  # the appending transaction holds the log's lock (writer thread)
+        self._appended: dict[str, int] = {}  # the appending transaction's events: how many of each type (writer)
         # The appending transaction's checks (writer thread): each one's cursor and what to raise if it failed.
         self._checks: list[tuple[Any, Callable[[], Exception | None]]] = []
         self.sender = uuid.uuid4().hex  # the NOTIFY payload of this store's appends
@@ -90,15 +92,18 @@ class PostgresBackend(Backend):
         # Errors arrive at the next read or at the end, raised as peewee's like all others.
         self._locked = False
         self._checks = []
+        self._appended = {}
         connection: psycopg.Connection[Any] = self.db.connection()  # type: ignore[no-untyped-call]
         try:
             try:
                 with RAISED_AS_PEEWEE, connection.pipeline(), self.db.atomic():
                     yield
                     if self._locked:
-                        # Sent at COMMIT. While the lock is held nobody else appends: the newest position is ours.
-                        execute("SELECT pg_notify(?, ? || ' ' || (SELECT MAX(position) FROM events))",
-                                (self._keys()[1], self.sender))
+                        # Sent at COMMIT. While the lock is held nobody else appends: the newest position is ours,
+                        # and so are the ones before it, as many as we appended.
+                        execute("SELECT pg_notify(?, ? || ' ' || (SELECT MAX(position) FROM events) || ?)",
+                                (self._keys()[1], self.sender,
+                                 f" {sum(self._appended.values())} {','.join(sorted(self._appended))}"))
             finally:
                 if not connection.closed and connection.info.transaction_status != TransactionStatus.IDLE:
                     # A failed statement aborts the rest of its pipeline, the ROLLBACK that followed it included.
@@ -147,6 +152,8 @@ class PostgresBackend(Backend):
     def insert_events(self, stream: str, expected_version: int | None,
                       rows: Sequence[tuple[str, str, str]]) -> Inserted:
         self.lock()
+        for type_, _, _ in rows:
+            self._appended[type_] = self._appended.get(type_, 0) + 1
         cursors: list[Any] = []
         for start in range(0, len(rows), ROWS_PER_INSERT):
             chunk = rows[start:start + ROWS_PER_INSERT]
@@ -183,7 +190,7 @@ class PostgresBackend(Backend):
             self.db.is_closed() or not self.db.is_connection_usable())
 
     # wake-ups from other processes -----------------------------------------------------------------
-    def watch(self, on_head: Callable[[int], None], on_connection: Callable[[str | None], None]) -> None:
+    def watch(self, on_head: OnHead, on_connection: Callable[[str | None], None]) -> None:
         self._stopped.clear()
         self._watcher = threading.Thread(target=self._watch, args=(on_head, on_connection), name="eventlog-listen",
                                          daemon=True)
@@ -195,7 +202,7 @@ class PostgresBackend(Backend):
             self._watcher.join(timeout=5 * POLL_SECONDS)
             self._watcher = None
 
-    def _watch(self, on_head: Callable[[int], None], on_connection: Callable[[str | None], None]) -> None:
+    def _watch(self, on_head: OnHead, on_connection: Callable[[str | None], None]) -> None:
         """(thread) LISTEN, and poll the head between notifications; reconnect after a lost connection, which
         `on_connection` hears of (the store logs it and pauses its work until the server is back)."""
         _, channel = self._keys()
@@ -226,16 +233,21 @@ class PostgresBackend(Backend):
                     lost = True
                     self._stopped.wait(RECONNECT_SECONDS)
 
-    def _hear(self, connection: psycopg.Connection[Any], on_head: Callable[[int], None]) -> None:
-        """(thread) Pass on the positions other stores announce, for POLL_SECONDS or until a notice names no position
+    def _hear(self, connection: psycopg.Connection[Any], on_head: OnHead) -> None:
+        """(thread) Pass on the appends other stores announce, for POLL_SECONDS or until a notice names no position
         (an older imgpipe's): then the caller reads the head. One generator for the whole wait: this store's own
         notices (one per commit) cost a comparison each."""
         for notify in connection.notifies(timeout=POLL_SECONDS):
-            sender, _, position = notify.payload.partition(" ")
+            sender, _, rest = notify.payload.partition(" ")
             if sender == self.sender:
                 continue
+            position, _, rest = rest.partition(" ")
             if not position.isdigit():
                 return
-            on_head(int(position))
+            count, _, types = rest.partition(" ")
+            if count.isdigit() and int(count) > 0 and types:
+                on_head(int(position), int(position) - int(count) + 1, frozenset(types.split(",")))
+            else:  # an older imgpipe's notice: the position only
+                on_head(int(position))
             if self._stopped.is_set():
                 return

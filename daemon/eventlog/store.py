@@ -13,7 +13,6 @@ are also kept in memory as committed, so a consumer close behind the head reads 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import threading
 import time
@@ -24,13 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import peewee
 import structlog
 
 from daemon.diskspace import DiskSpace, is_disk_full
 from daemon.eventlog.models import add_missing_columns, database, execute, insert_rows, placeholders
+from daemon.eventlog.recent import RecentEvents
 from daemon.events import Event, decode
 from daemon.instance import is_postgresql, without_password
 
@@ -86,6 +86,11 @@ def now_iso() -> str:
 def parse_iso(at: str) -> float:
     """A time now_iso wrote (an event's recorded_at), as a Unix timestamp."""
     return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+
+
+# Told of another process's append: the log's newest position, and when known the append's first one and its types.
+class OnHead(Protocol):
+    def __call__(self, position: int, first: int = 0, types: frozenset[str] | None = None) -> None: ...
 
 
 # The version before the rows an append inserted, and their positions: called once its transaction has ended.
@@ -151,8 +156,9 @@ class Backend(ABC):
         """A read transaction that sees one moment of the database, for queries made of several statements."""
         return self.db.atomic()
 
-    def watch(self, on_head: Callable[[int], None], on_connection: Callable[[str | None], None]) -> None:
-        """Start calling `on_head(position)` (from any thread) when another process appends, and
+    def watch(self, on_head: OnHead, on_connection: Callable[[str | None], None]) -> None:
+        """Start calling `on_head(position)` (from any thread) when another process appends (with the append's first
+        position and its events' types, `on_head(position, first, types)`, when the backend knows them), and
         `on_connection(reason)` when the watching connection is lost (`None` once it is back) (loop)."""
 
     def unwatch(self) -> None:
@@ -205,9 +211,8 @@ class EventLog:
         # In the open transaction (writer thread): each append's stream, events, time and what gives its positions.
         self._appended: list[tuple[str, Sequence[Event], str, Inserted]] = []
         self._committed: deque[RecordedEvent] = deque()  # handed from the writer thread to the loop
-        self._recent: list[RecordedEvent] = []  # consecutive positions, newest last (loop thread)
+        self._recent = RecentEvents(RECENT_EVENTS)  # (loop thread)
         self._remote_head = 0  # the newest position another process appended, as last heard (loop)
-        self._fetched = 0  # every event up to here was read from the database once another process appended (loop)
         self._fetching: asyncio.Task[None] | None = None  # reading another process's events into memory (loop)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._away: _Away | None = None  # the database found unreachable, until something reaches it again (loop)
@@ -226,7 +231,8 @@ class EventLog:
                     log.info("view_columns_added", columns=added)
             return int(execute("SELECT MAX(position) FROM events").fetchone()[0] or 0)
 
-        self.head = self._fetched = await self._on(self._writer, create)
+        self.head = await self._on(self._writer, create)
+        self._recent = RecentEvents(RECENT_EVENTS, end=self.head)
         self._closing = False
         self.backend.watch(self._other_process_appended, self._watcher_connection)
 
@@ -343,9 +349,10 @@ class EventLog:
             return fn(*args)
 
     # subscribers -------------------------------------------------------------------------------
-    def subscribe(self, types: frozenset[str] | None = None) -> asyncio.Event:
-        """An event set whenever events of `types` (None: any) are appended."""
-        wake = asyncio.Event()
+    def subscribe(self, types: frozenset[str] | None = None, wake: asyncio.Event | None = None) -> asyncio.Event:
+        """An event (`wake`, or a new one) set whenever events of `types` (None: any) are appended. Only the types
+        someone here is subscribed to are read from another process's appends."""
+        wake = wake or asyncio.Event()
         self._subscribers.append((wake, types))
         return wake
 
@@ -359,33 +366,48 @@ class EventLog:
             if wanted is None or appended is None or not wanted.isdisjoint(appended):
                 wake.set()
 
-    def _other_process_appended(self, position: int) -> None:
-        """(any thread) Another process's append, `position` being the log's newest when the watcher looked: not
-        compared with `head` here, since our own append may have passed another process's before the look (its
-        events would then never be read); `_grown_to` compares with what memory holds."""
+    def _other_process_appended(self, position: int, first: int = 0, types: frozenset[str] | None = None) -> None:
+        """(any thread) Another process's append, `position` being the log's newest when the watcher looked (or the
+        append's last, with its `first` position and its events' `types` when its notice names them): not compared
+        with `head` here, since our own append may have passed another process's before the look (its events would
+        then never be read); `_grown_to` compares with what memory holds."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._grown_to, position)
+        self._loop.call_soon_threadsafe(self._grown_to, position, first, types)
 
-    def _grown_to(self, position: int) -> None:
+    def _grown_to(self, position: int, first: int = 0, types: frozenset[str] | None = None) -> None:
         """(loop) Another process appended up to `position`: its events are read once, into memory, and wake only
         the consumers of their types, who read them from there (not each with a query of its own: with several
-        daemons on a database, every commit of one woke every consumer of the others)."""
+        daemons on a database, every commit of one woke every consumer of the others). An append of types no
+        consumer here reads is not read at all, only noted."""
         self._remote_head = max(self._remote_head, position)
         if self._closing:
             return
-        if position > self._known() and (self._fetching is None or self._fetching.done()):
-            self._fetching = asyncio.create_task(self._fetch_remote(), name="eventlog-remote")
+        self._drain()
+        if position <= self._recent.end or self._reading():
+            return
+        if types is not None and not self._wanted(types) and self._recent.add_unread(first, position, types):
+            self._move_head(position)
+            return
+        self._fetching = asyncio.create_task(self._fetch_remote(), name="eventlog-remote")
 
-    def _known(self) -> int:
-        """(loop) The position up to which every event is in memory or was read by `_fetch_remote`."""
-        recent = self._recent_to_head() or self._recent
-        if recent and recent[0].position <= self._fetched + 1:
-            return max(self._fetched, recent[-1].position)
-        return self._fetched
+    def _reading(self) -> bool:
+        return self._fetching is not None and not self._fetching.done()
+
+    def _wanted(self, types: frozenset[str]) -> bool:
+        """Whether a consumer here reads events of any of `types`."""
+        return any(wanted is None or not wanted.isdisjoint(types) for _, wanted in self._subscribers)
+
+    def _drain(self) -> None:
+        """(loop) Our own commits into memory; should one land beyond positions memory has not seen (another
+        process's append, its notice still on the way), those are read now, once for every consumer."""
+        committed = self._committed
+        if committed:
+            self._recent.add_own([committed.popleft() for _ in range(len(committed))])
+            if self._recent.gap_end() > self._recent.end and not self._reading() and not self._closing:
+                self._fetching = asyncio.create_task(self._fetch_remote(), name="eventlog-remote")
 
     async def _fetch_remote(self) -> None:
-        while self._remote_head > (after := self._known()):
-            target = self._remote_head
+        while (target := max(self._remote_head, self._recent.gap_end())) > (after := self._recent.end):
             types: set[str] | None = None  # unknown: everyone looks
             if target - after <= RECENT_EVENTS:
                 try:
@@ -395,27 +417,12 @@ class EventLog:
                 except Exception:
                     log.exception("remote_events_unread", after=after, head=target)
                 else:
-                    types = self._remember(records, after)
-                    target = max(target, records[-1].position if records else target)
-            self._fetched = max(self._fetched, target)
-            self._move_head(target)
+                    types = self._recent.add_read(records, after, target - after, target)
+            if types is None:  # too far behind, or unread: consumers read the database themselves
+                self._recent.skip_to(target)
+            self._drain()
+            self._move_head(self._recent.end)
             self._notify(types)
-
-    def _remember(self, records: list[RecordedEvent], after: int) -> set[str]:
-        """(loop) Every event after `after` read from the database, in position order, merged with those in memory
-        (our own appends among them); the types of those that were not in memory."""
-        recent = self._recent_to_head() or self._recent
-        split = bisect.bisect_right(recent, after, key=lambda r: r.position)
-        merged = {r.position: r for r in recent[split:]}
-        fresh = {r.type for r in records if r.position not in merged}
-        for record in records:
-            merged.setdefault(record.position, record)
-        del recent[split:]
-        for position in sorted(merged):
-            if recent and position != recent[-1].position + 1:
-                recent.clear()  # a gap: start again from this one
-            recent.append(merged[position])
-        return fresh
 
     # writing ---------------------------------------------------------------------------------
     def _append_sync(self, stream: str, events: Sequence[Event], expected_version: int | None = None) -> None:
@@ -527,6 +534,9 @@ class EventLog:
     async def read_after(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent]:
         """Up to `limit` events of `types` (None: any) after `position`, in log order; from memory when it reaches."""
         recent = self.read_recent(position, types, limit)
+        if recent is None and self._fetching is not None and not self._fetching.done():
+            await asyncio.wait([self._fetching])  # memory is being brought up to the head: one query for all
+            recent = self.read_recent(position, types, limit)
         if recent is not None:
             return recent
         return await self._on(self._readers, self.read_after_sync, position, types, limit)
@@ -558,44 +568,16 @@ class EventLog:
     def _stream_at_version_sync(self, stream: str, types: frozenset[str] | None) -> tuple[int, list[RecordedEvent]]:
         return stream_version(stream), self.read_stream_sync(stream, types)
 
-    def _recent_to_head(self) -> list[RecordedEvent] | None:
-        """The events in memory, oldest first, once they reach the head; None if they do not (loop thread)."""
-        recent = self._recent
-        committed = self._committed
-        while committed:
-            record = committed.popleft()
-            if recent and recent[0].position <= record.position <= recent[-1].position:
-                continue  # read from the database already, with another process's events (`_remember`)
-            if recent and record.position != recent[-1].position + 1:
-                recent.clear()  # a gap (a rolled-back append, another process's): start again from this one
-            recent.append(record)
-        if len(recent) > 2 * RECENT_EVENTS:
-            del recent[:-RECENT_EVENTS]
-        return recent if recent and recent[-1].position >= self.head else None
-
     def read_recent(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent] | None:
-        """What `read_after_sync` would return, from memory; None when memory does not reach back that far
-        (loop thread)."""
-        recent = self._recent_to_head()
-        if recent is None or recent[0].position > position + 1:
-            return None
-        page: list[RecordedEvent] = []
-        for i in range(max(0, position + 1 - recent[0].position), len(recent)):
-            record = recent[i]
-            if types is None or record.event.type in types:
-                page.append(record)
-                if len(page) == limit:
-                    break
-        return page
+        """What `read_after_sync` would return, from memory; None when memory cannot tell (loop thread)."""
+        self._drain()
+        return self._recent.page(position, types, limit, self.head)
 
     def read_stream_recent(self, stream: str) -> list[RecordedEvent] | None:
         """What `read_stream_sync` would return, from memory; None unless memory holds the stream from its
         first event (loop thread)."""
-        recent = self._recent_to_head()
-        if recent is None:
-            return None
-        records = [r for r in recent if r.stream == stream]
-        return records if records and records[0].version == 1 else None
+        self._drain()
+        return self._recent.stream(stream, self.head)
 
     # consumer bookkeeping ----------------------------------------------------------------------
     async def load_tracking(self, consumer: str) -> tuple[int, set[int]]:

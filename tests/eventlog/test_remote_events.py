@@ -49,9 +49,11 @@ async def test_another_stores_event_behind_our_own_newer_append_is_still_read(
     try:
         requested = postgres_eventlog.subscribe(names(ImageRequested))
         start = postgres_eventlog.head
-        await other.append("theirs", [ImageRequested(product=0, index=0, url="http://origin/a.jpg", stem="a")])
-        await postgres_eventlog.append("mine", [RequestAccepted(source="upload", source_name="a.csv", products=())])
-        assert postgres_eventlog.head == other.head + 1
+        theirs = await other.append("theirs", [ImageRequested(product=0, index=0, url="http://origin/a.jpg",
+                                                              stem="a")])
+        mine = await postgres_eventlog.append("mine", [RequestAccepted(source="upload", source_name="a.csv",
+                                                                       products=())])
+        assert mine == theirs + 1 == postgres_eventlog.head
         requested.clear()
         postgres_eventlog._other_process_appended(postgres_eventlog.head)  # what the watcher's look reports
         async with asyncio.timeout(10):
@@ -95,3 +97,50 @@ async def test_an_append_announced_without_a_position_is_still_read(
             await requested.wait()
     finally:
         await other.close()
+
+
+async def test_another_stores_append_of_types_nobody_here_reads_is_noted_not_read(
+        postgres_eventlog: EventLog, postgres_url: str) -> None:
+    """An append announced with types no consumer here reads moves the head without a read: memory leaves those
+    positions to the database, and still answers for the types read here."""
+    other = open_store(postgres_url)
+    await other.open()
+    postgres_eventlog.backend.unwatch()  # the announcements are made by hand below, as the watcher passes them on
+    try:
+        requested = postgres_eventlog.subscribe(names(ImageRequested))
+        start = postgres_eventlog.head
+        downloaded_at = await other.append("theirs", [ImageDownloaded(product=0, index=0, stem="a", bytes=1,
+                                                                      attempts=1)])
+        postgres_eventlog._other_process_appended(downloaded_at, downloaded_at, names(ImageDownloaded))
+        async with asyncio.timeout(10):
+            while postgres_eventlog.head < downloaded_at:
+                await asyncio.sleep(0.01)
+        assert not requested.is_set()
+        requested_at = await other.append("theirs", [ImageRequested(product=0, index=0, url="http://origin/a.jpg",
+                                                                    stem="a")])
+        postgres_eventlog._other_process_appended(requested_at, requested_at, names(ImageRequested))
+        async with asyncio.timeout(10):
+            await requested.wait()
+        page = postgres_eventlog.read_recent(start, names(ImageRequested), 10)
+        assert page is not None and [r.position for r in page] == [requested_at]
+        assert postgres_eventlog.read_recent(start, names(ImageDownloaded), 10) is None
+        assert [r.position for r in await postgres_eventlog.read_after(start, names(ImageDownloaded), 10)] == [
+            downloaded_at]
+    finally:
+        await other.close()
+
+
+async def test_an_append_announces_its_last_position_its_size_and_its_types(
+        postgres_eventlog: EventLog, postgres_url: str) -> None:
+    """The NOTIFY of an append names its sender, its last position, how many events it appended and their types:
+    enough for another store to tell the positions apart without reading them."""
+    backend = postgres_eventlog.backend
+    assert isinstance(backend, PostgresBackend)
+    with connect_postgresql(postgres_url) as listener:
+        listener.execute(f"LISTEN {backend._keys()[1]}")
+        last = await postgres_eventlog.append("s", [
+            ImageRequested(product=0, index=0, url="http://origin/a.jpg", stem="a"),
+            ImageDownloaded(product=0, index=0, stem="a", bytes=1, attempts=1),
+            ImageRequested(product=0, index=1, url="http://origin/b.jpg", stem="b")])
+        notices = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+    assert notices == [f"{backend.sender} {last} 3 ImageDownloaded,ImageRequested"]
