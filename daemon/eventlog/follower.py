@@ -86,6 +86,7 @@ class Follower:
     # (views) reads and commits them in batches rather than one transaction per event. Skipped while
     # someone waits in `wait_for`, while `in_a_hurry()`, and in burst mode.
     batch_window: ClassVar[float] = 0.0
+    batch_size: ClassVar[int] = 0  # the window also ends once this many events are finished (0: only by time)
 
     def __init__(self, eventlog: EventLog) -> None:
         self.eventlog = eventlog
@@ -299,7 +300,7 @@ class Follower:
                 await self._gather_batch()
 
     async def _gather_batch(self) -> None:
-        if self._waiters or self.in_a_hurry():
+        if self._waiters or self.in_a_hurry() or self._batch_full():
             return
         self._window_cut.clear()
         try:
@@ -362,6 +363,11 @@ class Follower:
     def _finish(self, done: _Outcome) -> None:
         self._state.done.append(done)
         self._wake.set()
+        if self._batch_full():
+            self._window_cut.set()
+
+    def _batch_full(self) -> bool:
+        return 0 < self.batch_size <= len(self._state.done)
 
     async def _commit(self) -> None:
         state = self._state

@@ -46,8 +46,11 @@ class CompressStage(Follower):
     name = "stage.compress"
     types = names(ImageDownloaded)
     # One commit (a hop to the writer thread, a transaction) per image was the stage's largest cost in the daemon:
-    # results wait up to this long to share one, while the work queued in the pool keeps the workers busy.
-    batch_window = 0.1
+    # results share one, waiting for up to batch_size of them or batch_window, while the work queued in the pool
+    # keeps the workers busy. By count, not only time: a daemon with one worker (one of several sharing a database)
+    # commits as seldom per image as one with two.
+    batch_window = 0.25
+    batch_size = 8
 
     def __init__(self, eventlog: EventLog, pool: CodecPool, bodies: Bodies, images: ImageStore,
                  settings: CompressSettings, cancellations: Cancellations, metrics: Metrics,
@@ -57,10 +60,10 @@ class CompressStage(Follower):
         self.pool, self.bodies, self.images = pool, bodies, images
         self.cancellations, self.metrics = cancellations, metrics
         self.encode = encode_settings(settings)
-        # Enough queued work that no worker waits for the loop between two images, nor while results wait for
-        # `batch_window` (an image takes 15-40 ms); the bodies themselves are bounded by the download backlog.
-        self.concurrency = 8 * pool_size(settings)
+        # Enough queued work that no worker waits for the loop between two images, nor while a batch of results
+        # waits for its commit (an image takes 15-40 ms); the bodies themselves are bounded by the download backlog.
         self._keep_busy = 2 * pool_size(settings)
+        self.concurrency = max(8 * pool_size(settings), self.batch_size + 2 * self._keep_busy)
         self._settling = 0  # images of the last commit that `committed` has yet to see
         self._spent: list[tuple[Path, int]] = []  # their bodies, recycled together after the last
 

@@ -427,6 +427,40 @@ async def test_end_window_cuts_a_linger_short(settings: Settings) -> None:
         await eventlog.close()
 
 
+class Gathering(Batcher):
+    """A Batcher that also ends its linger at two finished events; it lingers only once told to."""
+
+    batch_size = 2
+
+    def __init__(self, eventlog: EventLog, gates: dict[int, asyncio.Event]) -> None:
+        super().__init__(eventlog, batch_window=60.0)
+        self.gates = gates
+        self.hurry = True
+
+    def in_a_hurry(self) -> bool:
+        return self.hurry
+
+
+async def test_a_linger_ends_once_batch_size_events_are_finished(settings: Settings, helpers: Any) -> None:
+    """A follower with a batch_size commits as soon as that many events are finished, not after its window."""
+    eventlog = await open_log(settings)
+    try:
+        gates = {1: asyncio.Event(), 2: asyncio.Event()}
+        follower = Gathering(eventlog, gates)
+        task = asyncio.create_task(follower.run())
+        positions = await ping(eventlog, 1, 2)
+        await helpers.eventually(lambda: len(follower.calls) == 2, "both pings to be in hand")
+        follower.hurry = False  # every wake-up from now on would linger for a minute
+        gates[1].set()
+        await helpers.eventually(lambda: len(follower._state.done) == 1, "ping 1 to finish")
+        gates[2].set()
+        await helpers.eventually(lambda: follower.commits == [positions], "both pings committed together", timeout=10)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await eventlog.close()
+
+
 class Passer(Recorder):
     """Passes the odd pings by (another daemon's work), answers the even ones."""
 
