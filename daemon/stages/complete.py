@@ -25,7 +25,10 @@ from daemon.events import (
 )
 from daemon.stages.bodies import Bodies
 
-LAST_FEW = 4  # a request this close to done is not batched with others: a few more commits, no waiting
+# A request this close to done is not batched with others: a few more commits, no waiting. Its last images arrive
+# a compress commit at a time (up to 8 each, from each daemon): a smaller margin let the linger start just before
+# the last commits and hold the completion back by up to the whole batch_window.
+LAST_FEW = 32
 COUNTED = IMAGE_TERMINAL | names(RequestCancelRequested, RequestRetried)
 TALLIED = COUNTED | names(RequestAccepted, RequestCompleted)
 
