@@ -119,6 +119,11 @@ class Follower:
         """Synchronous writes to the follower's own tables for `finished` (events and their results, in log order),
         inside the commit transaction (views)."""
 
+    async def admit(self, records: list[RecordedEvent]) -> list[RecordedEvent]:
+        """Of a page just read, the events to handle here; the others are another daemon's work, passed by as with
+        `Passed` but before a task is made for them."""
+        return records
+
     def guard(self, finished: Sequence[tuple[RecordedEvent, Sequence[Event]]]) -> None:
         """In the commit's transaction, before the tables (writer thread): raise LeaseLost for results that must
         not be committed."""
@@ -280,11 +285,12 @@ class Follower:
                 head = self.eventlog.head
                 limit = min(free, self.page_size)
                 page = await self.eventlog.read_after(self._cursor, self.types, limit)
-                for record in page:
-                    if record.position in self._skip:
-                        self._skip.discard(record.position)
-                        continue
+                fresh = [record for record in page if record.position not in self._skip]
+                self._skip.difference_update(record.position for record in page)
+                admitted = await self.admit(fresh) if fresh else fresh
+                for record in admitted:
                     self._start(record)
+                state.handled += len(fresh) - len(admitted)
                 # Everything up to `head` was committed before the read, so a short page saw all of it.
                 last = page[-1].position if page else self._cursor
                 self._cursor = max(head, last) if len(page) < limit else last

@@ -72,6 +72,10 @@ class CompressStage(Follower):
         # download): commit and read more work at once.
         return self.pool.outstanding < self._keep_busy
 
+    async def admit(self, records: list[RecordedEvent]) -> list[RecordedEvent]:
+        """The bodies on this daemon's disk."""
+        return records if self.claims is None else [r for r in records if self._mine(r.event)]  # type: ignore[arg-type]
+
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
         event = record.event
         assert isinstance(event, ImageDownloaded)

@@ -6,6 +6,7 @@ compress stage; what they are is decided later by decoding them, never by URL or
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import random
 import time
@@ -144,6 +145,17 @@ class DownloadStage(Follower):
         costs a read of the log and a commit."""
         room = min(self.concurrency - busy, self.bodies.vacancies - busy - deferred)
         return room if room >= min(self.concurrency, self.bodies.limit) // 2 else 0
+
+    async def admit(self, records: list[RecordedEvent]) -> list[RecordedEvent]:
+        """The page's images this daemon claims (in one statement), and those of cancelled requests (finished
+        without a claim)."""
+        if self.claims is None:
+            return records
+        claims = self.claims
+        asked = [r for r in records if not self.cancellations.is_cancelled(r.stream)]
+        taken = await asyncio.gather(*(claims.claim(r) for r in asked))
+        refused = {r.position for r, mine in zip(asked, taken, strict=True) if not mine}
+        return [r for r in records if r.position not in refused]
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         computed = min(self.settings.backoff_max, self.settings.backoff_base * 2.0 ** (attempt - 1))

@@ -495,6 +495,38 @@ async def test_a_passed_event_gets_no_tracking_record_and_is_passed_again_after_
     assert pongs(helpers, settings) == {2: 1}
 
 
+class Admitting(Recorder):
+    """Admits only the even pings (the odd ones are another daemon's work), noting each page it was offered."""
+
+    name = "test.admitting"
+
+    def __init__(self, eventlog: EventLog) -> None:
+        super().__init__(eventlog, concurrency=10)
+        self.offered: list[list[int]] = []
+
+    async def admit(self, records: list[RecordedEvent]) -> list[RecordedEvent]:
+        self.offered.append([r.event.n for r in records])  # type: ignore[attr-defined]
+        return [r for r in records if r.event.n % 2 == 0]  # type: ignore[attr-defined]
+
+
+async def test_events_not_admitted_are_never_handled_and_the_checkpoint_moves_past_them(settings: Settings,
+                                                                                        helpers: Any) -> None:
+    """A page's events that `admit` leaves out get no handling and no tracking record, as if Passed, and the
+    checkpoint moves past them."""
+    eventlog = await open_log(settings)
+    try:
+        positions = await ping(eventlog, 1, 2, 3)
+        follower = Admitting(eventlog)
+        assert await follower.run_until_idle() == 3
+        assert follower.offered == [[1, 2, 3]]
+        assert follower.calls == [(2, 1)]
+        assert follower.checkpoint == eventlog.head
+        assert tracking(helpers, settings, Admitting.name) == (positions[2], [])  # ping 2's commit, past ping 3
+    finally:
+        await eventlog.close()
+    assert pongs(helpers, settings) == {2: 1}
+
+
 class Untidy(Recorder):
     """A follower whose clean-up after the commit fails for ping 1 on the writer thread, for ping 2 on the loop."""
 
