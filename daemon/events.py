@@ -24,6 +24,16 @@ class Event:
     def type(self) -> str:
         return type(self).__name__
 
+    @property
+    def addressee(self) -> str:
+        """The one daemon (cluster node) this event is for, when only one daemon acts on it; "" for all."""
+        return ""
+
+    @property
+    def announced_as(self) -> str:
+        """Its type, with its addressee when it has one (`ImageDownloaded@b`): what an append announces."""
+        return f"{self.type}@{self.addressee}" if self.addressee else self.type
+
     def to_json(self) -> str:
         # vars(), not dataclasses.asdict: events are flat and frozen, so asdict's deep copy is pure cost.
         return json.dumps(vars(self), default=_fields, ensure_ascii=False, separators=(",", ":"))
@@ -114,6 +124,10 @@ class ImageDownloaded(ImageEvent):
     attempts: int
     node: str = ""  # the daemon whose working folder holds the body (daemon.cluster); "": the only one
     item: int = 0  # the position of the ImageRequested/ImageRequeued its claim is for (daemon.eventlog.claims)
+
+    @property
+    def addressee(self) -> str:
+        return self.node  # only its node's compress stage takes it
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,9 @@ class Follower:
         self.elsewhere = False
         # Run in every commit's transaction, raising Fenced to refuse it (daemon.cluster: the leader's consumers).
         self.fence: Callable[[], None] | None = None
+        # The daemon whose events of `types` this follower takes, when it takes only one's (Event.addressee): another
+        # daemon's appends of events addressed elsewhere are then not read for it. None: every event of `types`.
+        self.addressee: str | None = None
 
     # what subclasses write ---------------------------------------------------------------------
     async def handle(self, record: RecordedEvent, attempt: int) -> Sequence[Event]:
@@ -261,7 +264,7 @@ class Follower:
 
     async def _load(self) -> None:
         if not self._subscribed:  # from the first run on: a follower that does not run here wants no events read
-            self.eventlog.subscribe(self.types, self._wake)
+            self.eventlog.subscribe(self.types, self._wake, self.addressee)
             self._subscribed = True
         if self._loaded:
             return
@@ -284,7 +287,7 @@ class Follower:
             if free > 0 and self.eventlog.head > self._cursor:
                 head = self.eventlog.head
                 limit = min(free, self.page_size)
-                page = await self.eventlog.read_after(self._cursor, self.types, limit)
+                page = await self.eventlog.read_after(self._cursor, self.types, limit, self.addressee)
                 fresh = [record for record in page if record.position not in self._skip]
                 self._skip.difference_update(record.position for record in page)
                 admitted = await self.admit(fresh) if fresh else fresh

@@ -21,7 +21,7 @@ import contextlib
 import functools
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
@@ -60,7 +60,7 @@ class PostgresBackend(Backend):
         self._stopped = threading.Event()
         self._watcher: threading.Thread | None = None
         self._locked = False  # the appending transaction holds the log's lock (writer thread)
-        self._appended: dict[str, int] = {}  # the appending transaction's events: how many of each type (writer)
+        self._appended: dict[str, int] = {}  # the appending transaction's events: how many of each kind (writer)
         # The appending transaction's checks (writer thread): each one's cursor and what to raise if it failed.
         self._checks: list[tuple[Any, Callable[[], Exception | None]]] = []
         self.sender = uuid.uuid4().hex  # the NOTIFY payload of this store's appends
@@ -130,6 +130,12 @@ class PostgresBackend(Backend):
             params += [consumer, checkpoint]
         execute(f"WITH {', '.join(parts)} {SAVE_CHECKPOINT}" if parts else SAVE_CHECKPOINT, [*params, consumer, checkpoint])
 
+    def announce(self, kinds: Iterable[str]) -> None:
+        for kind in kinds:
+            if "," in kind or not kind.isprintable() or " " in kind:  # a node name the payload cannot carry
+                kind = kind.partition("@")[0]
+            self._appended[kind] = self._appended.get(kind, 0) + 1
+
     def check(self, sql: str, params: Sequence[Any], refusal: Callable[[], Exception | None]) -> None:
         self._checks.append((execute(sql, params), refusal))
 
@@ -152,8 +158,6 @@ class PostgresBackend(Backend):
     def insert_events(self, stream: str, expected_version: int | None,
                       rows: Sequence[tuple[str, str, str]]) -> Inserted:
         self.lock()
-        for type_, _, _ in rows:
-            self._appended[type_] = self._appended.get(type_, 0) + 1
         cursors: list[Any] = []
         for start in range(0, len(rows), ROWS_PER_INSERT):
             chunk = rows[start:start + ROWS_PER_INSERT]

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class Hole:
     """A position holding no event memory can give: none at all (an append rolled back, and PostgreSQL's identity
-    column never hands its positions out again), or another process's event of one of `types`, not read."""
+    column never hands its positions out again), or another process's event of one of `types`, not read (each
+    an Event.announced_as: a type, or a type with its addressee)."""
 
     position: int
     types: frozenset[str] = frozenset()
@@ -109,10 +110,11 @@ class RecentEvents:
             del self._entries[:-self.keep]
 
     # reading ---------------------------------------------------------------------------------------
-    def page(self, position: int, types: frozenset[str] | None, limit: int, head: int) -> list[RecordedEvent] | None:
+    def page(self, position: int, types: frozenset[str] | None, limit: int, head: int,
+             addressee: str | None = None) -> list[RecordedEvent] | None:
         """Up to `limit` events of `types` (None: any) after `position`, as the database would give them while
         its newest is `head`; None when memory cannot tell (it does not reach back that far, nor up to `head`, or a
-        hole of another process's events may hold some)."""
+        hole of another process's events may hold some for `addressee`: None for every daemon's)."""
         entries = self._entries
         if not entries or self._end < head or entries[0].position > position + 1:
             return None
@@ -120,7 +122,7 @@ class RecentEvents:
         for i in range(max(0, position + 1 - entries[0].position), len(entries)):
             entry = entries[i]
             if isinstance(entry, Hole):
-                if entry.types and (types is None or not entry.types.isdisjoint(types)):
+                if entry.types and wanted(entry.types, types, addressee):
                     return None
                 continue
             if types is None or entry.event.type in types:
@@ -141,3 +143,13 @@ class RecentEvents:
             elif isinstance(entry, Hole) and entry.types:
                 return None
         return records if records and records[0].version == 1 else None
+
+
+def wanted(kinds: Iterable[str], types: frozenset[str] | None, addressee: str | None) -> bool:
+    """Whether events of `kinds` (Event.announced_as) may be some a reader of `types` (None: any) for `addressee` (None:
+    whatever the addressee) reads."""
+    for kind in kinds:
+        type_, _, to = kind.partition("@")
+        if (types is None or type_ in types) and (addressee is None or to in ("", addressee)):
+            return True
+    return False

@@ -30,7 +30,7 @@ import structlog
 
 from daemon.diskspace import DiskSpace, is_disk_full
 from daemon.eventlog.models import add_missing_columns, database, execute, insert_rows, placeholders
-from daemon.eventlog.recent import RecentEvents
+from daemon.eventlog.recent import RecentEvents, wanted
 from daemon.events import Event, decode
 from daemon.instance import is_postgresql, without_password
 
@@ -146,6 +146,10 @@ class Backend(ABC):
             execute("DELETE FROM tracking WHERE consumer = ? AND position <= ?", (consumer, checkpoint))
         execute(SAVE_CHECKPOINT, (consumer, checkpoint))
 
+    def announce(self, kinds: Iterable[str]) -> None:
+        """(writer thread, in the appending transaction) What the events just inserted are (Event.announced_as), for the
+        backend's announcement to other processes."""
+
     def check(self, sql: str, params: Sequence[Any], refusal: Callable[[], Exception | None]) -> None:
         """In the appending transaction: run `sql`, a statement that fails with a division by zero when the commit
         must not be made (`refused_unless`). The transaction then rolls back, and `refusal()` (which may read the
@@ -204,7 +208,7 @@ class EventLog:
         self.space = space or DiskSpace()  # the daemon's, which its consumers share (daemon.diskspace)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
         self._readers = ThreadPoolExecutor(backend.readers, thread_name_prefix="eventlog-reader")
-        self._subscribers: list[tuple[asyncio.Event, frozenset[str] | None]] = []
+        self._subscribers: list[tuple[asyncio.Event, frozenset[str] | None, str | None]] = []
         self.head = 0
         self._head_lock = threading.Lock()
         self._closing = False
@@ -349,21 +353,23 @@ class EventLog:
             return fn(*args)
 
     # subscribers -------------------------------------------------------------------------------
-    def subscribe(self, types: frozenset[str] | None = None, wake: asyncio.Event | None = None) -> asyncio.Event:
-        """An event (`wake`, or a new one) set whenever events of `types` (None: any) are appended. Only the types
-        someone here is subscribed to are read from another process's appends."""
+    def subscribe(self, types: frozenset[str] | None = None, wake: asyncio.Event | None = None,
+                  addressee: str | None = None) -> asyncio.Event:
+        """An event (`wake`, or a new one) set whenever events of `types` (None: any) are appended. Another
+        process's appends are read only when someone here subscribes to their types, for their addressee (None:
+        whatever the addressee, see Event.addressee)."""
         wake = wake or asyncio.Event()
-        self._subscribers.append((wake, types))
+        self._subscribers.append((wake, types, addressee))
         return wake
 
     def unsubscribe(self, wake: asyncio.Event) -> None:
-        self._subscribers = [(w, t) for w, t in self._subscribers if w is not wake]
+        self._subscribers = [s for s in self._subscribers if s[0] is not wake]
 
     def _notify(self, types: Iterable[str] | None = None) -> None:
         """Wake the subscribers interested in `types` (None: everyone)."""
         appended = None if types is None else set(types)
-        for wake, wanted in self._subscribers:
-            if wanted is None or appended is None or not wanted.isdisjoint(appended):
+        for wake, subscribed, _ in self._subscribers:
+            if subscribed is None or appended is None or not subscribed.isdisjoint(appended):
                 wake.set()
 
     def _other_process_appended(self, position: int, first: int = 0, types: frozenset[str] | None = None) -> None:
@@ -395,7 +401,7 @@ class EventLog:
 
     def _wanted(self, types: frozenset[str]) -> bool:
         """Whether a consumer here reads events of any of `types`."""
-        return any(wanted is None or not wanted.isdisjoint(types) for _, wanted in self._subscribers)
+        return any(wanted(types, subscribed, addressee) for _, subscribed, addressee in self._subscribers)
 
     def _drain(self) -> None:
         """(loop) Our own commits into memory; should one land beyond positions memory has not seen (another
@@ -430,6 +436,7 @@ class EventLog:
         if events:
             at = now_iso()
             inserted = self.backend.insert_events(stream, expected_version, [(e.type, e.to_json(), at) for e in events])
+            self.backend.announce(e.announced_as for e in events)
             self._appended.append((stream, events, at, inserted))
 
     def _write_sync(self, body: Callable[[], T]) -> tuple[T, int]:
@@ -531,12 +538,14 @@ class EventLog:
         return made
 
     # reading ---------------------------------------------------------------------------------
-    async def read_after(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent]:
-        """Up to `limit` events of `types` (None: any) after `position`, in log order; from memory when it reaches."""
-        recent = self.read_recent(position, types, limit)
+    async def read_after(self, position: int, types: frozenset[str] | None, limit: int,
+                         addressee: str | None = None) -> list[RecordedEvent]:
+        """Up to `limit` events of `types` (None: any) after `position`, in log order; from memory when it reaches.
+        A reader for one `addressee` may get other events too, never fewer."""
+        recent = self.read_recent(position, types, limit, addressee)
         if recent is None and self._fetching is not None and not self._fetching.done():
             await asyncio.wait([self._fetching])  # memory is being brought up to the head: one query for all
-            recent = self.read_recent(position, types, limit)
+            recent = self.read_recent(position, types, limit, addressee)
         if recent is not None:
             return recent
         return await self._on(self._readers, self.read_after_sync, position, types, limit)
@@ -568,10 +577,12 @@ class EventLog:
     def _stream_at_version_sync(self, stream: str, types: frozenset[str] | None) -> tuple[int, list[RecordedEvent]]:
         return stream_version(stream), self.read_stream_sync(stream, types)
 
-    def read_recent(self, position: int, types: frozenset[str] | None, limit: int) -> list[RecordedEvent] | None:
-        """What `read_after_sync` would return, from memory; None when memory cannot tell (loop thread)."""
+    def read_recent(self, position: int, types: frozenset[str] | None, limit: int,
+                    addressee: str | None = None) -> list[RecordedEvent] | None:
+        """What `read_after_sync` would return (for `addressee`), from memory; None when memory cannot tell (loop
+        thread)."""
         self._drain()
-        return self._recent.page(position, types, limit, self.head)
+        return self._recent.page(position, types, limit, self.head, addressee)
 
     def read_stream_recent(self, stream: str) -> list[RecordedEvent] | None:
         """What `read_stream_sync` would return, from memory; None unless memory holds the stream from its

@@ -57,6 +57,7 @@ class CompressStage(Follower):
                  claims: Claims | None = None) -> None:
         super().__init__(eventlog)
         self.claims = claims  # with other daemons on the database: only the bodies this one downloaded
+        self.addressee = claims.node if claims is not None else None
         self.pool, self.bodies, self.images = pool, bodies, images
         self.cancellations, self.metrics = cancellations, metrics
         self.encode = encode_settings(settings)

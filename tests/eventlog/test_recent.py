@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from daemon.eventlog.recent import RecentEvents
 from daemon.eventlog.store import RecordedEvent
-from daemon.events import ImageFailed, ImageRequested, names
+from daemon.events import ImageDownloaded, ImageFailed, ImageRequested, names
 
 FAILED = names(ImageFailed)
 REQUESTED = names(ImageRequested)
@@ -70,3 +70,14 @@ def test_memory_that_does_not_reach_the_head_or_back_far_enough_does_not_answer(
     assert recent.page(0, None, 10, head=6) is None  # only the newest are kept
     assert [r.position for r in recent.page(5, None, 10, head=6) or []] == [6]
     assert recent.page(5, None, 10, head=7) is None
+
+
+def test_an_unread_append_addressed_to_another_daemon_is_passed_over_by_this_ones_reader() -> None:
+    """Events addressed to daemon a, not read, do not stop a page for daemon b's reader of their type; a reader for
+    a, or for every daemon, is left to the database."""
+    recent = RecentEvents(keep=100, end=0)
+    assert recent.add_unread(1, 2, frozenset({"ImageDownloaded@a"}))
+    downloaded = names(ImageDownloaded)
+    assert recent.page(0, downloaded, 10, head=2, addressee="b") == []
+    assert recent.page(0, downloaded, 10, head=2, addressee="a") is None
+    assert recent.page(0, downloaded, 10, head=2) is None

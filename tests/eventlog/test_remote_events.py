@@ -132,15 +132,35 @@ async def test_another_stores_append_of_types_nobody_here_reads_is_noted_not_rea
 
 async def test_an_append_announces_its_last_position_its_size_and_its_types(
         postgres_eventlog: EventLog, postgres_url: str) -> None:
-    """The NOTIFY of an append names its sender, its last position, how many events it appended and their types:
-    enough for another store to tell the positions apart without reading them."""
+    """The NOTIFY of an append names its sender, its last position, how many events it appended and their types
+    (with the daemon an event is addressed to): enough for another store to pass them over without reading them."""
     backend = postgres_eventlog.backend
     assert isinstance(backend, PostgresBackend)
     with connect_postgresql(postgres_url) as listener:
         listener.execute(f"LISTEN {backend._keys()[1]}")
         last = await postgres_eventlog.append("s", [
             ImageRequested(product=0, index=0, url="http://origin/a.jpg", stem="a"),
-            ImageDownloaded(product=0, index=0, stem="a", bytes=1, attempts=1),
+            ImageDownloaded(product=0, index=0, stem="a", bytes=1, attempts=1, node="b"),
             ImageRequested(product=0, index=1, url="http://origin/b.jpg", stem="b")])
         notices = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
-    assert notices == [f"{backend.sender} {last} 3 ImageDownloaded,ImageRequested"]
+    assert notices == [f"{backend.sender} {last} 3 ImageDownloaded@b,ImageRequested"]
+
+
+async def test_another_stores_events_addressed_to_another_daemon_are_not_read_for_this_ones_reader(
+        postgres_eventlog: EventLog, postgres_url: str) -> None:
+    """A store whose only reader of ImageDownloaded takes daemon b's does not read an append of daemon a's: it notes
+    the positions and still answers b's reader from memory."""
+    other = open_store(postgres_url)
+    await other.open()
+    try:
+        postgres_eventlog.subscribe(names(ImageDownloaded), addressee="b")
+        start = postgres_eventlog.head
+        theirs = await other.append("theirs", [ImageDownloaded(product=0, index=0, stem="a", bytes=1, attempts=1,
+                                                               node="a")])
+        async with asyncio.timeout(10):
+            while postgres_eventlog.head < theirs:
+                await asyncio.sleep(0.01)
+        assert postgres_eventlog.read_recent(start, names(ImageDownloaded), 10, addressee="b") == []
+        assert postgres_eventlog.read_recent(start, names(ImageDownloaded), 10) is None
+    finally:
+        await other.close()
