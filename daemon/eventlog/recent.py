@@ -52,9 +52,10 @@ class RecentEvents:
                 self._parked[record.position] = record
         self._unpark()
 
-    def add_read(self, records: Sequence[RecordedEvent], after: int, limit: int, target: int) -> set[str]:
-        """Events read from the database: up to `limit` after `after`, in position order, asked for because the log
-        reaches `target` (committed: every position below it is final). The types of those memory did not have."""
+    def add_read(self, records: Sequence[RecordedEvent], limit: int, target: int) -> set[str]:
+        """Events read from the database: up to `limit` after what memory held when the read began (its `end`,
+        which only ever grows), in position order, asked for because the log reaches `target` (committed: every
+        position below it is final). The types of those memory did not have."""
         if len(records) == limit:  # a full page: it ends at its last event (the positions it skipped are holes)
             covered = records[-1].position
         else:  # a short page: everything there was, up to target and beyond
@@ -62,9 +63,6 @@ class RecentEvents:
         fresh: set[str] = set()
         if covered <= self._end:
             return fresh
-        if after > self._end:  # not adjacent to what memory holds (a read of a log far ahead): start again
-            self._entries.clear()
-            self._end = after
         by_position = {r.position: r for r in records}
         for position in range(self._end + 1, covered + 1):
             record = self._parked.pop(position, None)

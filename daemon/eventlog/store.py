@@ -394,10 +394,16 @@ class EventLog:
         if types is not None and not self._wanted(types) and self._recent.add_unread(first, position, types):
             self._move_head(position)
             return
-        self._fetching = asyncio.create_task(self._fetch_remote(), name="eventlog-remote")
+        self._fetch()
 
-    def _reading(self) -> bool:
-        return self._fetching is not None and not self._fetching.done()
+    def _reading(self) -> asyncio.Task[None] | None:
+        """(loop) The read of another process's events under way, if one is."""
+        return self._fetching if self._fetching is not None and not self._fetching.done() else None
+
+    def _fetch(self) -> None:
+        """(loop) Read what memory lacks, unless a read is under way: it reads on until nothing is lacking."""
+        if not self._closing and not self._reading():
+            self._fetching = asyncio.create_task(self._fetch_remote(), name="eventlog-remote")
 
     def _wanted(self, types: frozenset[str]) -> bool:
         """Whether a consumer here reads events of any of `types`."""
@@ -409,8 +415,8 @@ class EventLog:
         committed = self._committed
         if committed:
             self._recent.add_own([committed.popleft() for _ in range(len(committed))])
-            if self._recent.gap_end() > self._recent.end and not self._reading() and not self._closing:
-                self._fetching = asyncio.create_task(self._fetch_remote(), name="eventlog-remote")
+            if self._recent.gap_end() > self._recent.end:
+                self._fetch()
 
     async def _fetch_remote(self) -> None:
         while (target := max(self._remote_head, self._recent.gap_end())) > (after := self._recent.end):
@@ -423,7 +429,7 @@ class EventLog:
                 except Exception:
                     log.exception("remote_events_unread", after=after, head=target)
                 else:
-                    types = self._recent.add_read(records, after, target - after, target)
+                    types = self._recent.add_read(records, target - after, target)
             if types is None:  # too far behind, or unread: consumers read the database themselves
                 self._recent.skip_to(target)
             self._drain()
@@ -543,8 +549,8 @@ class EventLog:
         """Up to `limit` events of `types` (None: any) after `position`, in log order; from memory when it reaches.
         A reader for one `addressee` may get other events too, never fewer."""
         recent = self.read_recent(position, types, limit, addressee)
-        if recent is None and self._fetching is not None and not self._fetching.done():
-            await asyncio.wait([self._fetching])  # memory is being brought up to the head: one query for all
+        if recent is None and (reading := self._reading()) is not None:
+            await asyncio.wait([reading])  # memory is being brought up to the head: one query for all
             recent = self.read_recent(position, types, limit, addressee)
         if recent is not None:
             return recent

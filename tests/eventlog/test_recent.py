@@ -28,7 +28,7 @@ def test_our_append_beyond_unseen_positions_waits_until_they_are_read() -> None:
     recent.add_own([failed(13, version=3)])  # 12 is another process's, not read yet
     assert recent.gap_end() == 12
     assert recent.page(10, None, 10, head=13) is None
-    assert recent.add_read([failed(12, "x")], after=11, limit=1, target=12) == {"ImageFailed"}
+    assert recent.add_read([failed(12, "x")], limit=1, target=12) == {"ImageFailed"}
     assert recent.gap_end() == 0
     assert [(r.position, r.stream) for r in recent.page(10, None, 10, head=13) or []] == [
         (11, "r"), (12, "x"), (13, "r")]
@@ -37,7 +37,7 @@ def test_our_append_beyond_unseen_positions_waits_until_they_are_read() -> None:
 def test_positions_a_read_found_empty_are_passed_over() -> None:
     """Positions of rolled-back appends (the read found nothing there) leave no gap: pages and streams skip them."""
     recent = RecentEvents(keep=100, end=0)
-    recent.add_read([failed(1), failed(4, version=2)], after=0, limit=4, target=4)
+    recent.add_read([failed(1), failed(4, version=2)], limit=4, target=4)
     assert recent.end == 4
     assert [r.position for r in recent.page(0, FAILED, 10, head=4) or []] == [1, 4]
     assert [r.position for r in recent.stream("r", head=4) or []] == [1, 4]
